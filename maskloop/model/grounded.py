@@ -1,0 +1,360 @@
+"""The Sa2VA-family grounded MLLM: InternVL (vision tower, mlp1, Qwen2) + SAM2 + the [SEG] head.
+
+Data flow (SPEC §1)::
+
+    pixel_values (B,3,S,S) -> InternViT (frozen) -> pixel shuffle -> mlp1 -> image tokens (B,N,D)
+    prompt parts -> token ids -> embeddings; <IMG_CONTEXT> positions <- image tokens, then region cells
+    LLM (frozen base + LoRA) -> hidden (B,L,D)
+    hidden at [SEG] -> text_hidden_fcs -> (B,C) sparse prompt -> SAM2 mask decoder -> mask logits
+    g_pixel_values (B,3,G,G) uint8 -> SAM2 Hiera (frozen) -> features, computed once per image
+
+Forward paths:
+  (a) :meth:`segment` with the expression as tokens;   (b) the same with the expression as embeddings;
+  (c) :meth:`caption_logits` teacher-forced region captioning;
+  (d) :meth:`generate` batched greedy decoding with a KV cache, fixed-length padded output.
+
+All modules come from transformers (``InternVLForConditionalGeneration``, ``Sam2Model``) and peft
+(LoRA).  The new tokens' embedding and lm_head rows live in two small trainable tables
+(``new_embed``, ``new_head``) laid over the frozen matrices, so training them needs no optimizer state
+for the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from maskloop.config import ModelConfig
+from maskloop.model import losses as L
+from maskloop.model.presets import internvl_config, sam2_config
+from maskloop.model.prompts import (
+    IMG_CONTEXT,
+    NEW_TOKENS,
+    Embeds,
+    Part,
+    PromptBuilder,
+    Ragged,
+    add_special_tokens,
+)
+from maskloop.model.region import inject_visual_tokens
+from maskloop.model.sam2_head import SAM2Head, SamFeatures
+from maskloop.model.sequence import Assembled, assemble
+
+TRAINABLE_GROUPS = ("lora", "projector", "text_hidden_fcs", "sam2_decoder", "new_tokens")
+
+
+@dataclass
+class Generated:
+    ids: torch.Tensor  # (B, T) generated ids, end token included, pad_id after it
+    lengths: torch.Tensor  # (B,) tokens before the end token (the caption length)
+    finished: torch.Tensor  # (B,) bool: the end token was produced within T
+
+
+class GroundedMLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer):
+        super().__init__()
+        from transformers import InternVLForConditionalGeneration
+
+        cfg.validate()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        add_special_tokens(tokenizer)
+        if len(tokenizer) > cfg.llm.vocab_size:
+            cfg.llm.vocab_size = len(tokenizer)
+        self.internvl = InternVLForConditionalGeneration(
+            internvl_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
+        )
+        self.sam = SAM2Head(sam2_config(cfg), cfg.sam2.pad_point_tokens)
+        D, C = cfg.llm.hidden_size, cfg.sam2.prompt_dim
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, C), nn.Dropout(0.0))
+
+        new_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in NEW_TOKENS], dtype=torch.long)
+        slot = torch.full((cfg.llm.vocab_size,), -1, dtype=torch.long)
+        slot[new_ids] = torch.arange(len(new_ids))
+        self.register_buffer("new_token_ids", new_ids, persistent=False)
+        self.register_buffer("new_token_slot", slot, persistent=False)
+        self.new_embed = nn.Parameter(self.embed_matrix.detach()[new_ids].clone())
+        self.new_head = nn.Parameter(self.head_matrix.detach()[new_ids].clone())
+
+        if cfg.lora is not None:
+            self._inject_lora()
+        self.builder = PromptBuilder(tokenizer, cfg.num_image_tokens, cfg.template)
+        self.set_trainable("default")
+        self._cache_kw = _cache_kwarg(self.llm)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def vision(self) -> nn.Module:
+        return self.internvl.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:  # "mlp1"
+        return self.internvl.model.multi_modal_projector
+
+    @property
+    def llm(self) -> nn.Module:
+        return self.internvl.model.language_model
+
+    @property
+    def embed_matrix(self) -> torch.Tensor:
+        return self.llm.get_input_embeddings().weight
+
+    @property
+    def head_matrix(self) -> torch.Tensor:
+        return self.internvl.lm_head.weight
+
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lc = self.cfg.lora
+        inject_adapter_in_model(
+            LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules)),
+            self.llm,
+        )
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter in exactly one named group (the trainable groups + 'frozen_base')."""
+        groups: dict[str, list] = {g: [] for g in (*TRAINABLE_GROUPS, "vision", "llm_base", "sam2_encoder")}
+        for name, p in self.named_parameters():
+            if "lora_" in name:
+                g = "lora"
+            elif name.startswith("internvl.model.multi_modal_projector."):
+                g = "projector"
+            elif name.startswith("text_hidden_fcs."):
+                g = "text_hidden_fcs"
+            elif name.startswith("sam.sam.mask_decoder."):
+                g = "sam2_decoder"
+            elif name in ("new_embed", "new_head"):
+                g = "new_tokens"
+            elif name.startswith("internvl.model.vision_tower."):
+                g = "vision"
+            elif name.startswith("sam."):
+                g = "sam2_encoder"
+            else:
+                g = "llm_base"
+            groups[g].append((name, p))
+        return groups
+
+    def set_trainable(self, policy: str | tuple[str, ...] = "default") -> list[str]:
+        """'default' = LoRA, mlp1, text_hidden_fcs, SAM2 mask decoder, new-token rows; 'all' = everything;
+        or an explicit tuple of group names.  Returns the trainable parameter names."""
+        groups = self.parameter_groups()
+        if policy == "default":
+            chosen = set(TRAINABLE_GROUPS)
+        elif policy == "all":
+            chosen = set(groups)
+        else:
+            unknown = set(policy) - set(groups)
+            if unknown:
+                raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
+            chosen = set(policy)
+        if self.cfg.lora is None and policy == "default":
+            chosen |= {"llm_base"}
+        names = []
+        for g, params in groups.items():
+            for name, p in params:
+                p.requires_grad_(g in chosen)
+                if g in chosen:
+                    names.append(name)
+        return names
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ encoders
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S) ImageNet-normalised -> projected image tokens (B, N, D)."""
+        v = self.cfg.vision
+        vt = self.vision
+        frozen = not any(p.requires_grad for p in vt.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x = pixel_values.to(vt.embeddings.patch_embeddings.projection.weight.dtype)
+            feats = vt(pixel_values=x).last_hidden_state[:, 1:]  # drop CLS: (B, P*P, Dv)
+        B, n, Dv = feats.shape
+        side = self.cfg.patch_grid
+        feats = self.internvl.model.pixel_shuffle(feats.reshape(B, side, side, Dv), scale_factor=v.downsample_ratio)
+        return self.projector(feats.reshape(B, -1, feats.shape[-1]))
+
+    def sam_features(self, g_pixel_values: torch.Tensor) -> SamFeatures:
+        return self.sam.encode(g_pixel_values)
+
+    # ------------------------------------------------------------------ token embedding / head
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...,) -> (..., D) with the new-token rows taken from ``new_embed``."""
+        emb = self.llm.get_input_embeddings()(ids)
+        slot = self.new_token_slot[ids]
+        is_new = slot >= 0
+        return torch.where(is_new[..., None], self.new_embed[slot.clamp(min=0)].to(emb.dtype), emb)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> logits (..., V) with the new-token columns from ``new_head``."""
+        logits = self.internvl.lm_head(hidden)
+        new = hidden @ self.new_head.to(hidden.dtype).t()  # (..., n_new)
+        return _index_copy_last(logits, self.new_token_ids, new)
+
+    def merged_embed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full embedding and lm_head matrices with the new rows written in (for export)."""
+        E = self.embed_matrix.detach().clone()
+        H = self.head_matrix.detach().clone()
+        E[self.new_token_ids] = self.new_embed.detach().to(E.dtype)
+        H[self.new_token_ids] = self.new_head.detach().to(H.dtype)
+        return E, H
+
+    # ------------------------------------------------------------------ sequence building
+    def build_inputs(
+        self, parts: list[Part], image_feats: torch.Tensor, prompt_masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Assembled]:
+        """Assemble parts for a batch; returns inputs_embeds (B, L, D) and the layout."""
+        B = image_feats.shape[0]
+        asm = assemble(parts, B, self.builder.pad_id, image_feats.device)
+        emb = self.embed_tokens(asm.input_ids)
+        for i, part in asm.embeds:
+            pos, valid = asm.positions[i]
+            rows = torch.arange(B, device=emb.device)[:, None].expand_as(pos)
+            emb = emb.index_put((rows[valid], pos[valid]), part.embeds[valid].to(emb.dtype))
+        emb = inject_visual_tokens(emb, asm.input_ids, self.builder.img_ctx_id, image_feats, prompt_masks)
+        return emb, asm
+
+    def run_llm(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
+        kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return out.last_hidden_state
+
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sel = labels != -100
+        return L.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
+
+    # ------------------------------------------------------------------ (a)/(b) referring segmentation
+    def seg_prompt_embeds(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state at each row's single [SEG] -> text_hidden_fcs -> (B, C)."""
+        is_seg = input_ids == self.builder.seg_id
+        counts = is_seg.sum(1)
+        if not bool((counts == 1).all()):
+            raise ValueError(f"every prompt must hold exactly one [SEG] in its answer; counts per row: {counts.tolist()}")
+        return self.text_hidden_fcs(hidden[is_seg])
+
+    def segment(
+        self,
+        pixel_values: torch.Tensor,
+        sam_feats: SamFeatures,
+        expr: Part,
+        questions: list | None = None,
+        gt_masks: torch.Tensor | None = None,
+        image_feats: torch.Tensor | None = None,
+        lm_loss: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Referring segmentation; ``expr`` is :class:`Ragged` token ids (path a) or :class:`Embeds` (path b).
+
+        ``questions`` are per-row (prefix, suffix, answer) ids (default: the fixed "Sure, [SEG]." prompt).
+        Returns ``mask_logits`` (B, G, G) at SAM input size, ``low_res`` logits, and, given ``gt_masks``
+        (B, G, G), ``loss_mask``/``loss_bce``/``loss_dice``; ``loss_lm`` on the answer tokens.
+        """
+        B = pixel_values.shape[0]
+        if image_feats is None:
+            image_feats = self.image_tokens(pixel_values)
+        questions = questions or self.builder.seg_question(B, fixed=True)
+        emb, asm = self.build_inputs(self.builder.seg_parts(expr, questions), image_feats)
+        hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
+        prompt = self.seg_prompt_embeds(hidden, asm.input_ids)  # (B, C)
+        low = self.sam.decode(sam_feats, prompt[:, None])
+        out = {"low_res": low, "mask_logits": self.sam.upsample(low)}
+        if lm_loss:
+            out["loss_lm"] = self._lm_loss(hidden, asm.labels)
+        if gt_masks is not None:
+            c = self.cfg
+            out.update(
+                L.mask_losses(
+                    low,
+                    gt_masks,
+                    c.bce_weight,
+                    c.dice_weight,
+                    num_points=c.num_points if c.point_sample_loss else None,
+                    oversample_ratio=c.oversample_ratio,
+                    importance_ratio=c.importance_sample_ratio,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ (c) region caption, teacher forced
+    def caption_logits(
+        self,
+        pixel_values: torch.Tensor,
+        prompt_masks: torch.Tensor,
+        answer: Ragged,
+        image_feats: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forced caption: logits (B, T, V) where logits[:, t] predicts answer token t.
+
+        prompt_masks (B, g, g) must have K >= 1 per row (see :func:`maskloop.model.region.ensure_nonempty`).
+        Also returns ``loss_lm`` (CE over the answer tokens incl. the end token) and ``valid`` (B, T).
+        """
+        if image_feats is None:
+            image_feats = self.image_tokens(pixel_values)
+        k = prompt_masks.flatten(1).sum(1).long()
+        parts = self.builder.caption_parts(k, answer)
+        emb, asm = self.build_inputs(parts, image_feats, prompt_masks)
+        hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
+        pos, valid = asm.positions[-1]  # (B, T) positions of the answer tokens
+        pred_pos = (pos - 1).clamp(min=0)  # the position predicting each answer token
+        h = torch.gather(hidden, 1, pred_pos[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.lm_logits(h)  # (B, T, V)
+        tgt = answer.ids.to(logits.device)
+        loss = L.lm_loss(logits[valid], tgt[valid])
+        return {"logits": logits, "valid": valid, "loss_lm": loss}
+
+    # ------------------------------------------------------------------ (d) batched greedy generation
+    @torch.no_grad()
+    def generate(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int) -> Generated:
+        """Greedy decoding for a left-padded batch with a KV cache; output padded to ``max_new_tokens``."""
+        from transformers import DynamicCache
+
+        B = inputs_embeds.shape[0]
+        dev = inputs_embeds.device
+        end_id, pad_id = self.builder.end_id, self.builder.pad_id
+        cache = DynamicCache(config=self.llm.config)
+        hidden = self.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
+        ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        pos = position_ids[:, -1:]
+        mask = attention_mask
+        for t in range(max_new_tokens):
+            nxt = self.lm_logits(hidden).argmax(-1)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            ids[:, t] = nxt
+            lengths += (~done & (nxt != end_id)).long()
+            done = done | (nxt == end_id)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            pos = pos + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            hidden = self.run_llm(self.embed_tokens(nxt[:, None]), mask, pos, cache)[:, -1]
+        return Generated(ids, lengths, done)
+
+    @torch.no_grad()
+    def describe(
+        self, pixel_values: torch.Tensor, prompt_masks: torch.Tensor, max_new_tokens: int = 64
+    ) -> Generated:
+        """Region caption by greedy decoding: image + region(prompt_masks) -> caption ids (B, T)."""
+        image_feats = self.image_tokens(pixel_values)
+        k = prompt_masks.flatten(1).sum(1).long()
+        emb, asm = self.build_inputs(self.builder.caption_parts(k), image_feats, prompt_masks)
+        return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens)
+
+    def expression_embeds(self, ids: torch.Tensor, lengths: torch.Tensor) -> Embeds:
+        """Token ids (B, T) -> an :class:`Embeds` part (the embedding rows, differentiable)."""
+        return Embeds(self.embed_tokens(ids), lengths)
+
+
+def _index_copy_last(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    return x.reshape(-1, shape[-1]).index_copy(-1, index, src.reshape(-1, src.shape[-1])).reshape(shape)
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

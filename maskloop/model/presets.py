@@ -1,0 +1,174 @@
+"""Model presets and the translation of our config into transformers' configs.
+
+* ``tiny``      — a few M parameters on 64x64 tiles (8x8 token grid) and 128x128 SAM inputs; tests, demo.
+* ``sa2va-1b``  — InternViT-300M + Qwen2.5-0.5B (InternVL2.5-1B) + SAM2 Hiera-L, the published shapes.
+* ``sa2va-4b``  — InternViT-300M + Qwen2.5-3B (InternVL2.5-4B) + SAM2 Hiera-L, the published shapes.
+
+Published presets are shapes only (random init); real weights come from a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from maskloop.config import ConfigError, LLMConfig, LoRAConfig, ModelConfig, SAM2Config, VisionConfig
+
+_VIT_300M = VisionConfig()  # InternViT-300M-448px: 1024 wide, 24 layers, 16 heads, MLP 4096
+_SAM2_HIERA_L = SAM2Config()
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny",
+        vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=64, patch_size=4),
+        llm=LLMConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=1024,
+            rope_theta=10_000.0,
+        ),
+        sam2=SAM2Config(
+            image_size=128,
+            hiera_embed_dim=16,
+            hiera_num_heads=1,
+            hiera_stages=(1, 1, 2, 1),
+            hiera_global_attention_blocks=(3,),
+            hiera_window_sizes=(8, 4, 4, 2),
+            hiera_window_pos_bkg=(4, 4),
+            prompt_dim=32,
+            decoder_layers=2,
+            decoder_mlp_dim=64,
+            decoder_heads=2,
+        ),
+        lora=LoRAConfig(r=8, alpha=16, dropout=0.0),
+    ),
+    "sa2va-1b": ModelConfig(
+        name="sa2va-1b",
+        vision=copy.deepcopy(_VIT_300M),
+        llm=LLMConfig(
+            vocab_size=151_680,
+            hidden_size=896,
+            num_layers=24,
+            num_heads=14,
+            num_kv_heads=2,
+            intermediate_size=4864,
+            tie_word_embeddings=False,
+        ),
+        sam2=copy.deepcopy(_SAM2_HIERA_L),
+    ),
+    "sa2va-4b": ModelConfig(
+        name="sa2va-4b",
+        vision=copy.deepcopy(_VIT_300M),
+        llm=LLMConfig(
+            vocab_size=151_680,
+            hidden_size=2048,
+            num_layers=36,
+            num_heads=16,
+            num_kv_heads=2,
+            intermediate_size=11008,
+            tie_word_embeddings=False,
+        ),
+        sam2=copy.deepcopy(_SAM2_HIERA_L),
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers configs
+
+
+def internvl_config(cfg: ModelConfig, image_token_id: int):
+    """An ``InternVLConfig`` (vision tower + mlp1 projector + Qwen2 text model) for ``cfg``."""
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    v, t = cfg.vision, cfg.llm
+    vision = InternVLVisionConfig(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        intermediate_size=v.intermediate_size,
+        attention_bias=v.qkv_bias,
+        use_qk_norm=v.qk_norm,
+        norm_type=v.norm_type,
+        layer_scale_init_value=v.layer_scale_init,
+        layer_norm_eps=v.layer_norm_eps,
+        image_size=[v.image_size, v.image_size],
+        patch_size=[v.patch_size, v.patch_size],
+        use_mean_pooling=True,  # no final norm: InternViT's last hidden state goes to mlp1 as is
+    )
+    text = Qwen2Config(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+        use_sliding_window=False,
+    )
+    # rope_theta moved into rope_parameters in transformers 5; set both spellings
+    rp = getattr(text, "rope_parameters", None)
+    if isinstance(rp, dict):
+        rp["rope_theta"] = t.rope_theta
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        downsample_ratio=v.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config.tie_word_embeddings = t.tie_word_embeddings
+    return config
+
+
+def sam2_config(cfg: ModelConfig):
+    """A ``Sam2Config`` with Hiera sizes, FPN and mask decoder widths from ``cfg.sam2``."""
+    from transformers import Sam2Config
+
+    s = cfg.sam2
+    n_stages = len(s.hiera_stages)
+    dims = [s.hiera_embed_dim * 2**i for i in range(n_stages)]
+    heads = [s.hiera_num_heads * 2**i for i in range(n_stages)]
+    strides = [4 * 2**i for i in range(n_stages)]
+    feature_sizes = [[s.image_size // st, s.image_size // st] for st in strides[:3]]
+    backbone = {
+        "model_type": "sam2_hiera_det_model",
+        "hidden_size": s.hiera_embed_dim,
+        "num_attention_heads": s.hiera_num_heads,
+        "image_size": [s.image_size, s.image_size],
+        "blocks_per_stage": list(s.hiera_stages),
+        "embed_dim_per_stage": dims,
+        "num_attention_heads_per_stage": heads,
+        "window_size_per_stage": list(s.hiera_window_sizes),
+        "global_attention_blocks": list(s.hiera_global_attention_blocks),
+        "window_positional_embedding_background_size": list(s.hiera_window_pos_bkg),
+    }
+    vision = {
+        "backbone_config": backbone,
+        "backbone_channel_list": list(reversed(dims)),
+        "backbone_feature_sizes": feature_sizes,
+        "fpn_hidden_size": s.prompt_dim,
+    }
+    prompt = {"hidden_size": s.prompt_dim, "image_size": s.image_size, "patch_size": 16}
+    decoder = {
+        "hidden_size": s.prompt_dim,
+        "num_hidden_layers": s.decoder_layers,
+        "num_attention_heads": s.decoder_heads,
+        "mlp_dim": s.decoder_mlp_dim,
+        "iou_head_hidden_dim": s.prompt_dim,
+    }
+    return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)

@@ -1,0 +1,89 @@
+"""Visual-prompt (region) tokens from 16x16 prompt masks, batched.
+
+A region is a (g, g) {0,1} prompt mask over the image-token grid.  Its K one-cells become K
+``<IMG_CONTEXT>`` positions after ``<vp>`` which receive the projected image tokens of those cells, in
+raster order.  K = 0 is never fed to the model: :func:`ensure_nonempty` puts one cell at the mask's
+centroid (or the most probable cell of a predicted mask) and counts how often it did.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def centroid_cells(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, H, W) masks -> (B,) flat index of the grid cell holding each mask's centroid (centre if empty)."""
+    B, H, W = masks.shape
+    m = masks.float()
+    area = m.sum((1, 2))
+    ys = torch.arange(H, device=m.device, dtype=m.dtype) + 0.5
+    xs = torch.arange(W, device=m.device, dtype=m.dtype) + 0.5
+    cy = torch.where(area > 0, (m.sum(2) * ys).sum(1) / area.clamp(min=1), torch.full_like(area, H / 2))
+    cx = torch.where(area > 0, (m.sum(1) * xs).sum(1) / area.clamp(min=1), torch.full_like(area, W / 2))
+    gy = (cy * grid / H).long().clamp(0, grid - 1)
+    gx = (cx * grid / W).long().clamp(0, grid - 1)
+    return gy * grid + gx
+
+
+def ensure_nonempty(prompt: torch.Tensor, fallback_cells: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of ``prompt`` (B, g, g) with no 1-cell get the cell ``fallback_cells[b]``; returns (prompt, count)."""
+    B, g, _ = prompt.shape
+    flat = prompt.reshape(B, g * g).bool()
+    empty = ~flat.any(1)
+    n = int(empty.sum())
+    if n:
+        fix = F.one_hot(fallback_cells, g * g).bool() & empty[:, None]
+        flat = flat | fix
+    return flat.reshape(B, g, g).to(prompt.dtype), n
+
+
+def logits_to_prompt(mask_logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, int]:
+    """Predicted mask logits (B, H, W) -> prompt masks (B, g, g): sigmoid -> avg-pool -> > 0.5.
+
+    Not differentiable (SPEC §2c).  Empty results fall back to the most probable cell; the count
+    of fallbacks (predicted masks with no cell above 0.5) is returned for logging.
+    """
+    with torch.no_grad():
+        prob = F.adaptive_avg_pool2d(mask_logits.float().sigmoid()[:, None], grid)[:, 0]  # (B, g, g)
+        prompt = (prob > 0.5).to(torch.uint8)
+        return ensure_nonempty(prompt, prob.flatten(1).argmax(1))
+
+
+def inject_visual_tokens(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    img_ctx_id: int,
+    image_feats: torch.Tensor,
+    prompt_masks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fill every ``<IMG_CONTEXT>`` position with its visual token, for the whole batch at once.
+
+    inputs_embeds (B, L, D); input_ids (B, L); image_feats (B, N, D) projected image tokens;
+    prompt_masks (B, g, g) with g*g == N, or None when the prompt holds no region.
+    In row b the first N context positions take image_feats[b] in order; the following K_b take the
+    features of the masked cells of prompt_masks[b] in raster order.
+    """
+    B, N, D = image_feats.shape
+    ctx = input_ids == img_ctx_id  # (B, L)
+    rank = torch.cumsum(ctx.long(), 1) - 1  # (B, L) index among the row's context positions
+    if prompt_masks is not None:
+        sel = prompt_masks.reshape(B, -1).bool()  # (B, N)
+        if sel.shape[1] != N:
+            raise ValueError(f"prompt mask has {sel.shape[1]} cells but the image has {N} tokens")
+        ar = torch.arange(N, device=sel.device)
+        order = torch.argsort(torch.where(sel, ar, ar + N), dim=1)  # (B, N) selected cells first, in order
+        region_rank = (rank - N).clamp(0, N - 1)
+        cell = torch.where(rank < N, rank.clamp(0, N - 1), torch.gather(order, 1, region_rank))
+        n_expected = N + sel.sum(1)
+    else:
+        cell = rank.clamp(0, N - 1)
+        n_expected = torch.full((B,), N, device=ctx.device)
+    if not torch.equal(ctx.sum(1), n_expected.to(ctx.device)):
+        raise ValueError(
+            f"<IMG_CONTEXT> count per row {ctx.sum(1).tolist()} does not match image tokens + region cells "
+            f"{n_expected.tolist()}"
+        )
+    src = (torch.arange(B, device=ctx.device)[:, None] * N + cell)[ctx]  # (n_ctx,)
+    vis = image_feats.reshape(B * N, D)[src].to(inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(ctx[..., None], vis)

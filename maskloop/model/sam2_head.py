@@ -1,0 +1,98 @@
+"""SAM2 as the grounding encoder: image embeddings once per image, mask decoding from prompts.
+
+Built on transformers' ``Sam2Model`` (Hiera image encoder + FPN neck frozen; prompt encoder frozen;
+mask decoder trained).  Input is the image resized directly to the SAM size, uint8 0-255; SAM2's own
+normalisation (ImageNet mean/std on the 0-1 scale) is applied here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SamFeatures:
+    """Per-image SAM2 features, reusable across any number of prompts for that image."""
+
+    embed: torch.Tensor  # (B, C, h, w) lowest-resolution level (+ no-memory embedding)
+    high_res: tuple[torch.Tensor, torch.Tensor]  # conv_s0 (B, C/8, 4h, 4w), conv_s1 (B, C/4, 2h, 2w)
+
+    def index(self, idx: torch.Tensor) -> SamFeatures:
+        """Features of images ``idx`` (M,) — e.g. several prompts on the same image."""
+        return SamFeatures(self.embed[idx], (self.high_res[0][idx], self.high_res[1][idx]))
+
+
+class SAM2Head(nn.Module):
+    def __init__(self, sam2_config, pad_point_tokens: bool = True):
+        super().__init__()
+        from transformers import Sam2Model
+
+        self.sam = Sam2Model(sam2_config)
+        self.image_size = sam2_config.prompt_encoder_config.image_size
+        self.pad_point_tokens = pad_point_tokens
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def mask_decoder(self) -> nn.Module:
+        return self.sam.mask_decoder
+
+    def encode(self, g_pixel_values: torch.Tensor) -> SamFeatures:
+        """g_pixel_values (B, 3, S, S) uint8 (or float 0-255) -> :class:`SamFeatures`.
+
+        The Hiera encoder and neck are frozen and run without autograd; the decoder's conv_s0/conv_s1
+        (trained) are applied here with autograd so they receive gradients.
+        """
+        if g_pixel_values.shape[-1] != self.image_size or g_pixel_values.shape[-2] != self.image_size:
+            raise ValueError(
+                f"SAM2 input must be {self.image_size}x{self.image_size}, got {tuple(g_pixel_values.shape[-2:])}"
+            )
+        dtype = self.sam.mask_decoder.conv_s0.weight.dtype
+        x = (g_pixel_values.to(self.mean.dtype) - self.mean) / self.std
+        with torch.no_grad():
+            out = self.sam.vision_encoder(x.to(dtype), return_dict=True)
+            maps = list(out.fpn_hidden_states)  # high -> low resolution, (B, C, H, W) each
+        embed = maps[-1] + self.sam.no_memory_embedding.view(1, -1, 1, 1).to(maps[-1].dtype)
+        dec = self.sam.mask_decoder
+        return SamFeatures(embed, (dec.conv_s0(maps[0]), dec.conv_s1(maps[1])))
+
+    def decode(self, feats: SamFeatures, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """prompt_embeds (B, n, C) language prompt tokens -> low-res mask logits (B, 4h, 4w).
+
+        Sparse prompt = [empty-point tokens (if ``pad_point_tokens``), language tokens]; dense prompt =
+        the no-mask embedding; single-mask output (token 0).
+        """
+        B = prompt_embeds.shape[0]
+        sam = self.sam
+        dtype = feats.embed.dtype
+        if self.pad_point_tokens:
+            pts = torch.zeros(B, 1, 1, 2, device=prompt_embeds.device, dtype=dtype)
+            lbl = -torch.ones(B, 1, 1, dtype=torch.int32, device=prompt_embeds.device)
+            sparse, dense = sam.prompt_encoder(input_points=pts, input_labels=lbl, input_boxes=None, input_masks=None)
+            sparse = torch.cat([sparse.to(prompt_embeds.dtype), prompt_embeds[:, None]], 2)  # (B, 1, n+2, C)
+        else:
+            sparse = prompt_embeds[:, None]
+            h, w = feats.embed.shape[-2:]
+            dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
+        pos = sam.get_image_wide_positional_embeddings().to(dtype).repeat(B, 1, 1, 1)
+        masks, _, _, _ = sam.mask_decoder(
+            image_embeddings=feats.embed,
+            image_positional_embeddings=pos,
+            sparse_prompt_embeddings=sparse.to(dtype),
+            dense_prompt_embeddings=dense.to(dtype),
+            multimask_output=False,
+            high_resolution_features=list(feats.high_res),
+        )
+        return masks[:, 0, 0]  # (B, 4h, 4w)
+
+    def upsample(self, low_res: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """(B, h, w) -> (B, S, S) bilinear, the SAM input size by default."""
+        size = size or self.image_size
+        return F.interpolate(low_res[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]

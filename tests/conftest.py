@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from maskloop.model.grounded import GroundedMLLM
+from maskloop.model.presets import get_preset
+from maskloop.model.prompts import build_word_tokenizer
+
+WORDS = ["a", "red", "blue", "green", "small", "large", "circle", "square", "triangle", "left", "of", "right"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_word_tokenizer(WORDS)
+
+
+def make_tiny(seed: int = 0, **overrides) -> GroundedMLLM:
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return GroundedMLLM(cfg, build_word_tokenizer(WORDS))
+
+
+@pytest.fixture()
+def tiny_model():
+    return make_tiny()
+
+
+def tiny_batch(model: GroundedMLLM, B: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    S, G = model.cfg.vision.image_size, model.cfg.sam2.image_size
+    pv = torch.randn(B, 3, S, S, generator=g)
+    gp = torch.randint(0, 256, (B, 3, G, G), generator=g, dtype=torch.uint8)
+    masks = (torch.rand(B, G, G, generator=g) > 0.6).float()
+    return pv, gp, masks
