@@ -1,0 +1,78 @@
+"""Pieces shared by the recipes: batch -> model inputs, the supervised losses, token noise."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from maskloop.model.grounded import GroundedMLLM
+from maskloop.model.prompts import Ragged
+from maskloop.model.region import centroid_cells, ensure_nonempty
+
+
+@dataclass
+class StepOutput:
+    """What a recipe returns for one micro-step: one objective, or two for gradient surgery."""
+
+    objectives: list[torch.Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+
+
+def region_prompts(batch: dict, suffix: str = "") -> tuple[torch.Tensor, int]:
+    """The batch's 16x16 prompt masks with K = 0 rows set to their mask's centroid cell (counted)."""
+    pm = batch[f"prompt_masks{suffix}"]
+    return ensure_nonempty(pm, centroid_cells(batch[f"masks{suffix}"], pm.shape[-1]))
+
+
+def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Supervised referring segmentation: expression tokens -> "... [SEG]" -> mask (SPEC §2a)."""
+    B = batch["pixel_values"].shape[0]
+    out = model.segment(
+        batch["pixel_values"],
+        model.sam_features(batch["g_pixel_values"]),
+        model.builder.expressions(batch["expression"]),
+        model.builder.seg_question(B, rng),
+        gt_masks=batch["masks"],
+    )
+    loss = out["loss_mask"] + lm_weight * out["loss_lm"]
+    return loss, {k: float(out[k]) for k in ("loss_mask", "loss_bce", "loss_dice", "loss_lm")}
+
+
+def caption_loss(model: GroundedMLLM, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Supervised region captioning: image + region(mask) -> caption, teacher forced (SPEC §2a)."""
+    pm, n_empty = region_prompts(batch)
+    out = model.caption_logits(batch["pixel_values"], pm, model.builder.caption_answer(batch["caption"]))
+    return out["loss_lm"], {"loss_caption": float(out["loss_lm"]), "region_k0_fallbacks": n_empty}
+
+
+def allowed_vocab(model: GroundedMLLM) -> torch.Tensor:
+    """(V,) bool: ids that token noise and the Gumbel top-k may use (no special / image / unused rows)."""
+    V = model.embed_matrix.shape[0]
+    ok = torch.zeros(V, dtype=torch.bool, device=model.embed_matrix.device)
+    ok[: len(model.tokenizer)] = True
+    ok[torch.tensor(model.builder.special_ids, device=ok.device)] = False
+    return ok
+
+
+def noise_tokens(
+    ids: torch.Tensor, lengths: torch.Tensor, allowed: torch.Tensor, ratio: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Replace ``ratio`` of the first lengths[b] tokens of each row with random allowed ids (B, T)."""
+    B, T = ids.shape
+    dev = ids.device
+    real = torch.arange(T, device=dev)[None] < lengths[:, None]
+    flip = (torch.rand(B, T, device=dev, generator=generator) < ratio) & real
+    pool = allowed.nonzero().squeeze(1)
+    rand = pool[torch.randint(0, len(pool), (B, T), device=dev, generator=generator)]
+    return torch.where(flip, rand, ids)
+
+
+def with_end(ids: torch.Tensor, lengths: torch.Tensor, end_id: int, target: bool = True) -> Ragged:
+    """Token rows (B, T) of lengths (B,) -> a target :class:`Ragged` with the end token appended."""
+    B, T = ids.shape
+    ids = torch.cat([ids, ids.new_zeros(B, 1)], 1)
+    at_end = torch.arange(T + 1, device=ids.device)[None] == lengths[:, None]
+    return Ragged(torch.where(at_end, torch.full_like(ids, end_id), ids), lengths + 1, target=target)

@@ -1,0 +1,98 @@
+"""Recipe: Loop 1 — mask -> caption -> mask, through pseudo-tokens (SPEC §2b).
+
+Per pair sample (image1, mask1) / (image2, mask2) — another frame of the same SA-V masklet, or the
+same image twice:
+
+1. the EMA teacher captions region(mask1) greedily, no grad, at fixed length T;
+2. token noise replaces 25% of the caption tokens with random non-special ids;
+3. trainable forward #1 reads the noised caption (teacher forcing) -> logits at the T positions;
+4. straight-through Gumbel-softmax over the top-k logits -> caption embeddings (hard forward, soft grad);
+5. trainable forward #2 segments image2 from the caption given as inputs_embeds -> mask logits;
+6. loss = 2.0 BCE + 0.5 Dice against mask2 (+ 1.0 LM on the fixed "Sure, [SEG]." answer).
+
+Gradients flow from step 6 through forward #2, the Gumbel weights and forward #1.  Referring
+batches are interleaved with these by the engine (``refer_ratio``), trained with the supervised loss.
+The simpler variant (``variant="generate"``) segments the teacher's caption tokens directly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from maskloop.model.prompts import Embeds, Ragged
+from maskloop.recipes.common import (
+    StepOutput,
+    allowed_vocab,
+    noise_tokens,
+    refer_loss,
+    region_prompts,
+    with_end,
+)
+from maskloop.train.gumbel import gumbel_topk_embed
+
+STREAMS = ("pairs", "refer")
+DEFAULTS = {"lr": 1e-5}
+
+
+class TeacherOutputError(RuntimeError):
+    """The teacher produced an empty caption (all padding) for some row."""
+
+
+class Loop1:
+    def __init__(self, model, cfg, ema, seed: int = 0):
+        self.model, self.cfg, self.ema = model, cfg, ema
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(seed)
+        self.allowed = allowed_vocab(model)
+
+    def step(self, batches: dict) -> StepOutput:
+        if batches.get("refer") is not None:  # an interleaved referring batch
+            loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
+            return StepOutput([loss], {"loss": float(loss), **{f"refer/{k}": v for k, v in logs.items()}},
+                              batches["refer"]["pixel_values"].shape[0])
+        loss, logs = self.loss(batches["pairs"])
+        return StepOutput([loss], logs, batches["pairs"]["pixel_values1"].shape[0])
+
+    def loss(self, b: dict) -> tuple[torch.Tensor, dict]:
+        model, c = self.model, self.cfg
+        pm1, n_k0 = region_prompts(b, "1")
+
+        # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
+        was_training = model.training
+        model.eval()
+        with self.ema.swap(), torch.no_grad():
+            teacher = model.describe(b["pixel_values1"], pm1, max_new_tokens=c.caption_len)
+        model.train(was_training)
+        n_empty = int((teacher.lengths == 0).sum())
+        if n_empty:
+            raise TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)")
+        ids, lengths = teacher.ids, teacher.lengths  # (B, T), (B,)
+
+        if c.variant == "generate":  # simpler variant: segment the teacher's tokens, no gradient into it
+            expr = Ragged(ids, lengths)
+        else:
+            # 2. token noise on the caption tokens (never special / image ids)
+            noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen)
+            # 3. trainable forward #1: teacher forcing on the noised caption (+ end token)
+            answer = with_end(noised, lengths, model.builder.end_id)
+            logits = model.caption_logits(b["pixel_values1"], pm1, answer)["logits"]  # (B, T+1, V)
+            # 4. straight-through Gumbel-softmax over the top-k -> caption embeddings (B, T, D)
+            embeds, _ = gumbel_topk_embed(logits[:, : ids.shape[1]], model.embed_matrix, k=c.topk, tau=c.tau,
+                                          valid_ids_mask=self.allowed, generator=self.gen)
+            visible = lengths if c.mask_caption_padding else torch.full_like(lengths, ids.shape[1])
+            expr = Embeds(embeds, visible)
+
+        # 5. trainable forward #2: image2 + segmentation prompt with the caption as inputs_embeds
+        question = model.builder.seg_question(ids.shape[0], fixed=True)
+        out = model.segment(b["pixel_values2"], model.sam_features(b["g_pixel_values2"]), expr, question,
+                            gt_masks=b["masks2"], lm_loss=c.lm_weight > 0)
+        # 6. mask loss against mask2 (+ LM loss on "Sure, [SEG].")
+        loss = out["loss_mask"] + (c.lm_weight * out["loss_lm"] if c.lm_weight > 0 else 0.0)
+        logs = {"loss": float(loss), "loop1/loss_mask": float(out["loss_mask"]), "loop1/loss_bce": float(out["loss_bce"]),
+                "loop1/loss_dice": float(out["loss_dice"]), "loop1/caption_len": float(lengths.float().mean()),
+                "loop1/region_k0_fallbacks": n_k0}
+        if "loss_lm" in out:
+            logs["loop1/loss_seg_lm"] = float(out["loss_lm"])
+        return loss, logs
