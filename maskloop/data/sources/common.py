@@ -1,0 +1,62 @@
+"""Helpers shared by the source readers."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from ..robust import SampleError, check_mask
+from ..transforms import SampleTransform
+
+
+def check_image_mask(orig_size: tuple[int, int], mask: np.ndarray, key: str) -> None:
+    """Mask must match the image's stored size and have foreground pixels."""
+    w, h = orig_size
+    if mask.shape != (h, w):
+        raise SampleError("bad_rle", key=key, detail=f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {h}x{w}")
+    if not mask.any():
+        raise SampleError("empty_mask", key=key, detail="mask has no foreground pixels")
+
+
+def make_sample(
+    transform: SampleTransform, image: Image.Image, orig_size: tuple[int, int], mask: np.ndarray, key: str
+) -> dict:
+    """Validated image + mask -> the four tensors (raises ``bad_rle`` / ``empty_mask``)."""
+    check_image_mask(orig_size, mask, key)
+    return check_mask(transform(image, mask), key)
+
+
+class SmallCache:
+    """A tiny per-process LRU for parsed annotation files (json of the current image/video)."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        if self._pid != os.getpid():
+            self._d.clear()
+            self._pid = os.getpid()
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        value = build()
+        self._d[key] = value
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return value
+
+    def __getstate__(self):
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.__init__(state["capacity"])
+
+
+def default_transform(transform: SampleTransform | None) -> SampleTransform:
+    return transform if transform is not None else SampleTransform()

@@ -1,0 +1,179 @@
+"""Open Images V7 instance segmentation reader: one mask = one sample, caption = class name.
+
+Released files (read as downloaded)::
+
+    {root}/{split}-annotations-object-segmentation.csv
+        MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks
+        e.g. 0a1b..._m0k4j_3f9c2e1d.png,0a1b...,/m/0k4j,3f9c2e1d,0.12,0.55,0.30,0.81,0.86,
+    {root}/{split}-masks-[0-9a-f].zip        # 16 zips, by the first hex digit of ImageID,
+                                             # PNGs named by MaskPath at the zip's top level
+      or the PNGs extracted into {root}/{split}-masks/ (flat, or one sub-folder per zip)
+    {root}/{split}/{ImageID}.jpg             # the images (or pass images_dir=)
+    {root}/oidv7-class-descriptions.csv      # LabelName,DisplayName  (caption = DisplayName)
+
+(``annotations/`` sub-folders are searched too, and ``class-descriptions-boxable.csv``,
+which has no header, is accepted.) Box coordinates are normalised to [0, 1]. A mask PNG
+is binary (non-zero = object); when its size differs from the image's it is resized to
+the image size with nearest-neighbour before the transform.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..io import FileLRU, open_image
+from ..robust import DataError, RobustDataset, SampleError
+from ..transforms import SampleTransform
+from .common import default_transform, make_sample
+
+__all__ = ["OpenImagesDataset", "read_class_descriptions"]
+
+_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxID", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax",
+            "PredictedIoU", "Clicks")
+_CLASS_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.csv", "class-descriptions-boxable.csv",
+                "class-descriptions.csv")
+
+
+def read_class_descriptions(path: str | os.PathLike) -> dict[str, str]:
+    """LabelName -> DisplayName from a class-descriptions csv (with or without header)."""
+    out: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.reader(f):
+            if len(row) >= 2 and row[0] != "LabelName":
+                out[row[0]] = row[1]
+    return out
+
+
+def _first_existing(paths) -> Path | None:
+    for p in paths:
+        if p is not None and Path(p).exists():
+            return Path(p)
+    return None
+
+
+class OpenImagesDataset(RobustDataset):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        annotations_csv: str | os.PathLike | None = None,
+        masks_dir: str | os.PathLike | None = None,
+        images_dir: str | os.PathLike | None = None,
+        class_descriptions: str | os.PathLike | None = None,
+        transform: SampleTransform | None = None,
+        min_predicted_iou: float = 0.0,
+        as_pair: bool = False,
+        max_retries: int = 16,
+        max_open_zips: int = 16,
+        name: str = "openimages",
+    ):
+        super().__init__(max_retries=max_retries, as_pair=as_pair)
+        self.name = name
+        self.transform = default_transform(transform)
+        root = Path(root)
+        self.split = split
+        csv_path = _first_existing([
+            annotations_csv,
+            root / f"{split}-annotations-object-segmentation.csv",
+            root / "annotations" / f"{split}-annotations-object-segmentation.csv",
+        ])
+        if csv_path is None:
+            raise DataError(f"no {split}-annotations-object-segmentation.csv under {root} (or {root}/annotations); "
+                            "pass annotations_csv=")
+        cls_path = _first_existing([class_descriptions] + [root / n for n in _CLASS_FILES]
+                                   + [root / "annotations" / n for n in _CLASS_FILES])
+        if cls_path is None:
+            raise DataError(f"no oidv7-class-descriptions.csv under {root}; pass class_descriptions= "
+                            "(it maps LabelName to the DisplayName used as caption)")
+        self.class_names = read_class_descriptions(cls_path)
+        self.images_dir = Path(images_dir) if images_dir else (
+            _first_existing([root / split, root / "images" / split]) or root / split)
+        self.masks_dir = Path(masks_dir) if masks_dir else root / f"{split}-masks"
+        self._zip_dirs = [p for p in (self.masks_dir, root) if p.is_dir()]
+        self._zips = FileLRU(max_open_zips, opener=zipfile.ZipFile)
+        self._csv_name = csv_path.name
+
+        self.items: list[tuple[str, str, str]] = []  # (MaskPath, ImageID, DisplayName)
+        self._lines: list[int] = []
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or any(c not in header for c in _COLUMNS[:3]):
+                raise DataError(f"{csv_path} does not have the V7 segmentation columns {','.join(_COLUMNS)}")
+            col = {c: header.index(c) for c in _COLUMNS if c in header}
+            for lineno, row in enumerate(reader, start=2):
+                key = f"{self._csv_name}#line{lineno}"
+                try:
+                    mask_path, image_id, label = (row[col[c]] for c in ("MaskPath", "ImageID", "LabelName"))
+                    iou = float(row[col["PredictedIoU"]]) if "PredictedIoU" in col and row[col["PredictedIoU"]] else 1.0
+                    for c in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"):
+                        if c in col:
+                            float(row[col[c]])
+                    if not mask_path.endswith(".png") or not image_id:
+                        raise ValueError("MaskPath must be a .png and ImageID non-empty")
+                except (IndexError, ValueError) as e:
+                    self.record_bad("bad_csv", key, f"malformed row: {e}")
+                    continue
+                if label not in self.class_names:
+                    self.record_bad("bad_csv", key, f"label {label} is not in {cls_path.name}")
+                    continue
+                if iou < min_predicted_iou:
+                    continue
+                self.items.append((mask_path, image_id, self.class_names[label]))
+                self._lines.append(lineno)
+        self.check_not_empty()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def text_length(self, index: int) -> int:
+        return len(self.items[index][2])
+
+    def _image_path(self, image_id: str) -> str:
+        return str(self.images_dir / f"{image_id}.jpg")
+
+    def item_keys(self, index: int):
+        mask_path, image_id, _ = self.items[index]
+        return (self._image_path(image_id), mask_path)
+
+    def _read_mask_bytes(self, mask_path: str) -> bytes:
+        c = mask_path[0].lower()
+        for p in (self.masks_dir / mask_path, self.masks_dir / f"{self.split}-masks-{c}" / mask_path):
+            if p.is_file():
+                return p.read_bytes()
+        for d in self._zip_dirs:
+            z = d / f"{self.split}-masks-{c}.zip"
+            if z.is_file():
+                try:
+                    return self._zips.get(str(z)).read(mask_path)
+                except KeyError:
+                    continue
+                except (zipfile.BadZipFile, OSError) as e:
+                    raise SampleError("corrupt_mask", key=mask_path, detail=f"{z}: {e}") from e
+        raise SampleError("missing_file", key=mask_path, detail=f"mask PNG not in {self.masks_dir} nor a "
+                          f"{self.split}-masks-{c}.zip")
+
+    def load(self, index: int) -> dict:
+        mask_path, image_id, caption = self.items[index]
+        raw = self._read_mask_bytes(mask_path)
+        try:
+            with Image.open(io.BytesIO(raw)) as m:
+                m.load()
+                m = m if m.mode in ("1", "L", "P", "I", "I;16") else m.convert("L")
+                mask_img = m.copy()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise SampleError("corrupt_mask", key=mask_path, detail=f"cannot decode mask PNG: {e}") from e
+        image, size = open_image(self._image_path(image_id), self.transform.draft_size)
+        if mask_img.size != size:
+            mask_img = mask_img.resize(size, Image.Resampling.NEAREST)
+        mask = np.asarray(mask_img) > 0
+        sample = make_sample(self.transform, image, size, mask, mask_path)
+        sample["caption"] = caption
+        return sample
