@@ -12,6 +12,37 @@ from maskloop.model.prompts import Ragged
 from maskloop.model.region import centroid_cells, ensure_nonempty
 
 
+def _d(x):
+    """A detached log value (converted to a number only when logged: no host sync per micro-step)."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+class RecipeBase:
+    """Recipes keep their random streams (question choice, token noise, Gumbel noise) resumable."""
+
+    def state_dict(self) -> dict:
+        out = {}
+        for name, v in vars(self).items():
+            if isinstance(v, random.Random):
+                version, internal, gauss = v.getstate()
+                out[name] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+            elif isinstance(v, torch.Generator):
+                out[name] = {"generator": v.get_state()}
+            elif isinstance(v, RecipeBase):
+                out[name] = v.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, st in state.items():
+            v = getattr(self, name)
+            if isinstance(v, random.Random):
+                v.setstate((int(st["version"]), tuple(int(x) for x in st["state"].tolist()), st["gauss"]))
+            elif isinstance(v, torch.Generator):
+                v.set_state(st["generator"])
+            else:
+                v.load_state_dict(st)
+
+
 @dataclass
 class StepOutput:
     """What a recipe returns for one micro-step: one objective, or two for gradient surgery."""
@@ -38,14 +69,14 @@ def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: 
         gt_masks=batch["masks"],
     )
     loss = out["loss_mask"] + lm_weight * out["loss_lm"]
-    return loss, {k: float(out[k]) for k in ("loss_mask", "loss_bce", "loss_dice", "loss_lm")}
+    return loss, {k: _d(out[k]) for k in ("loss_mask", "loss_bce", "loss_dice", "loss_lm")}
 
 
 def caption_loss(model: GroundedMLLM, batch: dict) -> tuple[torch.Tensor, dict]:
     """Supervised region captioning: image + region(mask) -> caption, teacher forced (SPEC §2a)."""
     pm, n_empty = region_prompts(batch)
     out = model.caption_logits(batch["pixel_values"], pm, model.builder.caption_answer(batch["caption"]))
-    return out["loss_lm"], {"loss_caption": float(out["loss_lm"]), "region_k0_fallbacks": n_empty}
+    return out["loss_lm"], {"loss_caption": _d(out["loss_lm"]), "region_k0_fallbacks": n_empty}
 
 
 def allowed_vocab(model: GroundedMLLM) -> torch.Tensor:

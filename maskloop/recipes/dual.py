@@ -8,7 +8,7 @@ trainable gradient (beta = 0.5, applied always; ``surgery_mode="pcgrad"`` projec
 
 from __future__ import annotations
 
-from maskloop.recipes.common import StepOutput
+from maskloop.recipes.common import RecipeBase, StepOutput
 from maskloop.recipes.loop1 import Loop1
 from maskloop.recipes.loop2 import Loop2
 
@@ -16,7 +16,7 @@ STREAMS = ("pairs", "refer", "dam")
 DEFAULTS = {"lr": 1e-5}
 
 
-class Dual:
+class Dual(RecipeBase):
     def __init__(self, model, cfg, ema, seed: int = 0):
         self.loop1 = Loop1(model, cfg, ema, seed)
         self.loop2 = Loop2(model, cfg, ema, seed)

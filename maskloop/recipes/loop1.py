@@ -23,7 +23,9 @@ import torch
 
 from maskloop.model.prompts import Embeds, Ragged
 from maskloop.recipes.common import (
+    RecipeBase,
     StepOutput,
+    _d,
     allowed_vocab,
     noise_tokens,
     refer_loss,
@@ -40,7 +42,7 @@ class TeacherOutputError(RuntimeError):
     """The teacher produced an empty caption (all padding) for some row."""
 
 
-class Loop1:
+class Loop1(RecipeBase):
     def __init__(self, model, cfg, ema, seed: int = 0):
         self.model, self.cfg, self.ema = model, cfg, ema
         self.rng = random.Random(seed)
@@ -50,7 +52,7 @@ class Loop1:
     def step(self, batches: dict) -> StepOutput:
         if batches.get("refer") is not None:  # an interleaved referring batch
             loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
-            return StepOutput([loss], {"loss": float(loss), **{f"refer/{k}": v for k, v in logs.items()}},
+            return StepOutput([loss], {"loss": _d(loss), **{f"refer/{k}": v for k, v in logs.items()}},
                               batches["refer"]["pixel_values"].shape[0])
         loss, logs = self.loss(batches["pairs"])
         return StepOutput([loss], logs, batches["pairs"]["pixel_values1"].shape[0])
@@ -90,9 +92,9 @@ class Loop1:
                             gt_masks=b["masks2"], lm_loss=c.lm_weight > 0)
         # 6. mask loss against mask2 (+ LM loss on "Sure, [SEG].")
         loss = out["loss_mask"] + (c.lm_weight * out["loss_lm"] if c.lm_weight > 0 else 0.0)
-        logs = {"loss": float(loss), "loop1/loss_mask": float(out["loss_mask"]), "loop1/loss_bce": float(out["loss_bce"]),
-                "loop1/loss_dice": float(out["loss_dice"]), "loop1/caption_len": float(lengths.float().mean()),
+        logs = {"loss": _d(loss), "loop1/loss_mask": _d(out["loss_mask"]), "loop1/loss_bce": _d(out["loss_bce"]),
+                "loop1/loss_dice": _d(out["loss_dice"]), "loop1/caption_len": _d(lengths.float().mean()),
                 "loop1/region_k0_fallbacks": n_k0}
         if "loss_lm" in out:
-            logs["loop1/loss_seg_lm"] = float(out["loss_lm"])
+            logs["loop1/loss_seg_lm"] = _d(out["loss_lm"])
         return loss, logs

@@ -14,13 +14,13 @@ import torch
 
 from maskloop.model.prompts import Ragged
 from maskloop.model.region import logits_to_prompt
-from maskloop.recipes.common import StepOutput, with_end
+from maskloop.recipes.common import RecipeBase, StepOutput, _d, with_end
 
 STREAMS = ("dam",)
 DEFAULTS = {"lr": 1e-5}
 
 
-class Loop2:
+class Loop2(RecipeBase):
     def __init__(self, model, cfg, ema=None, seed: int = 0):
         self.model, self.cfg = model, cfg
 
@@ -47,5 +47,5 @@ class Loop2:
                                      image_feats=image_feats)
 
         loss = out_b["loss_lm"] + c.seg_lm_weight * out_a["loss_lm"]
-        return loss, {"loss": float(loss), "loop2/loss_caption": float(out_b["loss_lm"]),
-                      "loop2/loss_seg_lm": float(out_a["loss_lm"]), "loop2/empty_pred_masks": n_empty}
+        return loss, {"loss": _d(loss), "loop2/loss_caption": _d(out_b["loss_lm"]),
+                      "loop2/loss_seg_lm": _d(out_a["loss_lm"]), "loop2/empty_pred_masks": n_empty}

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import random
 
-from maskloop.recipes.common import StepOutput, caption_loss, refer_loss
+from maskloop.recipes.common import RecipeBase, StepOutput, _d, caption_loss, refer_loss
 
 STREAMS = ("refer", "caption")
 DEFAULTS = {"lr": 4e-5, "warmup_ratio": 0.05, "schedule": "cosine"}
 
 
-class SFT:
+class SFT(RecipeBase):
     def __init__(self, model, cfg, ema=None, seed: int = 0):
         self.model, self.cfg = model, cfg
         self.rng = random.Random(seed)
@@ -23,4 +23,4 @@ class SFT:
         loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
         loss_c, logs_c = caption_loss(self.model, batches["caption"])
         n = batches["refer"]["pixel_values"].shape[0] + batches["caption"]["pixel_values"].shape[0]
-        return StepOutput([loss_r + loss_c], {"loss": float(loss_r + loss_c), **logs_r, **logs_c}, n)
+        return StepOutput([loss_r + loss_c], {"loss": _d(loss_r + loss_c), **logs_r, **logs_c}, n)

@@ -226,8 +226,12 @@ class Trainer:
         self.cfg = cfg
         self.info = dist.init_distributed()
         self.device = self.info.device
-        torch.manual_seed(cfg.seed + dist.rank())
+        torch.manual_seed(cfg.seed)  # the same initialisation on every rank ...
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
+        if dist.world_size() > 1:  # ... and rank 0's weights everywhere, as DDP does
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                torch.distributed.broadcast(t.data, src=0)
+        torch.manual_seed(cfg.seed + dist.rank())  # then independent random streams per rank
         self.model.set_trainable(cfg.freeze)
         self.model.train()
         recipe_cls, stream_names, defaults = RECIPES[cfg.recipe]
@@ -246,7 +250,7 @@ class Trainer:
         self.streams = streams
         self.step = 0
         self.micro = 0  # micro-steps taken (drives the Loop-1 referring interleave)
-        self.counters: dict[str, float] = defaultdict(float)
+        self.counters: dict[str, float] = defaultdict(float, {"skipped_steps": 0.0, "skipped_micro/teacher_empty": 0.0})
         self.run_dir = Path(cfg.run_dir)
         self.writer = None
         self.history: list[dict] = []
@@ -313,11 +317,11 @@ class Trainer:
                 accumulate_(params, stash)
                 accumulate_(params, g, 1.0 / cfg.accumulation)
                 for k, v in stats.items():
-                    logs[f"surgery/{k}"] += float(v) / cfg.accumulation
+                    logs[f"surgery/{k}"] += v / cfg.accumulation
         if out is not None and len(out.objectives) == 1 and dist.world_size() > 1:
             self._all_reduce_grads(params)
         grads = [p.grad for p in params]
-        skip = skipped_micro == cfg.accumulation or self.guard.check(torch.tensor(logs.get("loss", 0.0)), grads)
+        skip = skipped_micro == cfg.accumulation or self.guard.check(torch.as_tensor(logs.get("loss", 0.0)), grads)
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             self.counters["skipped_steps"] += 1
@@ -357,7 +361,7 @@ class Trainer:
                 optimizer_state=self.optimizer.state_dict(),
                 scheduler_state=self.scheduler.state_dict(),
                 sampler_state={n: s.state_dict() for n, s in self.streams.items()},
-                rng=capture_rng(),
+                rng={**capture_rng(), "recipe": self.recipe.state_dict()},
                 extra={"micro": self.micro, "counters": dict(self.counters), "guard": self.guard.state_dict(),
                        "ema_state": {k: v for k, v in self.ema.state_dict().items() if k != "shadow"},
                        "config": to_dict(self.cfg)},
@@ -385,6 +389,7 @@ class Trainer:
         for n, s in self.streams.items():
             s.load_state_dict(ck["sampler_state"][n])
         restore_rng(ck["rng"])
+        self.recipe.load_state_dict(ck["rng"]["recipe"])
         self.step = ck["step"]
         self.micro = ck["extra"]["micro"]
         self.counters.update(ck["extra"].get("counters", {}))
@@ -392,10 +397,12 @@ class Trainer:
 
     # -- the loop
     def _log(self, logs: dict, dt: float) -> None:
-        logs = dict(logs)
+        logs = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
         logs["samples_per_s"] = logs.pop("samples") * dist.world_size() / max(dt, 1e-9)
         for n, s in self.streams.items():
-            for reason, count in s.skip_counts().items():
+            counts = s.skip_counts()
+            logs[f"data_skipped/{n}"] = sum(counts.values())
+            for reason, count in counts.items():
                 logs[f"data_skipped/{n}/{reason}"] = count
         for k, v in self.counters.items():
             logs[k] = v
@@ -428,7 +435,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             if self.step % self.cfg.log_every == 0 or self.step == target:
                 self._log(logs, dt)
-            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}", sps=f"{logs['samples'] / max(dt, 1e-9):.1f}")
+            bar.set_postfix(loss=f"{float(logs.get('loss', float('nan'))):.3f}", sps=f"{logs['samples'] / max(dt, 1e-9):.1f}")
             bar.update(1)
             if self.cfg.ckpt_every and (self.step % self.cfg.ckpt_every == 0 or self.step == target):
                 self.save()

@@ -1,0 +1,187 @@
+"""Engine and recipes on the tiny preset: Loop-1 gradient path, resume, DDP vs 1 process, logging."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from maskloop.recipes import loop1 as loop1_mod
+from maskloop.train.engine import TrainConfig, Trainer
+
+
+def shapes_data(n=16):
+    return {
+        "refer": [{"kind": "shapes_refer", "n": n}],
+        "caption": [{"kind": "shapes_caption", "n": n}],
+        "pairs": [{"kind": "shapes_pairs", "n": n}],
+        "dam": [{"kind": "shapes_caption", "n": n}],
+    }
+
+
+def make_cfg(recipe, run_dir, **kw):
+    base = {"recipe": recipe, "run_dir": str(run_dir), "steps": 4, "batch_size": 2, "accumulation": 1,
+            "ckpt_every": 0, "log_every": 1, "caption_len": 6, "topk": 8, "progress": False, "lr": 1e-3,
+            "data": shapes_data(), "warmup_ratio": 0.0}
+    base.update(kw)
+    return TrainConfig.from_mapping(base)
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def test_loop1_mask_loss_reaches_the_captioner_through_gumbel(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tr = Trainer(make_cfg("loop1", tmp_path, refer_ratio=0.0, data={"pairs": shapes_data()["pairs"]}))
+    model = tr.model
+    batch = {k: v for k, v in tr._batches().items()}
+    assert "pairs" in batch
+
+    def grads_of(recipe_seed):
+        model.zero_grad(set_to_none=True)
+        tr.recipe.gen.manual_seed(recipe_seed)
+        tr.recipe.rng.seed(recipe_seed)
+        loss, _ = tr.recipe.loss(batch["pairs"])
+        loss.backward()
+        return _lora_grads(model)
+
+    # the logits of forward #1 receive gradient from the mask loss
+    captured = {}
+    real = loop1_mod.gumbel_topk_embed
+
+    def spy(logits, *a, **k):
+        logits.retain_grad()
+        captured["logits"] = logits
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(loop1_mod, "gumbel_topk_embed", spy)
+    with_path = grads_of(1)
+    assert captured["logits"].grad is not None and captured["logits"].grad.abs().sum() > 0
+
+    # cutting the Gumbel path (embeddings detached) changes the LoRA gradients
+    def cut(*a, **k):
+        e, ids = real(*a, **k)
+        return e.detach(), ids
+
+    monkeypatch.setattr(loop1_mod, "gumbel_topk_embed", cut)
+    without = grads_of(1)
+    assert set(with_path) == set(without)
+    diff = sum(float((with_path[n] - without[n]).abs().sum()) for n in with_path)
+    assert diff > 1e-6
+    # frozen parts never receive gradient
+    for g in ("vision", "llm_base", "sam2_encoder"):
+        assert all(p.grad is None for _, p in model.parameter_groups()[g])
+
+
+def _state(tr):
+    return ({k: v.detach().clone() for k, v in tr.params.items()},
+            {k: v.clone() for k, v in tr.ema.state_dict()["shadow"].items()})
+
+
+def test_resume_gives_identical_weights_and_ema(tmp_path):
+    kw = dict(steps=6, ema_decay=0.9)
+    torch.manual_seed(0)
+    straight = Trainer(make_cfg("dual", tmp_path / "a", **kw))
+    straight.fit()
+    torch.manual_seed(0)
+    first = Trainer(make_cfg("dual", tmp_path / "b", ckpt_every=3, **kw))
+    first.fit(3)
+    torch.manual_seed(99)  # a fresh process: different initial RNG, same config
+    second = Trainer(make_cfg("dual", tmp_path / "b", ckpt_every=3, **kw))
+    second.resume(tmp_path / "b" / "checkpoints")
+    assert second.step == 3
+    second.fit()
+    (pa, ea), (pb, eb) = _state(straight), _state(second)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0, msg=k)
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0, msg=k)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, run_dir, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tr = Trainer(ddp_cfg(run_dir, batch_size=2))
+    tr.fit()
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in tr.params.items()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def ddp_cfg(run_dir, batch_size):
+    # fixed-length LM target ("Sure, [SEG].") and per-mask mean losses: the global mean is the mean of rank means
+    return make_cfg("loop1", run_dir, steps=2, batch_size=batch_size, variant="generate", refer_ratio=0.0,
+                    data={"pairs": [{"kind": "shapes_pairs", "n": 8}]}, lr=1e-2)
+
+
+def test_ddp_two_processes_match_one_process_same_global_batch(tmp_path):
+    torch.manual_seed(0)
+    single = Trainer(ddp_cfg(tmp_path / "single", batch_size=4))
+    single.fit()
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out)
+    moved = 0.0
+    for k, p in single.params.items():
+        torch.testing.assert_close(ddp[k], p.detach(), rtol=1e-4, atol=1e-5, msg=k)
+    init = Trainer(ddp_cfg(tmp_path / "init", batch_size=4))  # same seed: the initial weights
+    moved = sum(float((init.params[k] - single.params[k]).abs().sum()) for k in init.params)
+    assert moved > 0  # the comparison is between trained weights, not two copies of the initialisation
+
+
+EXPECTED = {
+    "loop1": ["loss", "loop1/loss_mask", "loop1/loss_bce", "loop1/loss_dice", "loop1/loss_seg_lm", "refer/loss_mask"],
+    "loop2": ["loss", "loop2/loss_caption", "loop2/loss_seg_lm", "loop2/empty_pred_masks"],
+    "dual": ["loss1", "loss2", "surgery/cos", "surgery/g1_norm", "surgery/g2_norm", "surgery/c",
+             "surgery/lora/g1_norm", "surgery/projector/g2_norm", "surgery/sam2_decoder/g1_norm",
+             "surgery/text_hidden_fcs/g1_norm"],
+}
+COMMON = ["lr", "grad_norm", "samples_per_s", "skipped_steps", "data_skipped/dam"]
+
+
+@pytest.mark.parametrize("recipe", ["loop1", "loop2", "dual"])
+def test_short_runs_log_every_scalar(tmp_path, recipe):
+    torch.manual_seed(0)
+    tr = Trainer(make_cfg(recipe, tmp_path, steps=3, accumulation=2, ckpt_every=3, refer_ratio=0.5))
+    tr.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    keys = set().union(*rows)
+    want = EXPECTED[recipe] + [k for k in COMMON if not k.startswith("data_skipped") or recipe != "loop1"]
+    missing = [k for k in want if k not in keys]
+    assert not missing, missing
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "latest").exists()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tr = Trainer(make_cfg("loop2", tmp_path, steps=5, max_nonfinite=2))
+    before = {k: v.detach().clone() for k, v in tr.params.items()}
+    real = tr.recipe.step
+
+    def nan_step(batches):
+        out = real(batches)
+        out.objectives = [o * float("nan") for o in out.objectives]
+        out.logs["loss"] = float("nan")
+        return out
+
+    tr.recipe.step = nan_step
+    tr.train_step()
+    assert tr.counters["skipped_steps"] == 1
+    assert all(torch.equal(before[k], v) for k, v in tr.params.items())
+    tr.train_step()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        tr.train_step()
