@@ -112,3 +112,23 @@ def test_exactly_one_seg_token_is_required():
         assert "[SEG]" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_static_cache_decoder_equals_dynamic_cache_loop():
+    model = make_tiny(seed=3)
+    model.eval()
+    with torch.no_grad():
+        model.internvl.lm_head.weight[model.builder.end_id] *= 3.0
+    pv, _, _ = tiny_batch(model, B=4, seed=5)
+    pm = torch.zeros(4, 8, 8, dtype=torch.uint8)
+    pm[0, 1:3, 1:3] = 1
+    pm[1, 5, 5] = 1
+    pm[2] = 1
+    pm[3, :, 0] = 1
+    with torch.no_grad():
+        plain = model.describe(pv, pm, max_new_tokens=12, static=False)
+        fast = model.describe(pv, pm, max_new_tokens=12, static=True)
+        again = model.describe(pv[[1, 0, 3, 2]], pm[[1, 0, 3, 2]], max_new_tokens=12, static=True)  # reused buffers
+    assert torch.equal(plain.ids, fast.ids)
+    assert torch.equal(plain.lengths, fast.lengths) and torch.equal(plain.finished, fast.finished)
+    assert torch.equal(again.ids, plain.ids[[1, 0, 3, 2]])

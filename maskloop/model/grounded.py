@@ -165,18 +165,33 @@ class GroundedMLLM(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ encoders
-    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, S, S) ImageNet-normalised -> projected image tokens (B, N, D)."""
-        v = self.cfg.vision
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, S, S) ImageNet-normalised -> pixel-shuffled ViT features (B, N, 4*Dv).
+
+        The tower is frozen, so these can be computed once and shared by the teacher and the student.
+        """
         vt = self.vision
         frozen = not any(p.requires_grad for p in vt.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             x = pixel_values.to(vt.embeddings.patch_embeddings.projection.weight.dtype)
             feats = vt(pixel_values=x).last_hidden_state[:, 1:]  # drop CLS: (B, P*P, Dv)
-        B, n, Dv = feats.shape
+        B, _, Dv = feats.shape
         side = self.cfg.patch_grid
-        feats = self.internvl.model.pixel_shuffle(feats.reshape(B, side, side, Dv), scale_factor=v.downsample_ratio)
-        return self.projector(feats.reshape(B, -1, feats.shape[-1]))
+        feats = self.internvl.model.pixel_shuffle(feats.reshape(B, side, side, Dv), scale_factor=self.cfg.vision.downsample_ratio)
+        return feats.reshape(B, -1, feats.shape[-1])
+
+    def image_tokens(self, pixel_values: torch.Tensor | None = None, vit_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected image tokens (B, N, D) from pixels, or from precomputed :meth:`vision_features`."""
+        if vit_feats is None:
+            vit_feats = self.vision_features(pixel_values)
+        w = self.projector.linear_1.weight
+        return self.projector(vit_feats.to(w.dtype) if not torch.is_autocast_enabled() else vit_feats)
+
+    def to_training_dtype(self, dtype: torch.dtype) -> GroundedMLLM:
+        """Frozen weights in ``dtype`` (e.g. bf16), trained weights kept in fp32 for the optimizer."""
+        for p in self.parameters():
+            p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+        return self
 
     def sam_features(self, g_pixel_values: torch.Tensor) -> SamFeatures:
         return self.sam.encode(g_pixel_values)
@@ -307,9 +322,29 @@ class GroundedMLLM(nn.Module):
 
     # ------------------------------------------------------------------ (d) batched greedy generation
     @torch.no_grad()
-    def generate(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int) -> Generated:
-        """Greedy decoding for a left-padded batch with a KV cache; output padded to ``max_new_tokens``."""
+    def generate(
+        self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, static: bool | None = None
+    ) -> Generated:
+        """Greedy decoding for a left-padded batch with a KV cache; output padded to ``max_new_tokens``.
+
+        ``static`` (default: on CUDA) uses :class:`~maskloop.model.fast_decode.StaticGreedyDecoder`: a static
+        cache and one CUDA graph per (batch, bucketed length), replayed without host syncs.  Otherwise a
+        plain loop over transformers' dynamic cache.  Both give the same tokens.
+        """
         from transformers import DynamicCache
+
+        if static is None:
+            static = inputs_embeds.device.type == "cuda"
+        if static:
+            from maskloop.model.fast_decode import StaticGreedyDecoder
+
+            B, L = attention_mask.shape
+            key = (B, StaticGreedyDecoder.bucket(L + max_new_tokens), inputs_embeds.device.type == "cuda")
+            decoders = self.__dict__.setdefault("_decoders", {})
+            if key not in decoders:
+                decoders[key] = StaticGreedyDecoder(self, key[0], key[1], use_graph=key[2])
+            ids, lengths, done = decoders[key].run(inputs_embeds, attention_mask, position_ids, max_new_tokens)
+            return Generated(ids, lengths, done)
 
         B = inputs_embeds.shape[0]
         dev = inputs_embeds.device
@@ -336,13 +371,14 @@ class GroundedMLLM(nn.Module):
 
     @torch.no_grad()
     def describe(
-        self, pixel_values: torch.Tensor, prompt_masks: torch.Tensor, max_new_tokens: int = 64
+        self, pixel_values: torch.Tensor | None, prompt_masks: torch.Tensor, max_new_tokens: int = 64,
+        static: bool | None = None, vit_feats: torch.Tensor | None = None,
     ) -> Generated:
         """Region caption by greedy decoding: image + region(prompt_masks) -> caption ids (B, T)."""
-        image_feats = self.image_tokens(pixel_values)
+        image_feats = self.image_tokens(pixel_values, vit_feats)
         k = prompt_masks.flatten(1).sum(1).long()
         emb, asm = self.build_inputs(self.builder.caption_parts(k), image_feats, prompt_masks)
-        return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens)
+        return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static)
 
     def expression_embeds(self, ids: torch.Tensor, lengths: torch.Tensor) -> Embeds:
         """Token ids (B, T) -> an :class:`Embeds` part (the embedding rows, differentiable)."""

@@ -54,11 +54,14 @@ class SAM2Head(nn.Module):
             raise ValueError(
                 f"SAM2 input must be {self.image_size}x{self.image_size}, got {tuple(g_pixel_values.shape[-2:])}"
             )
-        dtype = self.sam.mask_decoder.conv_s0.weight.dtype
+        enc_dtype = self.sam.vision_encoder.backbone.patch_embed.projection.weight.dtype
+        dec_dtype = self.sam.mask_decoder.conv_s0.weight.dtype
         x = (g_pixel_values.to(self.mean.dtype) - self.mean) / self.std
         with torch.no_grad():
-            out = self.sam.vision_encoder(x.to(dtype), return_dict=True)
+            out = self.sam.vision_encoder(x.to(enc_dtype), return_dict=True)
             maps = list(out.fpn_hidden_states)  # high -> low resolution, (B, C, H, W) each
+        if not torch.is_autocast_enabled():
+            maps = [m.to(dec_dtype) for m in maps]
         embed = maps[-1] + self.sam.no_memory_embedding.view(1, -1, 1, 1).to(maps[-1].dtype)
         dec = self.sam.mask_decoder
         return SamFeatures(embed, (dec.conv_s0(maps[0]), dec.conv_s1(maps[1])))

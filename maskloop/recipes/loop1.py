@@ -62,10 +62,11 @@ class Loop1(RecipeBase):
         pm1, n_k0 = region_prompts(b, "1")
 
         # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
+        vit1 = model.vision_features(b["pixel_values1"])  # frozen ViT: shared by teacher and student
         was_training = model.training
         model.eval()
         with self.ema.swap(), torch.no_grad():
-            teacher = model.describe(b["pixel_values1"], pm1, max_new_tokens=c.caption_len)
+            teacher = model.describe(None, pm1, max_new_tokens=c.caption_len, vit_feats=vit1)
         model.train(was_training)
         n_empty = int((teacher.lengths == 0).sum())
         if n_empty:
@@ -79,7 +80,7 @@ class Loop1(RecipeBase):
             noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen)
             # 3. trainable forward #1: teacher forcing on the noised caption (+ end token)
             answer = with_end(noised, lengths, model.builder.end_id)
-            logits = model.caption_logits(b["pixel_values1"], pm1, answer)["logits"]  # (B, T+1, V)
+            logits = model.caption_logits(None, pm1, answer, image_feats=model.image_tokens(vit_feats=vit1))["logits"]
             # 4. straight-through Gumbel-softmax over the top-k -> caption embeddings (B, T, D)
             embeds, _ = gumbel_topk_embed(logits[:, : ids.shape[1]], model.embed_matrix, k=c.topk, tau=c.tau,
                                           valid_ids_mask=self.allowed, generator=self.gen)

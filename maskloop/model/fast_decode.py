@@ -1,0 +1,151 @@
+"""Greedy decoding with a static KV cache, captured once as a CUDA graph.
+
+The plain loop (transformers' dynamic cache, one Python-driven forward per token) is launch-bound at
+small batch: each step issues hundreds of kernels and a host sync.  Here the prompt is prefilled by the
+transformers model itself; its K/V are copied into preallocated buffers of a bucketed length, and one
+decode step — embedding, every decoder layer (the model's own projections, norms, rotary embedding and
+MLP modules, LoRA included), attention over the static cache, the lm head, argmax and the bookkeeping
+of finished rows — reads and writes only those buffers.  On CUDA that step is captured as a graph and
+replayed T times with no host synchronisation; on the CPU it simply runs eagerly (same arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) (B, kvH, L, hd) of one layer of a transformers DynamicCache (any 5.x layout)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+class StaticGreedyDecoder:
+    """Decoder state for one (batch, bucketed length) shape; reusable across calls of that shape."""
+
+    BUCKET = 64
+
+    def __init__(self, model, batch: int, max_len: int, use_graph: bool):
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        self.model = model
+        self.llm = model.llm
+        self._rope = apply_rotary_pos_emb
+        cfg = self.llm.config
+        dev = model.embed_matrix.device
+        dtype = model.embed_matrix.dtype
+        self.B, self.Lmax = batch, max_len
+        self.H = cfg.num_attention_heads
+        self.KV = cfg.num_key_value_heads
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        n = cfg.num_hidden_layers
+        self.k = [torch.zeros(batch, self.KV, max_len, self.hd, device=dev, dtype=dtype) for _ in range(n)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.cur = torch.zeros(1, dtype=torch.long, device=dev)
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.ids = None
+        self.use_graph = use_graph and dev.type == "cuda"
+        self.graph = None
+        self.T = 0
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return int(math.ceil(n / StaticGreedyDecoder.BUCKET) * StaticGreedyDecoder.BUCKET)
+
+    # -- one decode step: reads/writes only the preallocated buffers
+    def _step(self) -> None:
+        m, llm, B = self.model, self.llm, self.B
+        end_id, pad_id = m.builder.end_id, m.builder.pad_id
+        x = m.embed_tokens(self.tok[:, None])  # (B, 1, D)
+        cos, sin = llm.rotary_emb(x, self.pos)
+        self.valid.index_fill_(1, self.cur, True)
+        mask = self.valid[:, None, None, :]  # (B, 1, 1, Lmax)
+        for i, layer in enumerate(llm.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(B, 1, self.H, self.hd).transpose(1, 2)
+            k = a.k_proj(h).view(B, 1, self.KV, self.hd).transpose(1, 2)
+            v = a.v_proj(h).view(B, 1, self.KV, self.hd).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            self.k[i].index_copy_(2, self.cur, k.to(self.k[i].dtype))
+            self.v[i].index_copy_(2, self.cur, v.to(self.v[i].dtype))
+            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=a.scaling,
+                                               enable_gqa=self.KV != self.H)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, 1, self.H * self.hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        nxt = m.lm_logits(llm.norm(x)[:, 0]).argmax(-1)  # (B,)
+        nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
+        self.ids.index_copy_(1, self.t, nxt[:, None])
+        self.lengths.add_((~self.done & (nxt != end_id)).long())
+        self.done.logical_or_(nxt == end_id)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+        self.cur.add_(1)
+        self.t.add_(1)
+
+    def _first(self, hidden_last: torch.Tensor) -> None:
+        """Token 0 from the prefill's last hidden state (B, D)."""
+        m = self.model
+        nxt = m.lm_logits(hidden_last).argmax(-1)
+        self.ids[:, 0] = nxt
+        self.lengths.copy_((nxt != m.builder.end_id).long())
+        self.done.copy_(nxt == m.builder.end_id)
+        self.tok.copy_(nxt)
+        self.t.fill_(1)
+
+    @torch.no_grad()
+    def run(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int):
+        from transformers import DynamicCache
+
+        m = self.model
+        B, L, _ = inputs_embeds.shape
+        if L + max_new_tokens > self.Lmax:
+            raise ValueError(f"prompt {L} + {max_new_tokens} new tokens exceed the decoder's {self.Lmax} slots")
+        cache = DynamicCache(config=self.llm.config)
+        hidden = m.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
+        for i in range(len(self.k)):
+            keys, values = _cache_kv(cache, i)
+            self.k[i][:, :, :L].copy_(keys)
+            self.v[i][:, :, :L].copy_(values)
+        del cache
+        self.valid.zero_()
+        self.valid[:, :L] = attention_mask.bool()
+        self.pos.copy_(position_ids[:, -1:] + 1)
+        self.cur.fill_(L)
+        if self.ids is None or self.ids.shape[1] != max_new_tokens:
+            self.ids = torch.full((B, max_new_tokens), m.builder.pad_id, dtype=torch.long, device=self.tok.device)
+            self.graph, self.T = None, max_new_tokens
+        self.ids.fill_(m.builder.pad_id)
+        self._first(hidden)
+        if max_new_tokens > 1:
+            if self.use_graph and max_new_tokens >= 4:
+                if self.graph is None:
+                    self._capture()
+                    # the capture ran warm-up steps: redo this call's state
+                    return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens)
+                for _ in range(max_new_tokens - 1):
+                    self.graph.replay()
+            else:
+                for _ in range(max_new_tokens - 1):
+                    self._step()
+        return self.ids.clone(), self.lengths.clone(), self.done.clone()
+
+    def _capture(self) -> None:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up on a side stream (allocator, cuBLAS handles)
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
