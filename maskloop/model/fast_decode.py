@@ -3,8 +3,8 @@
 The plain loop (transformers' dynamic cache, one Python-driven forward per token) is launch-bound at
 small batch: each step issues hundreds of kernels and a host sync.  Here the prompt is prefilled by the
 transformers model itself; its K/V are copied into preallocated buffers of a bucketed length, and one
-decode step — embedding, every decoder layer (the model's own projections, norms, rotary embedding and
-MLP modules, LoRA included), attention over the static cache, the lm head, argmax and the bookkeeping
+decode step — embedding, every decoder layer (the model's own norms and rotary embedding; each projection
+one matmul with the LoRA update merged into a per-call copy of its weight), attention over the static cache, the lm head, argmax and the bookkeeping
 of finished rows — reads and writes only those buffers.  On CUDA that step is captured as a graph and
 replayed T times with no host synchronisation; on the CPU it simply runs eagerly (same arithmetic).
 """
@@ -56,6 +56,35 @@ class StaticGreedyDecoder:
         self.use_graph = use_graph and dev.type == "cuda"
         self.graph = None
         self.T = 0
+        # LoRA merged into one weight per projection for decoding: W + s * B @ A (refreshed every call),
+        # so a decode step runs one matmul per projection instead of the adapter's five kernels.
+        self.linears = []
+        for layer in self.llm.layers:
+            mods = {n: getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            mods.update({n: getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")})
+            entry = {}
+            for n, mod in mods.items():
+                base = getattr(mod, "base_layer", mod)
+                merged = torch.empty_like(base.weight) if hasattr(mod, "lora_A") else None
+                entry[n] = (mod, base, merged)
+            self.linears.append(entry)
+
+    @torch.no_grad()
+    def refresh_merged(self) -> None:
+        for entry in self.linears:
+            for mod, base, merged in entry.values():
+                if merged is None:
+                    continue
+                merged.copy_(base.weight)
+                for name in mod.active_adapters:
+                    A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
+                    merged.addmm_(B.to(merged.dtype), A.to(merged.dtype), alpha=mod.scaling[name])
+
+    def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        mod, base, merged = self.linears[i][name]
+        if merged is None:
+            return mod(x)
+        return F.linear(x, merged, base.bias)
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -72,16 +101,18 @@ class StaticGreedyDecoder:
         for i, layer in enumerate(llm.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(B, 1, self.H, self.hd).transpose(1, 2)
-            k = a.k_proj(h).view(B, 1, self.KV, self.hd).transpose(1, 2)
-            v = a.v_proj(h).view(B, 1, self.KV, self.hd).transpose(1, 2)
+            q = self._linear(i, "q_proj", h).view(B, 1, self.H, self.hd).transpose(1, 2)
+            k = self._linear(i, "k_proj", h).view(B, 1, self.KV, self.hd).transpose(1, 2)
+            v = self._linear(i, "v_proj", h).view(B, 1, self.KV, self.hd).transpose(1, 2)
             q, k = self._rope(q, k, cos, sin)
             self.k[i].index_copy_(2, self.cur, k.to(self.k[i].dtype))
             self.v[i].index_copy_(2, self.cur, v.to(self.v[i].dtype))
             o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=a.scaling,
                                                enable_gqa=self.KV != self.H)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(B, 1, self.H * self.hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._linear(i, "o_proj", o.transpose(1, 2).reshape(B, 1, self.H * self.hd))
+            h = layer.post_attention_layernorm(x)
+            mlp = layer.mlp
+            x = x + self._linear(i, "down_proj", mlp.act_fn(self._linear(i, "gate_proj", h)) * self._linear(i, "up_proj", h))
         nxt = m.lm_logits(llm.norm(x)[:, 0]).argmax(-1)  # (B,)
         nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
         self.ids.index_copy_(1, self.t, nxt[:, None])
@@ -117,6 +148,7 @@ class StaticGreedyDecoder:
             self.k[i][:, :, :L].copy_(keys)
             self.v[i][:, :, :L].copy_(values)
         del cache
+        self.refresh_merged()
         self.valid.zero_()
         self.valid[:, :L] = attention_mask.bool()
         self.pos.copy_(position_ids[:, -1:] + 1)
@@ -147,5 +179,7 @@ class StaticGreedyDecoder:
                 self._step()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        amp = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.cuda.graph(self.graph), torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False):
             self._step()
