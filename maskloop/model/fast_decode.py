@@ -29,7 +29,7 @@ class StaticGreedyDecoder:
 
     BUCKET = 64
 
-    def __init__(self, model, batch: int, max_len: int, use_graph: bool):
+    def __init__(self, model, batch: int, max_len: int, use_graph: bool, compile: bool = False):
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
         self.model = model
@@ -54,6 +54,7 @@ class StaticGreedyDecoder:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=dev)
         self.ids = None
         self.use_graph = use_graph and dev.type == "cuda"
+        self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graph = None
         self.T = 0
         # LoRA merged into one weight per projection for decoding: W + s * B @ A (refreshed every call),
@@ -168,18 +169,18 @@ class StaticGreedyDecoder:
                     self.graph.replay()
             else:
                 for _ in range(max_new_tokens - 1):
-                    self._step()
+                    self.step_fn()
         return self.ids.clone(), self.lengths.clone(), self.done.clone()
 
     def _capture(self) -> None:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up on a side stream (allocator, cuBLAS handles)
-                self._step()
+            for _ in range(2):  # warm-up on a side stream (allocator, cuBLAS handles, compilation)
+                self.step_fn()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         amp = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         with torch.cuda.graph(self.graph), torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False):
-            self._step()
+            self.step_fn()

@@ -22,6 +22,7 @@ for the whole vocabulary.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -342,7 +343,8 @@ class GroundedMLLM(nn.Module):
             key = (B, StaticGreedyDecoder.bucket(L + max_new_tokens), inputs_embeds.device.type == "cuda")
             decoders = self.__dict__.setdefault("_decoders", {})
             if key not in decoders:
-                decoders[key] = StaticGreedyDecoder(self, key[0], key[1], use_graph=key[2])
+                compile_step = os.environ.get("MASKLOOP_COMPILE_DECODE", "0") == "1"
+                decoders[key] = StaticGreedyDecoder(self, key[0], key[1], use_graph=key[2], compile=compile_step)
             ids, lengths, done = decoders[key].run(inputs_embeds, attention_mask, position_ids, max_new_tokens)
             return Generated(ids, lengths, done)
 
