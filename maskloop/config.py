@@ -68,6 +68,10 @@ class SAM2Config:
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
     pad_point_tokens: bool = True  # Sa2VA prepends the "no point" sparse tokens to the language token
+    # SAM2's eval-time fallback from the single-mask token to the best multimask token when the single
+    # mask looks unstable.  On for published (SAM2-pretrained) decoders, as in SAM2 and Sa2VA; off for
+    # models trained from scratch, whose multimask tokens are never trained.
+    dynamic_multimask: bool = True
 
 
 @dataclass

@@ -42,6 +42,7 @@ PRESETS: dict[str, ModelConfig] = {
             decoder_layers=2,
             decoder_mlp_dim=64,
             decoder_heads=2,
+            dynamic_multimask=False,
         ),
         lora=LoRAConfig(r=8, alpha=16, dropout=0.0),
     ),
@@ -170,5 +171,6 @@ def sam2_config(cfg: ModelConfig):
         "num_attention_heads": s.decoder_heads,
         "mlp_dim": s.decoder_mlp_dim,
         "iou_head_hidden_dim": s.prompt_dim,
+        "dynamic_multimask_via_stability": s.dynamic_multimask,
     }
     return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)

@@ -47,8 +47,8 @@ class SAM2Head(nn.Module):
     def encode(self, g_pixel_values: torch.Tensor) -> SamFeatures:
         """g_pixel_values (B, 3, S, S) uint8 (or float 0-255) -> :class:`SamFeatures`.
 
-        The Hiera encoder and neck are frozen and run without autograd; the decoder's conv_s0/conv_s1
-        (trained) are applied here with autograd so they receive gradients.
+        The Hiera encoder and neck run without autograd when frozen (the default); the decoder's
+        conv_s0/conv_s1 (trained) are applied here with autograd so they receive gradients.
         """
         if g_pixel_values.shape[-1] != self.image_size or g_pixel_values.shape[-2] != self.image_size:
             raise ValueError(
@@ -57,7 +57,8 @@ class SAM2Head(nn.Module):
         enc_dtype = self.sam.vision_encoder.backbone.patch_embed.projection.weight.dtype
         dec_dtype = self.sam.mask_decoder.conv_s0.weight.dtype
         x = (g_pixel_values.to(self.mean.dtype) - self.mean) / self.std
-        with torch.no_grad():
+        frozen = not any(p.requires_grad for p in self.sam.vision_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = self.sam.vision_encoder(x.to(enc_dtype), return_dict=True)
             maps = list(out.fpn_hidden_states)  # high -> low resolution, (B, C, H, W) each
         if not torch.is_autocast_enabled():

@@ -62,11 +62,14 @@ class Loop1(RecipeBase):
         pm1, n_k0 = region_prompts(b, "1")
 
         # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
-        vit1 = model.vision_features(b["pixel_values1"])  # frozen ViT: shared by teacher and student
+        vision_trains = any(p.requires_grad for p in model.vision.parameters())
+        # a frozen ViT gives the same features to teacher and student: compute them once
+        vit1 = None if vision_trains else model.vision_features(b["pixel_values1"])
         was_training = model.training
         model.eval()
         with self.ema.swap(), torch.no_grad():
-            teacher = model.describe(None, pm1, max_new_tokens=c.caption_len, vit_feats=vit1)
+            teacher = model.describe(b["pixel_values1"] if vision_trains else None, pm1,
+                                     max_new_tokens=c.caption_len, vit_feats=vit1)
         model.train(was_training)
         n_empty = int((teacher.lengths == 0).sum())
         if n_empty:
@@ -80,7 +83,8 @@ class Loop1(RecipeBase):
             noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen)
             # 3. trainable forward #1: teacher forcing on the noised caption (+ end token)
             answer = with_end(noised, lengths, model.builder.end_id)
-            logits = model.caption_logits(None, pm1, answer, image_feats=model.image_tokens(vit_feats=vit1))["logits"]
+            feats1 = model.image_tokens(b["pixel_values1"] if vision_trains else None, vit_feats=vit1)
+            logits = model.caption_logits(None, pm1, answer, image_feats=feats1)["logits"]
             # 4. straight-through Gumbel-softmax over the top-k -> caption embeddings (B, T, D)
             embeds, _ = gumbel_topk_embed(logits[:, : ids.shape[1]], model.embed_matrix, k=c.topk, tau=c.tau,
                                           valid_ids_mask=self.allowed, generator=self.gen)

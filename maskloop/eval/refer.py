@@ -1,0 +1,95 @@
+"""Referring-segmentation evaluation: cIoU / gIoU / P@k per split (SPEC §4).
+
+For each batch of (image, expression, mask) the model answers the fixed prompt
+"... segment {expr} ... / Sure, [SEG]." (teacher forced, as :meth:`GroundedMLLM.segment` does by
+default); the [SEG] hidden state is decoded by SAM2 to mask logits at SAM input size, thresholded
+at 0 and compared with the ground-truth mask at the same size (``masks``, nearest-resized from the
+original by :class:`~maskloop.data.transforms.SampleTransform`).
+
+    results = evaluate_refer(model, {"shapes_val": ds}, batch_size=32)
+    results["shapes_val"]  # {'cIoU': ..., 'gIoU': ..., 'P@0.5': ..., 'n': ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from maskloop.eval.metrics import RefSegMeter
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """model.eval() and no_grad for the block; the training mode is restored afterwards.
+
+    Whether SAM2 may fall back to a multimask token in eval mode is the model's config
+    (``sam2.dynamic_multimask``: on for SAM2-pretrained decoders, off for the tiny preset trained
+    from scratch, whose multimask tokens are never trained).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def loader(dataset, batch_size: int, num_workers: int = 0, max_samples: int | None = None):
+    """A sequential, non-dropping DataLoader with the project's collate (at most ``max_samples``)."""
+    from maskloop.data.mixture import collate
+
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_samples))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                       num_workers=num_workers, drop_last=False)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def segment_texts(model, batch: dict, texts: list[str] | None = None, expr=None) -> torch.Tensor:
+    """(B, G, G) bool masks for the batch's images from ``texts`` (or a ready ``expr`` part)."""
+    expr = expr if expr is not None else model.builder.expressions(texts)
+    out = model.segment(batch["pixel_values"], model.sam_features(batch["g_pixel_values"]), expr, lm_loss=False)
+    return out["mask_logits"] > 0
+
+
+def evaluate_refer(
+    model,
+    splits,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> dict[str, dict[str, float]]:
+    """``splits``: a dataset or {name: dataset} of items with ``expression`` and ``masks``.
+
+    Returns {split: RefSegMeter.compute()} (cIoU, gIoU, P@0.5..0.9, n, empty_pred_frac, ...).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(splits, Mapping):
+        splits = {getattr(splits, "name", "refer"): splits}
+    dev = model_device(model)
+    results: dict[str, dict[str, float]] = {}
+    with eval_mode(model):
+        for name, ds in splits.items():
+            meter = RefSegMeter()
+            dl = loader(ds, batch_size, num_workers, max_samples)
+            for batch in tqdm(dl, desc=f"eval refer {name}", disable=not progress, dynamic_ncols=True, leave=False):
+                batch = to_device(batch, dev)
+                pred = segment_texts(model, batch, list(batch["expression"]))
+                meter.update(pred.cpu(), batch["masks"].cpu() > 0.5)
+            results[name] = meter.compute()
+    return results
+
+
+__all__ = ["evaluate_refer", "eval_mode", "loader", "model_device", "segment_texts", "to_device"]

@@ -1,0 +1,195 @@
+"""Load a trained model from a run directory or a checkpoint folder; caption / segment one image.
+
+Accepted locations (:func:`load_model`):
+
+* a checkpoint folder: ``maskloop_config.json`` (or a published Sa2VA ``config.json``) + tokenizer +
+  safetensors, as written by :func:`maskloop.model.checkpoints.save_published` / ``maskloop export sa2va``;
+* a run directory with such a folder in ``model/`` (what ``maskloop demo`` writes);
+* a training run directory (``train_config.json`` + ``checkpoints/step_*/``): the model is rebuilt
+  from its config (same seed, so a from-scratch preset gets the same frozen initialisation) and the
+  trained parameters of the latest step (or its EMA copies, ``ema=True``) are loaded into it;
+* a ``step_XXXXXXXX`` directory of such a run.
+
+    model = load_model("runs/demo")
+    caption, png = caption_region(model, "img.png", "mask.png", out="caption.png")
+    mask, png = segment_text(model, "img.png", "the red circle", out="segment.png")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from maskloop.model.checkpoints import CheckpointError
+
+
+def _is_model_folder(p: Path) -> bool:
+    return p.is_dir() and ((p / "maskloop_config.json").is_file() or (p / "config.json").is_file())
+
+
+def _run_root(p: Path) -> Path | None:
+    """The training run directory for ``p`` (a run dir, its checkpoints/ dir or a step dir), if any."""
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / "train_config.json").is_file():
+            return cand
+    return None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool = False):
+    """A :class:`GroundedMLLM` in eval mode from a checkpoint folder or a run directory (see module doc)."""
+    from maskloop.model.checkpoints import load_pretrained
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path not found: {p} (pass a run directory or a checkpoint folder)")
+    if _is_model_folder(p):
+        model = load_pretrained(p)
+    elif _is_model_folder(p / "model") and not ema:
+        model = load_pretrained(p / "model")
+    elif (root := _run_root(p)) is not None:
+        model = _load_training_run(root, p, ema)
+    else:
+        raise CheckpointError(
+            f"{p} is neither a checkpoint folder (maskloop_config.json or config.json + tokenizer + "
+            "safetensors) nor a run directory (model/ or train_config.json + checkpoints/)"
+        )
+    model.to(device).eval()
+    return model
+
+
+def _load_training_run(root: Path, p: Path, ema: bool):
+    from maskloop.train.checkpoint import load_checkpoint
+    from maskloop.train.engine import TrainConfig, build_model
+
+    cfg = TrainConfig.from_mapping(json.loads((root / "train_config.json").read_text()))
+    where = p if p != root else root / "checkpoints"
+    ck = load_checkpoint(where, load_optimizer=False)
+    torch.manual_seed(cfg.seed)  # the Trainer seeds before building: same frozen init for presets
+    model = build_model(cfg)
+    weights = ck["ema"] if ema else ck["trainable"]
+    if weights is None:
+        raise CheckpointError(f"{ck['path']} holds no {'EMA' if ema else 'trained'} weights")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CheckpointError(f"{ck['path']}: {len(unknown)} unknown parameter name(s), e.g. {unknown[:3]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if params[k].shape != v.shape:
+                raise CheckpointError(f"{ck['path']}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
+            params[k].copy_(v)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# single images
+
+
+def read_image(path: str | Path) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image not found: {p}")
+    try:
+        return Image.open(p).convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A binary mask (H, W) bool from a PNG/JPEG (non-zero = inside) or a .npy array."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"mask not found: {p}")
+    if p.suffix == ".npy":
+        m = np.load(p)
+    else:
+        try:
+            m = np.asarray(Image.open(p).convert("L"))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read mask {p}: {type(e).__name__}: {e}") from None
+    m = np.asarray(m).squeeze()
+    if m.ndim != 2:
+        raise ValueError(f"mask {p} must be 2-D (H, W), got shape {m.shape}")
+    m = m > (127 if m.dtype == np.uint8 and m.max() > 1 else 0)
+    if size is not None and m.shape != (size[1], size[0]):
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    if not m.any():
+        raise ValueError(f"mask {p} is empty: mark the region with non-zero pixels")
+    return m
+
+
+def _transform(model):
+    from maskloop.data.transforms import SampleTransform
+
+    c = model.cfg
+    return SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
+
+
+def _batch(model, image: Image.Image, mask: np.ndarray | None) -> dict:
+    from maskloop.data.mixture import collate
+
+    if mask is None:
+        mask = np.ones((image.height, image.width), bool)  # placeholder target, unused
+    item = _transform(model)(image, mask)
+    dev = next(model.parameters()).device
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in collate([dict(item)]).items()}
+
+
+def save_overlay(image: Image.Image, mask: np.ndarray, out: str | Path, color, min_side: int = 256) -> Path:
+    """Overlay PNG at the image's resolution, enlarged (nearest) so its short side is >= ``min_side``."""
+    from maskloop.eval.report import overlay
+
+    ov = overlay(np.asarray(image), mask, color)
+    scale = max(1, -(-min_side // min(ov.size)))
+    if scale > 1:
+        ov = ov.resize((ov.width * scale, ov.height * scale), Image.NEAREST)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ov.save(out)
+    return out
+
+
+def caption_region(model, image, mask, out: str | Path | None = None, max_new_tokens: int = 32) -> tuple[str, Path | None]:
+    """Describe the masked region of ``image`` (paths or PIL / array); optional overlay PNG of the mask."""
+    from maskloop.eval.caption import describe_batch
+    from maskloop.eval.refer import eval_mode
+
+    img = image if isinstance(image, Image.Image) else read_image(image)
+    m = read_mask(mask, img.size) if isinstance(mask, (str, Path)) else np.asarray(mask, bool)
+    with eval_mode(model):
+        _, texts = describe_batch(model, _batch(model, img, m), max_new_tokens)
+    from maskloop.eval.report import GT_COLOR
+
+    png = save_overlay(img, m, out, GT_COLOR) if out else None
+    return texts[0], png
+
+
+def segment_text(model, image, text: str, out: str | Path | None = None,
+                 mask_out: str | Path | None = None) -> tuple[np.ndarray, Path | None]:
+    """Segment ``text`` in ``image``: (H, W) bool mask at the image's size; optional overlay / mask PNGs."""
+    from maskloop.eval.refer import eval_mode
+    from maskloop.eval.report import PRED_COLOR
+
+    if not text or not text.strip():
+        raise ValueError("the text to segment is empty")
+    img = image if isinstance(image, Image.Image) else read_image(image)
+    with eval_mode(model):
+        b = _batch(model, img, None)
+        logits = model.segment(b["pixel_values"], model.sam_features(b["g_pixel_values"]),
+                               model.builder.expressions([text.strip()]), lm_loss=False)["mask_logits"]
+    # back to the original size (bilinear on logits, then threshold)
+    up = torch.nn.functional.interpolate(logits[:, None].float(), size=(img.height, img.width), mode="bilinear",
+                                         align_corners=False)[0, 0]
+    m = (up > 0).cpu().numpy()
+    if mask_out:
+        Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m.astype(np.uint8) * 255).save(mask_out)
+    png = save_overlay(img, m, out, PRED_COLOR) if out else None
+    return m, png
+
+
+__all__ = ["caption_region", "load_model", "read_image", "read_mask", "save_overlay", "segment_text"]
