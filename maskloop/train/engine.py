@@ -256,6 +256,8 @@ class Trainer:
         self.history: list[dict] = []
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        if use_bf16 and self.device.type == "cuda":  # frozen base in bf16, trained weights fp32
+            self.model.to_training_dtype(torch.bfloat16)
         self.groups = {g: [i for i, n in enumerate(self.params) if n in {m for m, _ in ps}]
                        for g, ps in self.model.parameter_groups().items() if any(p.requires_grad for _, p in ps)}
 
