@@ -77,6 +77,25 @@ def cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
+    from maskloop.config import load_yaml
+
+    raw = load_yaml(cfg_path)
+    if raw.get("recipe") == "psalm":  # the PSALM family has its own recipe file
+        import yaml
+
+        from maskloop.recipes.psalm import train_psalm
+
+        raw.pop("recipe")
+        for item in overrides:
+            if "=" not in item:
+                raise UsageError(f"override {item!r} must look like key=value")
+            k, v = item.split("=", 1)
+            raw[k] = yaml.safe_load(v)
+        if args.resume:
+            raw["resume"] = True
+        _set_threads(args.threads)
+        train_psalm(raw)
+        return 0
     cfg = TrainConfig.from_yaml(cfg_path, overrides)
     if cfg.model not in ("tiny", "sa2va-1b", "sa2va-4b") and not Path(cfg.model).exists():
         raise UsageError(f"model checkpoint folder not found: {cfg.model} (set `model:` in {cfg_path})")
@@ -270,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(t, checkpoint=False)
     t.set_defaults(func=cmd_train)
 
+    sub.add_parser("psalm-eval", add_help=False,
+                        help="PSALM metrics: PQ / mIoU / AP / cIoU-gIoU / region mIoU (see psalm-eval --help)")
     e = sub.add_parser("eval", help="referring cIoU/gIoU, region-caption metrics, cycle IoU")
     common(e)
     e.add_argument("--refcoco", metavar="ROOT", help="refer-toolkit root (refcoco/refs(unc).p, instances.json)")
@@ -322,11 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_psalm_eval(args) -> int:
+    from maskloop.eval.psalm_eval import main_eval
+
+    main_eval(args.args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv[:2] == ["export", "psalm-to-deformable"]:  # its own parser takes every argument (and --help)
         args = argparse.Namespace(command="export", func=cmd_export_psalm, args=argv[2:])
+    elif argv[:1] == ["psalm-eval"]:  # likewise
+        args = argparse.Namespace(command="psalm-eval", func=cmd_psalm_eval, args=argv[1:])
     else:
         args = parser.parse_args(argv)
     if args.command == "demo" and args.threads is None:

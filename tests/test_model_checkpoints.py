@@ -77,7 +77,7 @@ def published_state(cfg, seed=0):
     blk, dim = 0, e
     for stage, n in enumerate(s.hiera_stages):
         out = e * 2**stage
-        for j in range(n):
+        for _ in range(n):
             p = f"{S}image_encoder.trunk.blocks.{blk}."
             t(p + "norm1.weight", dim), t(p + "norm1.bias", dim)
             if dim != out:

@@ -611,3 +611,172 @@ def count_reasons(manifest: list[dict]) -> dict[str, int]:
         out[m["reason"]] = out.get(m["reason"], 0) + 1
     return out
 
+
+
+# --------------------------------------------------------------------------------------
+# PSALM formats: COCO panoptic, COCO instances, COCO-Interactive (and a shapes-world mix)
+# --------------------------------------------------------------------------------------
+
+_PSALM_THINGS = [{"id": 1, "name": "rectangle", "supercategory": "shape", "isthing": 1},
+                 {"id": 2, "name": "ellipse", "supercategory": "shape", "isthing": 1}]
+_PSALM_STUFF = [{"id": 3, "name": "background", "supercategory": "stuff", "isthing": 0}]
+
+
+def _id_rgb(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
+
+
+def _visual_prompts(mask: np.ndarray, rng: np.random.Generator) -> dict:
+    """PSALM-style visual-prompt RLEs of one object mask: a point pixel, a diagonal scribble,
+    a filled box and the mask itself (as ``bulid_COCO_Interactivate.py`` stores them)."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    point = np.zeros_like(mask, dtype=bool)
+    k = int(rng.integers(len(ys)))
+    point[ys[k], xs[k]] = True
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    box = np.zeros_like(mask, dtype=bool)
+    box[y0:y1 + 1, x0:x1 + 1] = True
+    n = int(max(y1 - y0, x1 - x0)) + 1
+    scribble = np.zeros_like(mask, dtype=bool)
+    scribble[np.linspace(y0, y1, n).round().astype(int), np.linspace(x0, x1, n).round().astype(int)] = True
+    return {f"{t}_visual_prompt_mask": _rle(m) for t, m in
+            (("point", point), ("scribble", scribble), ("box", box), ("mask", mask))}
+
+
+def _write_coco_psalm(root: Path, split: str, scenes: list, categories: list[dict], void_border: int,
+                      crowd_first: bool, seed: int, quality: int) -> dict:
+    """scenes: [(image (H, W, 3) uint8, [(category_id, mask (H, W) bool, polygon or None)])]."""
+    rng = np.random.default_rng(seed)
+    img_dir, png_dir, ann_dir = root / split, root / f"panoptic_{split}", root / "annotations"
+    for d in (img_dir, png_dir, ann_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    stuff = [c for c in categories if not c.get("isthing", 1)]
+    images, pan_anns, inst_anns, interactive = [], [], [], []
+    ann_id = 1
+    for i, (img, objects) in enumerate(scenes):
+        h, w = img.shape[:2]
+        image_id = i + 1
+        file_name = f"{image_id:012d}.jpg"
+        (img_dir / file_name).write_bytes(_jpeg(Image.fromarray(img), quality))
+        info = {"id": image_id, "file_name": file_name, "height": h, "width": w}
+        images.append(info)
+        ids = np.zeros((h, w), dtype=np.int64)
+        segments, anns = [], []
+        for k, (cat, mask, poly) in enumerate(objects):
+            sid = 1 + k + 10 * image_id
+            crowd = int(crowd_first and k == 0 and i == 0)
+            ids[mask] = sid
+            segments.append({"id": sid, "category_id": cat, "iscrowd": crowd, "bbox": _bbox(mask),
+                             "area": int(mask.sum())})
+            # crowd regions come as uncompressed RLE in COCO, the others as polygons
+            seg = _uncompressed_rle(mask) if crowd else (_rle(mask) if poly is None else [poly])
+            a = {"id": ann_id, "image_id": image_id, "category_id": cat, "segmentation": seg,
+                 "area": float(mask.sum()), "bbox": _bbox(mask), "iscrowd": crowd}
+            inst_anns.append(a)
+            if not crowd:
+                anns.append({**a, **_visual_prompts(mask, rng)})
+            ann_id += 1
+        if stuff:
+            rest = ids == 0
+            if void_border:
+                rest[:void_border] = rest[-void_border:] = False
+                rest[:, :void_border] = rest[:, -void_border:] = False
+            sid = 10 * image_id + 9
+            ids[rest] = sid
+            segments.append({"id": sid, "category_id": stuff[0]["id"], "iscrowd": 0, "bbox": _bbox(rest),
+                             "area": int(rest.sum())})
+        png = f"{image_id:012d}.png"
+        (png_dir / png).write_bytes(_png(_id_rgb(ids)))
+        pan_anns.append({"image_id": image_id, "file_name": png, "segments_info": segments})
+        interactive.append({"image": file_name, "image_info": info, "new_img_id": i, "anns": anns})
+    pan_json = ann_dir / f"panoptic_{split}.json"
+    inst_json = ann_dir / f"instances_{split}.json"
+    inter_json = root / f"coco_interactive_{split.removesuffix('2017')}_psalm.json"  # PSALM's name
+    pan_json.write_text(json.dumps({"images": images, "annotations": pan_anns, "categories": categories}))
+    inst_json.write_text(json.dumps({"images": images, "annotations": inst_anns,
+                                     "categories": [c for c in categories if c.get("isthing", 1)]}))
+    inter_json.write_text(json.dumps(interactive))
+    return {"root": root, "images": img_dir, "panoptic_json": pan_json, "panoptic_pngs": png_dir,
+            "instances_json": inst_json, "interactive_json": inter_json}
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE (column-major run lengths, starting with zeros)."""
+    flat = np.asarray(mask, dtype=np.uint8).ravel(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        runs = [0] + runs
+    return {"size": list(mask.shape), "counts": [int(r) for r in runs]}
+
+
+def write_coco_psalm(root, split: str = "val2017", num_images: int = 3, size: tuple[int, int] = (48, 64),
+                     shapes_per_image: int = 2, void_border: int = 1, crowd: bool = False, seed: int = 0,
+                     quality: int = 90) -> dict:
+    """The three PSALM COCO formats for the same synthetic scenes, under ``root``::
+
+        root/annotations/panoptic_{split}.json + root/panoptic_{split}/*.png   (COCO panoptic)
+        root/annotations/instances_{split}.json                               (COCO instances)
+        root/coco_interactive_{train|val}_psalm.json                          (COCO-Interactive)
+        root/{split}/*.jpg
+
+    Things ``rectangle`` (1) / ``ellipse`` (2) are polygons; the rest of the image is the stuff
+    segment ``background`` (3) except a ``void_border``-pixel void frame. ``crowd``: the first
+    object of the first image is a crowd segment (uncompressed RLE in instances). Returns the paths.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    scenes = []
+    for _ in range(num_images):
+        img, shapes = synthetic_scene(rng, h, w, shapes_per_image)
+        objects = [(1 if s["kind"] == "rectangle" else 2, s["mask"], s["polygon"]) for s in shapes if s["mask"].any()]
+        scenes.append((np.asarray(img), objects))
+    return _write_coco_psalm(root, split, scenes, _PSALM_THINGS + _PSALM_STUFF, void_border, crowd, seed, quality)
+
+
+def write_coco_panoptic(root, **kwargs) -> dict:
+    """COCO panoptic fixture (see :func:`write_coco_psalm`, which writes all three formats)."""
+    return write_coco_psalm(root, **kwargs)
+
+
+def write_coco_instances(root, **kwargs) -> dict:
+    """COCO instances fixture (see :func:`write_coco_psalm`)."""
+    return write_coco_psalm(root, **kwargs)
+
+
+def write_coco_interactive(root, **kwargs) -> dict:
+    """COCO-Interactive fixture (see :func:`write_coco_psalm`)."""
+    return write_coco_psalm(root, **kwargs)
+
+
+def write_shapes_psalm(root, n: int = 8, seed: int | str = "train", image_size: int = 64,
+                       split: str = "train2017") -> dict:
+    """The shapes world in every PSALM training format: COCO panoptic / instances /
+    COCO-Interactive under ``root/coco`` (things ``circle`` / ``square`` / ``triangle``, stuff
+    ``background``) and RefCOCO (refer-toolkit layout, split ``train``) under ``root/refer``,
+    all of the same ``n`` scenes (those of :func:`maskloop.data.sources.shapes.write_shapes_as`).
+    """
+    from maskloop.data.sources import shapes
+
+    root = Path(root)
+    s = shapes.SPLIT_SEEDS[seed] if isinstance(seed, str) else int(seed)
+    cats = [{"id": i + 1, "name": name, "supercategory": "shape", "isthing": 1} for i, name in enumerate(shapes.SHAPES)]
+    cats.append({"id": len(cats) + 1, "name": "background", "supercategory": "stuff", "isthing": 0})
+    scenes = []
+    for i in range(n):
+        sc = shapes.make_scene(np.random.default_rng([s, i, 0]), image_size)
+        objects = [(shapes.SHAPES.index(o.shape) + 1, m, shapes.shape_polygon(o)) for o, m in zip(sc.objects, sc.masks)]
+        scenes.append((sc.image, objects))
+    out = _write_coco_psalm(root / "coco", split, scenes, cats, 0, False, s % (2**31), 95)
+    out.update({f"refer_{k}": v for k, v in shapes.write_shapes_as("refcoco", root / "refer", n, seed=seed,
+                                                                   image_size=image_size).items()})
+    out["coco_root"], out["split"] = root / "coco", split
+    return out
+
+
+__all__ += ["write_coco_psalm", "write_coco_panoptic", "write_coco_instances", "write_coco_interactive",
+            "write_shapes_psalm"]

@@ -132,3 +132,19 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_grads(params) -> None:
+    """Average the ``.grad`` of ``params`` over the default group: one flat all-reduce per dtype (DDP's reduction)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if world_size() <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        bucket = [g for g in grads if g.dtype == dtype]
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(r)

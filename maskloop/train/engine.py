@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from maskloop.config import ConfigError, from_dict, load_yaml, to_dict
 from maskloop.train import dist
@@ -321,7 +320,7 @@ class Trainer:
                 for k, v in stats.items():
                     logs[f"surgery/{k}"] += v / cfg.accumulation
         if out is not None and len(out.objectives) == 1 and dist.world_size() > 1:
-            self._all_reduce_grads(params)
+            dist.all_reduce_grads(params)
         grads = [p.grad for p in params]
         skip = skipped_micro == cfg.accumulation or self.guard.check(torch.as_tensor(logs.get("loss", 0.0)), grads)
         if skip:
@@ -339,16 +338,6 @@ class Trainer:
         logs["lr"] = self.scheduler.get_last_lr()[0]
         logs["samples"] = samples
         return dict(logs)
-
-    def _all_reduce_grads(self, params) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        for dtype in {g.dtype for g in grads}:
-            bucket = [g for g in grads if g.dtype == dtype]
-            flat = _flatten_dense_tensors(bucket)
-            torch.distributed.all_reduce(flat)
-            flat /= dist.world_size()
-            for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(r)
 
     # -- checkpoints
     def save(self) -> Path:

@@ -1,0 +1,233 @@
+"""Evaluate a PSALM model over PSALM datasets: PQ / mIoU / mask AP / cIoU-gIoU / region mIoU.
+
+:func:`evaluate_psalm` runs the model over a dataset (or a :class:`PSALMMixture` of several),
+batched per task by :class:`~maskloop.data.psalm.PSALMCollator`, post-processes every sample
+with :mod:`maskloop.model.psalm.postprocess` at the ground truth's resolution (the readers'
+``mask_size``), and feeds the metric classes of :mod:`maskloop.eval.psalm_metrics`:
+
+=============  =========================================================================
+task           metrics (keys ``{task}/{dataset}/{name}``, fractions in [0, 1])
+=============  =========================================================================
+panoptic       PQ, SQ, RQ, PQ_th, PQ_st (panopticapi rules) and mIoU of the semantic
+               inference of the same outputs against ``semantic_map``
+semantic       mIoU, pixel_acc
+instance       AP, AP50, AP75, APs, APm, APl (COCO mask AP; crowd regions as crowd)
+referring      cIoU, gIoU
+region         mIoU (over regions), also per prompt type ``mIoU_<type>``
+=============  =========================================================================
+
+Every key also gets ``.../n`` (samples evaluated). :func:`format_table` renders the dict.
+Command line: :func:`main_eval` (``maskloop eval psalm ...`` once the CLI wires it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+
+from maskloop.data.psalm import PSALMCollator, group_to
+from maskloop.eval.psalm_metrics import PQAccumulator, SemanticConfusion, instance_ap, refer_iou, region_miou
+from maskloop.model.psalm.postprocess import (
+    instance_inference,
+    panoptic_inference,
+    referring_inference,
+    region_inference,
+    semantic_inference,
+)
+
+__all__ = ["evaluate_psalm", "format_table", "main_eval"]
+
+
+class _Task:
+    """Accumulates one (task, dataset) pair."""
+
+    def __init__(self, task: str):
+        self.task, self.n = task, 0
+        self.pq: PQAccumulator | None = None
+        self.conf: SemanticConfusion | None = None
+        self.gts, self.preds, self.pred_masks, self.gt_masks = [], [], [], []
+        self.region_by_type: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+
+    def add(self, out, b: int, meta: dict, post: dict) -> None:
+        task, self.n = self.task, self.n + 1
+        masks = out.pred_masks[-1][b].float()
+        if task in ("panoptic", "semantic"):
+            size = tuple(meta["semantic_map"].shape[-2:])
+            cls = out.class_logits[-1][b].float()
+            K = len(meta["class_names"])
+            if self.conf is None:
+                self.conf = SemanticConfusion(K, ignore_index=255)
+            sem = semantic_inference(cls[:, list(range(K)) + [-1]], masks, size=size).argmax(0)
+            self.conf.add(sem.cpu(), meta["semantic_map"])
+            if task == "panoptic":
+                if self.pq is None:
+                    self.pq = PQAccumulator(dict(enumerate(meta["isthing"])))
+                pan, segs = panoptic_inference(cls[:, list(range(K)) + [-1]], masks, meta["isthing"], size=size,
+                                               **post.get("panoptic", {}))
+                self.pq.add(pan.cpu(), segs, meta["panoptic_map"], meta["segments"])
+        elif task == "instance":
+            gm, gl = meta["masks"], meta["labels"]
+            size = tuple(gm.shape[-2:])
+            crowd = meta.get("crowd_masks", torch.zeros(0, *size))
+            self.gts.append({"masks": torch.cat([gm, crowd]).bool(),
+                             "labels": torch.cat([gl, meta.get("crowd_labels", torch.zeros(0, dtype=torch.long))]),
+                             "iscrowd": torch.cat([torch.zeros(len(gm)), torch.ones(len(crowd))]).long()})
+            res = instance_inference(out.class_logits[-1][b], masks, size=size, **post.get("instance", {}))
+            self.preds.append({k: res[k].cpu() for k in ("masks", "labels", "scores")})
+        elif task == "referring":
+            gt = meta["masks"][0]
+            self.pred_masks.append(referring_inference(masks, out.seg_logits[-1][b], out.class_logits[-1][b],
+                                                       size=tuple(gt.shape[-2:]),
+                                                       **post.get("referring", {})).cpu())
+            self.gt_masks.append(gt.bool())
+        elif task in ("region", "cross_image"):
+            gt = meta["masks"]
+            pred = region_inference(out.region_logits[-1][b], masks, len(gt), size=tuple(gt.shape[-2:])).cpu()
+            p, g = self.region_by_type[meta.get("prompt_type", "all")]
+            p.extend(pred)
+            g.extend(gt.bool())
+        else:
+            raise ValueError(f"no metric for task {task!r}")
+
+    def compute(self) -> dict:
+        r: dict = {"n": self.n}
+        if self.pq is not None:
+            pq = self.pq.compute()
+            r.update(PQ=pq["All"]["pq"], SQ=pq["All"]["sq"], RQ=pq["All"]["rq"], PQ_th=pq["Things"]["pq"],
+                     PQ_st=pq["Stuff"]["pq"])
+        if self.conf is not None:
+            c = self.conf.compute()
+            r["mIoU"] = c["miou"]
+            if self.task == "semantic":
+                r["pixel_acc"] = c["pixel_acc"]
+        if self.task == "instance":
+            r.update(instance_ap(self.gts, self.preds))
+        if self.task == "referring":
+            iou = refer_iou(self.pred_masks, self.gt_masks)
+            r.update(cIoU=iou["ciou"], gIoU=iou["giou"])
+        if self.region_by_type:
+            allp = [m for p, _ in self.region_by_type.values() for m in p]
+            allg = [m for _, g in self.region_by_type.values() for m in g]
+            r["mIoU"] = region_miou(allp, allg)
+            r["regions"] = len(allp)
+            for t, (p, g) in sorted(self.region_by_type.items()):
+                r[f"mIoU_{t}"] = region_miou(p, g)
+        return r
+
+
+@torch.no_grad()
+def evaluate_psalm(
+    model,
+    dataset,
+    collator: PSALMCollator,
+    batch_size: int = 2,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    precision: str = "auto",
+    max_batches: int | None = None,
+    postprocess: dict | None = None,
+    print_table: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Run ``model`` over ``dataset``; returns ``{"{task}/{dataset}/{metric}": value}``.
+
+    ``postprocess``: per-task keyword overrides, e.g. ``{"panoptic": {"object_mask_threshold":
+    0.5}, "instance": {"topk": 50}, "referring": {"by": "class"}}``.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
+                                         num_workers=num_workers)
+    acc: dict[tuple[str, str], _Task] = {}
+    post = postprocess or {}
+    for i, batch in enumerate(tqdm(loader, desc="psalm eval", disable=not progress, dynamic_ncols=True)):
+        if max_batches is not None and i >= max_batches:
+            break
+        for g in batch["groups"]:
+            g = group_to(g, device)
+            with autocast:
+                out = model(g["task"], **g["inputs"])
+            for b, meta in enumerate(g["meta"]):
+                key = (g["task"], str(meta.get("dataset") or "data"))
+                acc.setdefault(key, _Task(g["task"])).add(out, b, meta, post)
+    if was_training:
+        model.train()
+    results = {}
+    for (task, name), a in sorted(acc.items()):
+        for k, v in a.compute().items():
+            results[f"{task}/{name}/{k}"] = v
+    if print_table:
+        print(format_table(results))
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table: task | dataset | metric | value (fractions shown as %)."""
+    rows = [k.split("/", 2) + [v] for k, v in results.items()]
+    head = ("task", "dataset", "metric", "value")
+    cells = [head] + [(t, d, m, (f"{100 * v:.2f}" if m not in ("n", "regions") and isinstance(v, float)
+                                 else str(v))) for t, d, m, v in rows]
+    w = [max(len(str(r[i])) for r in cells) for i in range(4)]
+    lines = [" | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) for r in cells]
+    lines.insert(1, "-+-".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def main_eval(argv: list[str] | None = None) -> dict:
+    """``python -m maskloop.eval.psalm_eval --model psalm-tiny --checkpoint RUN_DIR --data '{...}'``.
+
+    ``--data`` (repeatable) takes a JSON source spec as in the training recipe, e.g.
+    ``'{"kind": "coco_panoptic", "root": "/data/coco", "split": "val2017"}'``; ``--config`` a
+    JSON/YAML file with the recipe's keys (its ``eval_data`` or ``data`` list is used).
+    """
+    from maskloop.recipes.psalm import PSALM_DEFAULTS, build_psalm, load_config_file, load_trained
+
+    p = argparse.ArgumentParser(prog="maskloop eval psalm", description=main_eval.__doc__.split("\n")[0])
+    p.add_argument("--config", help="JSON / YAML file with the recipe's keys")
+    p.add_argument("--model", help=f"preset name (default {PSALM_DEFAULTS['model']})")
+    p.add_argument("--checkpoint", help="run directory or step_XXXXXXXX directory written by the recipe")
+    p.add_argument("--data", action="append", default=[], help="JSON source spec (repeatable)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--mask-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--max-batches", type=int)
+    p.add_argument("--out", help="write the metrics as JSON here")
+    a = p.parse_args(argv)
+    cfg = load_config_file(a.config) if a.config else {}
+    if a.data:
+        cfg["data"] = [json.loads(d) for d in a.data]
+    elif cfg.get("eval_data"):
+        cfg["data"] = cfg["eval_data"]
+    for k, v in (("model", a.model), ("image_size", a.image_size), ("mask_size", a.mask_size)):
+        if v is not None:
+            cfg[k] = v
+    if not cfg.get("data"):
+        p.error("no data: pass --data '{\"kind\": ..., ...}' or a --config with data / eval_data")
+    cfg.pop("eval_data", None)
+    built = build_psalm(cfg, eval_mode=True)
+    model = built["model"]
+    if a.checkpoint:
+        load_trained(model, a.checkpoint)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    results = evaluate_psalm(model, built["dataset"], built["collator"], batch_size=a.batch_size, device=device,
+                             num_workers=a.num_workers, max_batches=a.max_batches)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main_eval()
