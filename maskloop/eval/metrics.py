@@ -56,14 +56,19 @@ def intersection_union(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tens
     return inter, union
 
 
+def _iou_parts(a: torch.Tensor, b: torch.Tensor, empty_iou: float = 1.0):
+    """(inter (B,), union (B,), iou (B,) float64) with ``empty_iou`` where both masks are empty."""
+    inter, union = intersection_union(a, b)
+    iou = inter.double() / union.clamp(min=1).double()
+    return inter, union, torch.where(union == 0, torch.full_like(iou, float(empty_iou)), iou)
+
+
 def mask_iou(a: torch.Tensor, b: torch.Tensor, empty_iou: float = 1.0) -> torch.Tensor:
     """Per-sample IoU of two binary masks, (B, H, W) x (B, H, W) -> (B,) float64.
 
     Both masks empty -> ``empty_iou`` (1.0 by the gIoU convention). Symmetric in a, b.
     """
-    inter, union = intersection_union(a, b)
-    iou = inter.double() / union.clamp(min=1).double()
-    return torch.where(union == 0, torch.full_like(iou, float(empty_iou)), iou)
+    return _iou_parts(a, b, empty_iou)[2]
 
 
 class _SumMeter:
@@ -140,9 +145,8 @@ class RefSegMeter(_SumMeter):
         """Add a batch; returns its per-sample IoU (B,) (float64, CPU)."""
         p = _as_batched_bool(pred, "pred")
         g = _as_batched_bool(gt, "gt")
-        inter, union = intersection_union(p, g)
-        iou = inter.double() / union.clamp(min=1).double()
-        iou = torch.where(union == 0, torch.ones_like(iou), iou).cpu()
+        inter, union, iou = _iou_parts(p, g)
+        iou = iou.cpu()
         self._add(
             inter=inter.sum(),
             union=union.sum(),
@@ -187,9 +191,8 @@ class CycleMeter(_SumMeter):
     def update(self, source_mask: torch.Tensor, reseg_mask: torch.Tensor) -> torch.Tensor:
         src = _as_batched_bool(source_mask, "source_mask")
         res = _as_batched_bool(reseg_mask, "reseg_mask")
-        inter, union = intersection_union(res, src)
-        iou = inter.double() / union.clamp(min=1).double()
-        iou = torch.where(union == 0, torch.ones_like(iou), iou).cpu()
+        inter, union, iou = _iou_parts(res, src)
+        iou = iou.cpu()
         self._add(
             inter=inter.sum(),
             union=union.sum(),
