@@ -107,35 +107,42 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, run_dir, out):
+def _ddp_worker(rank, world, port, run_dir, out, variant):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    tr = Trainer(ddp_cfg(run_dir, batch_size=2))
+    tr = Trainer(ddp_cfg(run_dir, batch_size=2, variant=variant))
     tr.fit()
     if rank == 0:
-        torch.save({k: v.detach() for k, v in tr.params.items()}, out)
+        torch.save({"params": {k: v.detach() for k, v in tr.params.items()},
+                    "loss": [h["loss"] for h in tr.history]}, out)
     torch.distributed.destroy_process_group()
 
 
-def ddp_cfg(run_dir, batch_size):
+def ddp_cfg(run_dir, batch_size, variant):
     # fixed-length LM target ("Sure, [SEG].") and per-mask mean losses: the global mean is the mean of rank means
-    return make_cfg("loop1", run_dir, steps=2, batch_size=batch_size, variant="generate", refer_ratio=0.0,
-                    data={"pairs": [{"kind": "shapes_pairs", "n": 8}]}, lr=1e-2)
+    return make_cfg("loop1", run_dir, steps=2, batch_size=batch_size, variant=variant, refer_ratio=0.0,
+                    data={"pairs": [{"kind": "shapes_pairs", "n": 8}]}, lr=1e-2, log_every=1)
 
 
-def test_ddp_two_processes_match_one_process_same_global_batch(tmp_path):
+@pytest.mark.parametrize("variant", ["generate", "gumbel"])
+def test_ddp_two_processes_match_one_process_same_global_batch(tmp_path, variant):
+    """Same global batch: 2 processes x 2 == 1 process x 4, weights and logged (global-mean) loss curve.
+
+    With the Gumbel variant this holds only because token noise and Gumbel noise are drawn for the
+    global batch from a stream shared by the ranks and sliced per rank."""
     torch.manual_seed(0)
-    single = Trainer(ddp_cfg(tmp_path / "single", batch_size=4))
+    single = Trainer(ddp_cfg(tmp_path / "single", batch_size=4, variant=variant))
     single.fit()
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(out), variant), nprocs=2, join=True)
     ddp = torch.load(out)
-    moved = 0.0
     for k, p in single.params.items():
-        torch.testing.assert_close(ddp[k], p.detach(), rtol=1e-4, atol=1e-5, msg=k)
-    init = Trainer(ddp_cfg(tmp_path / "init", batch_size=4))  # same seed: the initial weights
+        torch.testing.assert_close(ddp["params"][k], p.detach(), rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor([h["loss"] for h in single.history]),
+                               rtol=1e-5, atol=1e-6)
+    init = Trainer(ddp_cfg(tmp_path / "init", batch_size=4, variant=variant))  # same seed: the initial weights
     moved = sum(float((init.params[k] - single.params[k]).abs().sum()) for k in init.params)
     assert moved > 0  # the comparison is between trained weights, not two copies of the initialisation
 

@@ -88,17 +88,36 @@ def allowed_vocab(model: GroundedMLLM) -> torch.Tensor:
     return ok
 
 
+def global_rows(draw, B: int, shard: tuple[int, int] = (1, 0)) -> torch.Tensor:
+    """This rank's rows of a random tensor drawn for the whole global batch.
+
+    ``draw(n)`` returns n rows; with ``shard = (world, rank)`` it is called for ``world * B`` rows and
+    rank r keeps rows r, r + world, ... — the global positions of its samples under the strided data
+    sharding (:class:`~maskloop.data.mixture.MixtureSampler`).  With a generator seeded alike on every
+    rank, N processes then draw exactly the numbers one process draws for the same global batch.
+    """
+    world, rank = shard
+    if world == 1:
+        return draw(B)
+    return draw(world * B)[rank::world]
+
+
 def noise_tokens(
-    ids: torch.Tensor, lengths: torch.Tensor, allowed: torch.Tensor, ratio: float, generator: torch.Generator | None
+    ids: torch.Tensor, lengths: torch.Tensor, allowed: torch.Tensor, ratio: float, generator: torch.Generator | None,
+    shard: tuple[int, int] = (1, 0),
 ) -> torch.Tensor:
-    """Replace ``ratio`` of the first lengths[b] tokens of each row with random allowed ids (B, T)."""
+    """Replace ``ratio`` of the first lengths[b] tokens of each row with random allowed ids (B, T).
+
+    ``shard`` (world, rank): draw for the global batch and keep this rank's rows (:func:`global_rows`).
+    """
     B, T = ids.shape
     dev = ids.device
     real = torch.arange(T, device=dev)[None] < lengths[:, None]
-    flip = (torch.rand(B, T, device=dev, generator=generator) < ratio) & real
+    u = global_rows(lambda n: torch.rand(n, T, device=dev, generator=generator), B, shard)
+    flip = (u < ratio) & real
     pool = allowed.nonzero().squeeze(1)
-    rand = pool[torch.randint(0, len(pool), (B, T), device=dev, generator=generator)]
-    return torch.where(flip, rand, ids)
+    pick = global_rows(lambda n: torch.randint(0, len(pool), (n, T), device=dev, generator=generator), B, shard)
+    return torch.where(flip, pool[pick], ids)
 
 
 def with_end(ids: torch.Tensor, lengths: torch.Tensor, end_id: int, target: bool = True) -> Ragged:

@@ -27,12 +27,14 @@ from maskloop.recipes.common import (
     StepOutput,
     _d,
     allowed_vocab,
+    global_rows,
     noise_tokens,
     refer_loss,
     region_prompts,
     with_end,
 )
-from maskloop.train.gumbel import gumbel_topk_embed
+from maskloop.train import dist
+from maskloop.train.gumbel import gumbel_topk_embed, sample_gumbel
 
 STREAMS = ("pairs", "refer")
 DEFAULTS = {"lr": 1e-5}
@@ -45,8 +47,10 @@ class TeacherOutputError(RuntimeError):
 class Loop1(RecipeBase):
     def __init__(self, model, cfg, ema, seed: int = 0):
         self.model, self.cfg, self.ema = model, cfg, ema
-        self.rng = random.Random(seed)
-        self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(seed)
+        self.rng = random.Random(seed)  # per rank: question templates of the referring batches
+        # token noise and Gumbel noise: one stream shared by every rank, drawn for the global batch and
+        # sliced (``global_rows``), so N processes train exactly as one process with the same global batch
+        self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(getattr(cfg, "seed", 0))
         self.allowed = allowed_vocab(model)
 
     def step(self, batches: dict) -> StepOutput:
@@ -80,14 +84,17 @@ class Loop1(RecipeBase):
             expr = Ragged(ids, lengths)
         else:
             # 2. token noise on the caption tokens (never special / image ids)
-            noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen)
+            shard = (dist.world_size(), dist.rank())
+            noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen, shard)
             # 3. trainable forward #1: teacher forcing on the noised caption (+ end token)
             answer = with_end(noised, lengths, model.builder.end_id)
             feats1 = model.image_tokens(b["pixel_values1"] if vision_trains else None, vit_feats=vit1)
             logits = model.caption_logits(None, pm1, answer, image_feats=feats1)["logits"]
             # 4. straight-through Gumbel-softmax over the top-k -> caption embeddings (B, T, D)
-            embeds, _ = gumbel_topk_embed(logits[:, : ids.shape[1]], model.embed_matrix, k=c.topk, tau=c.tau,
-                                          valid_ids_mask=self.allowed, generator=self.gen)
+            B, T = ids.shape
+            noise = global_rows(lambda n: sample_gumbel((n, T, c.topk), device=ids.device, generator=self.gen), B, shard)
+            embeds, _ = gumbel_topk_embed(logits[:, :T], model.embed_matrix, k=c.topk, tau=c.tau,
+                                          valid_ids_mask=self.allowed, noise=noise)
             visible = lengths if c.mask_caption_padding else torch.full_like(lengths, ids.shape[1])
             expr = Embeds(embeds, visible)
 
