@@ -50,6 +50,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     schedule: str = "cosine"
     grad_clip: float = 1.0
+    compile_layers: bool = False  # torch.compile each LLM decoder layer (regional; CUDA runs, first steps slower)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     freeze: str = "default"  # default | all
     ema_decay: float = 0.999
@@ -106,17 +107,20 @@ class TrainConfig:
 def build_model(cfg: TrainConfig):
     from maskloop.model.checkpoints import load_pretrained, load_published_state, read_state_file
     from maskloop.model.grounded import GroundedMLLM
-    from maskloop.model.presets import PRESETS, get_preset
+    from maskloop.model.presets import FROM_SCRATCH_PRESETS, PRESETS, get_preset
 
     if cfg.model in PRESETS:
         from maskloop.data.sources.shapes import all_words
+        from maskloop.model.init import init_from_scratch
         from maskloop.model.prompts import build_word_tokenizer
 
-        if cfg.model != "tiny":
+        if cfg.model not in FROM_SCRATCH_PRESETS:
             raise ConfigError(
                 f"preset {cfg.model!r} needs a real tokenizer: pass the checkpoint folder as `model` instead"
             )
         model = GroundedMLLM(get_preset(cfg.model), build_word_tokenizer(all_words()))
+        if cfg.init_from is None:  # trained from random init: width-aware weights, not transformers' 0.02
+            init_from_scratch(model)
     else:
         model = load_pretrained(cfg.model)
     if cfg.init_from:
@@ -216,6 +220,23 @@ def _to_device(batch: dict, device) -> dict:
 # the trainer
 
 
+def _reduce_logs(logs: dict, counts: dict) -> tuple[dict, dict]:
+    """Average the per-rank scalars (losses, stats) and sum the counters across ranks (log steps only)."""
+    import torch.distributed as tdist
+
+    gathered: list = [None] * dist.world_size()
+    tdist.all_gather_object(gathered, (logs, counts))
+    out_logs, out_counts = dict(logs), {}
+    for k, v in logs.items():
+        vals = [g[0][k] for g in gathered if isinstance(g[0].get(k), (int, float))]
+        if isinstance(v, (int, float)) and k not in ("lr", "grad_norm", "samples_per_s"):
+            out_logs[k] = sum(vals) / len(vals)
+    for k in set().union(*(g[1] for g in gathered)):
+        per_rank = [g[1].get(k, 0) for g in gathered]
+        out_counts[k] = max(per_rank) if k == "skipped_steps" else sum(per_rank)  # a skip is a global decision
+    return out_logs, out_counts
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, streams: dict | None = None):
         from maskloop.recipes import RECIPES
@@ -257,6 +278,10 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
         if use_bf16 and self.device.type == "cuda":  # frozen base in bf16, trained weights fp32
             self.model.to_training_dtype(torch.bfloat16)
+        if cfg.compile_layers:
+            if not hasattr(self.model, "compile_llm_layers"):
+                raise ConfigError(f"compile_layers is not supported by {type(self.model).__name__}")
+            self.model.compile_llm_layers()
         self.groups = {g: [i for i, n in enumerate(self.params) if n in {m for m, _ in ps}]
                        for g, ps in self.model.parameter_groups().items() if any(p.requires_grad for _, p in ps)}
 
@@ -390,13 +415,16 @@ class Trainer:
     def _log(self, logs: dict, dt: float) -> None:
         logs = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
         logs["samples_per_s"] = logs.pop("samples") * dist.world_size() / max(dt, 1e-9)
+        counts = {}
         for n, s in self.streams.items():
-            counts = s.skip_counts()
-            logs[f"data_skipped/{n}"] = sum(counts.values())
-            for reason, count in counts.items():
-                logs[f"data_skipped/{n}/{reason}"] = count
-        for k, v in self.counters.items():
-            logs[k] = v
+            c = s.skip_counts()
+            counts[f"data_skipped/{n}"] = sum(c.values())
+            for reason, count in c.items():
+                counts[f"data_skipped/{n}/{reason}"] = count
+        counts.update(self.counters)
+        if dist.world_size() > 1:  # the scalars of the global batch: losses averaged, counts summed over ranks
+            logs, counts = _reduce_logs(logs, counts)
+        logs.update(counts)
         logs["step"] = self.step
         self.history.append(logs)
         if not dist.is_main():
