@@ -238,7 +238,27 @@ def loop1_step(model, recipe, ema, opt, batch, timer=None):
     return loss
 
 
-def measure_step(model, tcfg, B, reps, plain=False):
+def set_variant(model, variant: str):
+    """'base': the configuration before this round of work (peft casting every LoRA input to fp32, eager
+    graph-captured decode step); 'ours': the defaults; 'compiled': ours + every LLM decoder layer compiled."""
+    import os
+
+    model.__dict__.pop("_decoders", None)  # decoders are rebuilt with the decode-compile setting below
+    if variant == "base":
+        model.set_lora_input_cast(True)
+        os.environ["MASKLOOP_COMPILE_DECODE"] = "0"
+    else:
+        model.set_lora_input_cast(DEV.type != "cuda")
+        os.environ.pop("MASKLOOP_COMPILE_DECODE", None)
+    layers = model.llm.layers
+    if variant == "compiled":
+        model.compile_llm_layers()
+    else:  # undo a previous compile
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
+def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=DEV.type == "cuda")
     if DEV.type == "cuda":
@@ -274,7 +294,7 @@ def measure_step(model, tcfg, B, reps, plain=False):
     finally:
         for obj, name, real in restore:
             setattr(obj, name, real)
-    res = {"batch": B, "plain": plain, "step_s": dt, "samples_per_s": B / dt,
+    res = {"batch": B, "plain": plain, "variant": "plain" if plain else variant, "step_s": dt, "samples_per_s": B / dt,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() / 1e9) if DEV.type == "cuda" else float("nan"),
            "ema_extra_gb": ema.num_bytes() / 1e9,
            "phases_s": {k: v / reps for k, v in timer.totals().items()}}
@@ -322,6 +342,14 @@ def measure_generation(model, B, T):
         k = pm.flatten(1).sum(1).long()
         emb, asm = model.build_inputs(model.builder.caption_parts(k), feats, pm)
         prefill = timed(lambda: model.run_llm(emb, asm.attention_mask, asm.position_ids), reps=5)
+        import os
+
+        os.environ["MASKLOOP_COMPILE_DECODE"] = "0"  # graph-captured eager step
+        model.__dict__.pop("_decoders", None)
+        graph = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True), reps=5)
+        g_ids = model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True).ids
+        os.environ.pop("MASKLOOP_COMPILE_DECODE")  # the default: compiled on CUDA
+        model.__dict__.pop("_decoders", None)
         ours = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True), reps=5)
         loop = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=False), reps=3, warmup=1)
         hf = timed(lambda: model.internvl.generate(inputs_embeds=emb, attention_mask=asm.attention_mask, max_new_tokens=T,
@@ -333,7 +361,9 @@ def measure_generation(model, B, T):
     per = lambda total: (total - prefill) / max(T - 1, 1)  # noqa: E731
     llm_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                     if n.startswith("internvl.model.language_model.") or n.startswith("internvl.lm_head"))
-    return {"batch": B, "T": T, "prefill_s": prefill, "ours_step_ms": per(ours) * 1e3, "loop_step_ms": per(loop) * 1e3,
+    return {"batch": B, "T": T, "prefill_s": prefill, "ours_step_ms": per(ours) * 1e3, "graph_only_step_ms": per(graph) * 1e3,
+            "graph_only_equals_dynamic": bool(torch.equal(g_ids, b)),
+            "compiled_token_agreement": float((a == b).float().mean()), "loop_step_ms": per(loop) * 1e3,
             "hf_generate_step_ms": per(hf) * 1e3, "ours_tokens_per_s": B * T / ours, "hf_tokens_per_s": B * T / hf,
             "llm_weight_gb": llm_bytes / 1e9, "static_equals_dynamic": bool(torch.equal(a, b))}
 
@@ -396,6 +426,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only-generation", action="store_true", help="measure generation only (e.g. with a compiled step)")
     ap.add_argument("--profile", type=int, default=0, help="profile one Loop-1 step at this batch and print the top ops")
+    ap.add_argument("--compare", default="8", help="batches at which 'base' and 'compiled' variants are also measured")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: flops,plain,generation,gumbel")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     tflops, gbps = peak_rates()
@@ -427,72 +459,85 @@ def main():
             results["generation"].append(r)
         save()
         return
-    # FlopCounterMode cannot count SDPA with grouped KV heads: count with eager attention (same FLOPs)
-    attn = model.llm.config._attn_implementation
-    model.llm.config._attn_implementation = "eager"
-    try:
-        flops, teacher_flops = count_flops(model, tcfg, 1)
-    except Exception as e:  # keep the timing run alive
-        print("flop counting failed:", repr(e), flush=True)
-        flops, teacher_flops = float("nan"), float("nan")
-    finally:
-        model.llm.config._attn_implementation = attn
+    skip = set(filter(None, args.skip.split(",")))
+    flops = teacher_flops = float("nan")
+    if "flops" not in skip:
+        # FlopCounterMode cannot count SDPA with grouped KV heads: count with eager attention (same FLOPs)
+        attn = model.llm.config._attn_implementation
+        model.llm.config._attn_implementation = "eager"
+        try:
+            flops, teacher_flops = count_flops(model, tcfg, 1)
+        except Exception as e:  # keep the timing run alive
+            print("flop counting failed:", repr(e), flush=True)
+        finally:
+            model.llm.config._attn_implementation = attn
     results["flops"] = {"train_per_sample": flops, "teacher_generation_per_sample": teacher_flops}
     print("flops", results["flops"], flush=True)
-    for B in [int(x) for x in args.batches.split(",")]:
+
+    def step_row(B, variant, plain=False):
+        set_variant(model, "base" if plain else variant)
         try:
-            r = measure_step(model, tcfg, B, args.reps)
+            r = measure_step(model, tcfg, B, max(1, args.reps - 1) if plain else args.reps, plain=plain, variant=variant)
         except torch.OutOfMemoryError:
-            r = {"batch": B, "oom": True}
+            r = {"batch": B, "plain": plain, "variant": "plain" if plain else variant, "oom": True}
+            torch.cuda.empty_cache()
         ph = r.get("phases_s", {})
         fb = r["step_s"] - ph.get("teacher_generate", 0) - ph.get("optimizer+ema", 0) if "step_s" in r else 0
-        if fb and tflops == tflops:
+        if fb and not plain and tflops == tflops and flops == flops:
             r["mfu_fwd_bwd"] = flops * B / fb / (tflops * 1e12)
-        results["steps"].append(r)
-        print("step", json.dumps(r), flush=True)
+        (results["plain_steps"] if plain else results["steps"]).append(r)
+        print("plain" if plain else "step", json.dumps(r), flush=True)
         save()
-    for B in [int(x) for x in args.plain_batches.split(",") if x]:
-        try:
-            r = measure_step(model, tcfg, B, max(1, args.reps - 1), plain=True)
-        except torch.OutOfMemoryError:
-            r = {"batch": B, "plain": True, "oom": True}
-            torch.cuda.empty_cache()
-        results["plain_steps"].append(r)
-        print("plain", json.dumps(r), flush=True)
+
+    for B in [int(x) for x in args.batches.split(",") if x]:
+        step_row(B, "ours")
+    if "generation" not in skip:
+        set_variant(model, "ours")
+        for B in (1, 8):
+            r = measure_generation(model, B, args.T)
+            r["bandwidth_bound_ms"] = r["llm_weight_gb"] / gbps * 1e3 if gbps == gbps else float("nan")
+            r["ours_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["ours_step_ms"] if gbps == gbps else float("nan")
+            r["graph_only_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["graph_only_step_ms"] if gbps == gbps else float("nan")
+            results["generation"].append(r)
+            print("gen", json.dumps(r), flush=True)
+            save()
+    if "gumbel" not in skip:
+        gB, gT, gk = (int(x) for x in args.gumbel.split(","))
+        results["gumbel"] = measure_gumbel(model, gB, gT, gk)
+        print("gumbel", json.dumps(results["gumbel"]), flush=True)
         save()
-    for B in (1, 8):
-        r = measure_generation(model, B, args.T)
-        r["bandwidth_bound_ms"] = r["llm_weight_gb"] / gbps * 1e3 if gbps == gbps else float("nan")
-        r["ours_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["ours_step_ms"] if gbps == gbps else float("nan")
-        results["generation"].append(r)
-        print("gen", json.dumps(r), flush=True)
-        save()
-    gB, gT, gk = (int(x) for x in args.gumbel.split(","))
-    results["gumbel"] = measure_gumbel(model, gB, gT, gk)
-    print("gumbel", json.dumps(results["gumbel"]), flush=True)
-    save()
+    if "plain" not in skip:
+        for B in [int(x) for x in args.plain_batches.split(",") if x]:
+            step_row(B, "plain", plain=True)
+    compare = [int(x) for x in args.compare.split(",") if x]
+    for variant in ("base", "compiled"):
+        for B in compare:
+            step_row(B, variant)
+    set_variant(model, "ours")
 
     # ---- table
     print(f"\n{meta['device']}  preset={args.preset}  T={args.T}  k={args.topk}  "
           f"matmul {tflops:.0f} TFLOP/s  copy {gbps:.0f} GB/s")
     print(f"train FLOPs/sample (fwd1+gumbel+fwd2+bwd) {flops / 1e12:.2f} T; teacher generation {teacher_flops / 1e12:.2f} T")
-    print(f"{'B':>3} {'kind':>6} {'samp/s':>8} {'step s':>8} {'peak GB':>8} {'MFU f/b':>8}  phases (s)")
+    print(f"{'B':>3} {'variant':>9} {'samp/s':>8} {'step s':>8} {'peak GB':>8} {'MFU f/b':>8}  phases (s)")
     for r in results["steps"] + results["plain_steps"]:
         if r.get("oom"):
-            print(f"{r['batch']:>3} {'plain' if r.get('plain') else 'ours':>6}  OOM")
+            print(f"{r['batch']:>3} {r['variant']:>9}  OOM")
             continue
         ph = " ".join(f"{k}={v:.3f}" for k, v in r["phases_s"].items())
-        print(f"{r['batch']:>3} {'plain' if r['plain'] else 'ours':>6} {r['samples_per_s']:8.2f} {r['step_s']:8.3f} "
+        print(f"{r['batch']:>3} {r['variant']:>9} {r['samples_per_s']:8.2f} {r['step_s']:8.3f} "
               f"{r['peak_mem_gb']:8.1f} {r.get('mfu_fwd_bwd', float('nan')):8.2%}  {ph}")
     for g in results["generation"]:
         print(f"gen B={g['batch']}: ours {g['ours_step_ms']:.2f} ms/step ({g['ours_tokens_per_s']:.0f} tok/s), "
-              f"dynamic loop {g['loop_step_ms']:.2f}, transformers generate {g['hf_generate_step_ms']:.2f} ms/step "
-              f"({g['hf_tokens_per_s']:.0f} tok/s); bound {g['bandwidth_bound_ms']:.2f} ms -> {g['ours_fraction_of_bound']:.0%}; "
-              f"same tokens: {g['static_equals_dynamic']}")
+              f"graph-only {g['graph_only_step_ms']:.2f}, dynamic loop {g['loop_step_ms']:.2f}, transformers generate "
+              f"{g['hf_generate_step_ms']:.2f} ms/step ({g['hf_tokens_per_s']:.0f} tok/s); bound {g['bandwidth_bound_ms']:.2f} ms "
+              f"-> {g['ours_fraction_of_bound']:.0%} (graph-only {g['graph_only_fraction_of_bound']:.0%}); graph-only "
+              f"tokens == dynamic: {g['graph_only_equals_dynamic']}, compiled agreement {g['compiled_token_agreement']:.3f}")
     gm = results["gumbel"]
-    print(f"gumbel {gm['shape']}: ours {gm['ours']['fwd_bwd_ms']:.1f} ms / {gm['ours']['peak_extra_gb']:.2f} GB, "
-          f"loop over k {gm['plain_loop']['fwd_bwd_ms']:.1f} ms / {gm['plain_loop']['peak_extra_gb']:.2f} GB")
-    ours = {r["batch"]: r for r in results["steps"] if not r.get("oom")}
+    if gm:
+        print(f"gumbel {gm['shape']}: ours {gm['ours']['fwd_bwd_ms']:.1f} ms / {gm['ours']['peak_extra_gb']:.2f} GB, "
+              f"loop over k {gm['plain_loop']['fwd_bwd_ms']:.1f} ms / {gm['plain_loop']['peak_extra_gb']:.2f} GB")
+    ours = {r["batch"]: r for r in results["steps"] if not r.get("oom") and r["variant"] == "ours"}
     for r in results["plain_steps"]:
         if not r.get("oom") and r["batch"] in ours:
             print(f"step speed-up at B={r['batch']}: {ours[r['batch']]['samples_per_s'] / r['samples_per_s']:.2f}x; "

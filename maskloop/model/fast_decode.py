@@ -12,6 +12,7 @@ replayed T times with no host synchronisation; on the CPU it simply runs eagerly
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,23 @@ def _cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def compile_decode_enabled(device: torch.device) -> bool:
+    """Whether the static decode step is ``torch.compile``d: on CUDA by default (``MASKLOOP_COMPILE_DECODE``
+    = ``0`` / ``1`` overrides; compiling needs Triton, so without it the eager step is used)."""
+    flag = os.environ.get("MASKLOOP_COMPILE_DECODE", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    if flag:
+        raise ValueError(f"MASKLOOP_COMPILE_DECODE must be 0 or 1, got {flag!r}")
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class StaticGreedyDecoder:
@@ -54,6 +72,12 @@ class StaticGreedyDecoder:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=dev)
         self.ids = None
         self.use_graph = use_graph and dev.type == "cuda"
+        if compile:
+            # every (batch, length) decoder traces the same function once: keep dynamo from falling back to
+            # eager after its default 8 variants (a run that decodes at several batch sizes needs more)
+            from torch._dynamo import config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graph = None
         self.T = 0
@@ -175,12 +199,14 @@ class StaticGreedyDecoder:
     def _capture(self) -> None:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        amp = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        # warm-up and capture under the same autocast state (cache off, as capture needs): a compiled step
+        # is then traced once per decoder, not twice
+        with torch.cuda.stream(s), torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False):
             for _ in range(2):  # warm-up on a side stream (allocator, cuBLAS handles, compilation)
                 self.step_fn()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        amp = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
         with torch.cuda.graph(self.graph), torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=False):
             self.step_fn()

@@ -22,7 +22,6 @@ for the whole vocabulary.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
@@ -189,10 +188,34 @@ class GroundedMLLM(nn.Module):
         return self.projector(vit_feats.to(w.dtype) if not torch.is_autocast_enabled() else vit_feats)
 
     def to_training_dtype(self, dtype: torch.dtype) -> GroundedMLLM:
-        """Frozen weights in ``dtype`` (e.g. bf16), trained weights kept in fp32 for the optimizer."""
+        """Frozen weights in ``dtype`` (e.g. bf16), trained weights kept in fp32 for the optimizer.
+
+        With a low-precision ``dtype`` the model is meant to run under ``torch.autocast`` (as the trainer
+        does): the LoRA layers then stop casting their bf16 input to the fp32 adapter weight's dtype —
+        autocast would cast it straight back for the matmul, so the round trip (two full-activation copies
+        per adapted projection) changes no value and only costs bandwidth.
+        """
         for p in self.parameters():
             p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+        self.set_lora_input_cast(dtype == torch.float32)
         return self
+
+    def set_lora_input_cast(self, enabled: bool) -> int:
+        """Switch peft's per-layer input cast to the adapter dtype; returns the number of LoRA layers."""
+        n = 0
+        for m in self.llm.modules():
+            if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A"):
+                m.cast_input_dtype_enabled = enabled
+                n += 1
+        return n
+
+    def compile_llm_layers(self, **kwargs) -> int:
+        """``torch.compile`` every LLM decoder layer in place (regional compilation: one graph per layer,
+        shared by all layers; fuses the LoRA, norm and rotary elementwise ops).  Returns the layer count."""
+        layers = self.llm.layers
+        for layer in layers:
+            layer.compile(**kwargs)
+        return len(layers)
 
     def sam_features(self, g_pixel_values: torch.Tensor) -> SamFeatures:
         return self.sam.encode(g_pixel_values)
@@ -330,20 +353,22 @@ class GroundedMLLM(nn.Module):
 
         ``static`` (default: on CUDA) uses :class:`~maskloop.model.fast_decode.StaticGreedyDecoder`: a static
         cache and one CUDA graph per (batch, bucketed length), replayed without host syncs.  Otherwise a
-        plain loop over transformers' dynamic cache.  Both give the same tokens.
+        plain loop over transformers' dynamic cache.  Both give the same tokens, except that on CUDA the
+        decode step is also ``torch.compile``d (``MASKLOOP_COMPILE_DECODE=0`` turns that off): its fused
+        bf16 arithmetic rounds differently, which can flip near-tied argmax picks.
         """
         from transformers import DynamicCache
 
         if static is None:
             static = inputs_embeds.device.type == "cuda"
         if static:
-            from maskloop.model.fast_decode import StaticGreedyDecoder
+            from maskloop.model.fast_decode import StaticGreedyDecoder, compile_decode_enabled
 
             B, L = attention_mask.shape
             key = (B, StaticGreedyDecoder.bucket(L + max_new_tokens), inputs_embeds.device.type == "cuda")
             decoders = self.__dict__.setdefault("_decoders", {})
             if key not in decoders:
-                compile_step = os.environ.get("MASKLOOP_COMPILE_DECODE", "0") == "1"
+                compile_step = compile_decode_enabled(inputs_embeds.device)
                 decoders[key] = StaticGreedyDecoder(self, key[0], key[1], use_graph=key[2], compile=compile_step)
             ids, lengths, done = decoders[key].run(inputs_embeds, attention_mask, position_ids, max_new_tokens)
             return Generated(ids, lengths, done)

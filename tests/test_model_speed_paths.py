@@ -1,0 +1,95 @@
+"""Speed-path switches keep the arithmetic: LoRA input casts under autocast, regional compilation,
+the compiled-decode switch (tiny preset, CPU)."""
+
+import pytest
+import torch
+from conftest import make_tiny, tiny_batch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from maskloop.model.fast_decode import compile_decode_enabled
+
+
+class CountCopies(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _caption_step(model, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    pv, _, _ = tiny_batch(model, B=2)
+    pm = torch.zeros(2, 8, 8)
+    pm[0, :2, :3] = 1
+    pm[1, 4:, 5:] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), CountCopies() as counter:
+        out = model.caption_logits(pv, pm, model.builder.caption_answer(["a red circle", "small blue square"]))
+        out["loss_lm"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out["loss_lm"].detach(), grads, counter.n
+
+
+def _model_with_nonzero_lora():
+    model = make_tiny()
+    model.set_trainable("default")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # B starts at zero; make the adapters contribute
+                p.normal_(0, 0.05)
+    model.train()
+    return model
+
+
+def test_lora_input_cast_is_skipped_under_autocast_with_identical_values():
+    model = _model_with_nonzero_lora()
+    model.to_training_dtype(torch.bfloat16)  # frozen bf16, trained fp32: turns the LoRA input cast off
+    n_lora = model.set_lora_input_cast(False)
+    assert n_lora == model.cfg.llm.num_layers * len(model.cfg.lora.target_modules)
+    loss_off, grads_off, copies_off = _caption_step(model, autocast=True)
+    model.set_lora_input_cast(True)  # peft's default: bf16 input -> fp32 -> (autocast) bf16 again
+    loss_on, grads_on, copies_on = _caption_step(model, autocast=True)
+    assert torch.equal(loss_off, loss_on)
+    assert grads_off.keys() == grads_on.keys() and any("lora_A" in k for k in grads_off)
+    for k in grads_on:
+        assert torch.equal(grads_off[k], grads_on[k]), k
+    # forward: one cast to fp32 per adapted projection; backward: its gradient cast back
+    assert copies_on - copies_off >= 2 * n_lora, (copies_on, copies_off)
+
+
+def test_to_training_dtype_fp32_keeps_the_input_cast():
+    model = _model_with_nonzero_lora()
+    model.to_training_dtype(torch.float32)
+    flags = [m.cast_input_dtype_enabled for m in model.llm.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert flags and all(flags)
+    model.to_training_dtype(torch.bfloat16)
+    flags = [m.cast_input_dtype_enabled for m in model.llm.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert not any(flags)
+
+
+def test_regionally_compiled_layers_match_eager():
+    model = _model_with_nonzero_lora()
+    loss_e, grads_e, _ = _caption_step(model, autocast=False)
+    assert model.compile_llm_layers(backend="aot_eager") == model.cfg.llm.num_layers
+    loss_c, grads_c, _ = _caption_step(model, autocast=False)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys()
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-6, msg=k)
+    torch._dynamo.reset()
+
+
+def test_compile_decode_switch(monkeypatch):
+    monkeypatch.delenv("MASKLOOP_COMPILE_DECODE", raising=False)
+    assert compile_decode_enabled(torch.device("cpu")) is False  # eager step on the CPU by default
+    monkeypatch.setenv("MASKLOOP_COMPILE_DECODE", "1")
+    assert compile_decode_enabled(torch.device("cpu")) is True
+    monkeypatch.setenv("MASKLOOP_COMPILE_DECODE", "0")
+    assert compile_decode_enabled(torch.device("cuda")) is False
+    monkeypatch.setenv("MASKLOOP_COMPILE_DECODE", "yes")
+    with pytest.raises(ValueError, match="0 or 1"):
+        compile_decode_enabled(torch.device("cuda"))
