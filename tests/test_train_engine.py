@@ -192,3 +192,49 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     tr.train_step()
     with pytest.raises(RuntimeError, match="non-finite"):
         tr.train_step()
+
+
+def _failing_rank_worker(rank, world, port, run_dir, out):
+    from maskloop.recipes.loop1 import TeacherOutputError
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tr = Trainer(ddp_cfg(run_dir, batch_size=2, variant="generate"))
+    real = tr.recipe.step
+    calls = []
+
+    def step(batches):  # rank 1's teacher "produces an empty caption" on its first micro-step only
+        calls.append(1)
+        if rank == 1 and len(calls) == 1:
+            raise TeacherOutputError("empty caption (test)")
+        return real(batches)
+
+    tr.recipe.step = step
+    tr.fit()
+    torch.save({"params": {k: v.detach() for k, v in tr.params.items()}, "history": tr.history}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_a_failing_rank_skips_the_step_on_every_rank(tmp_path):
+    """One rank's recipe failure must not leave the other rank alone in a collective (a hang) or let it
+    step the optimizer alone (diverged weights): the skip is decided across ranks."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_failing_rank_worker, args=(r, 2, port, str(tmp_path / "run"), str(tmp_path / "out")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.terminate()
+    assert not hung, "a rank hung in a collective"
+    assert all(p.exitcode == 0 for p in procs)
+    r0, r1 = torch.load(f"{tmp_path / 'out'}.0"), torch.load(f"{tmp_path / 'out'}.1")
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    for h in (r0["history"], r1["history"]):
+        assert [x["skipped_steps"] for x in h] == [1, 1]  # step 1 skipped everywhere, step 2 trained
+        assert h[0]["skipped_micro/teacher_empty"] == 1  # counted once (on rank 1), summed over ranks

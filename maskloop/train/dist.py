@@ -23,6 +23,7 @@ __all__ = [
     "is_main",
     "all_reduce_mean",
     "all_reduce_sum",
+    "any_rank",
     "barrier",
     "cleanup",
 ]
@@ -122,6 +123,15 @@ def all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         tensor.div_(dist.get_world_size(group))
     return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if ``flag`` is true on any rank (a one-element all-reduce; False without a group)."""
+    if not is_initialized():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def barrier() -> None:

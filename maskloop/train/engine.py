@@ -40,6 +40,9 @@ class TrainConfig:
     recipe: str = "sft"
     model: str = "tiny"  # a preset name or a checkpoint folder
     init_from: str | None = None  # a checkpoint folder whose weights initialise the model
+    # a preset built without a checkpoint gets width-aware weights (maskloop.model.init) instead of
+    # transformers' N(0, 0.02); for models trained from random init, e.g. the demo's
+    scratch_init: bool = False
     run_dir: str = "runs/default"
     steps: int = 1000
     batch_size: int = 2  # per GPU, per stream
@@ -119,7 +122,7 @@ def build_model(cfg: TrainConfig):
                 f"preset {cfg.model!r} needs a real tokenizer: pass the checkpoint folder as `model` instead"
             )
         model = GroundedMLLM(get_preset(cfg.model), build_word_tokenizer(all_words()))
-        if cfg.init_from is None:  # trained from random init: width-aware weights, not transformers' 0.02
+        if cfg.scratch_init and cfg.init_from is None:
             init_from_scratch(model)
     else:
         model = load_pretrained(cfg.model)
@@ -315,17 +318,25 @@ class Trainer:
         for _ in range(cfg.accumulation):
             batches = self._batches()
             self.micro += 1
+            failed = False
             try:
                 with self.autocast:
-                    out = self.recipe.step(batches)
+                    step_out = self.recipe.step(batches)
             except Exception as e:  # a recipe-level data problem (e.g. an empty teacher caption): skip
                 from maskloop.recipes.loop1 import TeacherOutputError
 
                 if not isinstance(e, TeacherOutputError):
                     raise
                 self.counters["skipped_micro/teacher_empty"] += 1
+                failed = True
+            # every rank skips the micro-step if any rank failed: the collectives below (gradient all-reduce,
+            # surgery's reductions) and the optimizer step then stay in step across ranks
+            if dist.world_size() > 1:
+                failed = dist.any_rank(failed, self.device)
+            if failed:
                 skipped_micro += 1
                 continue
+            out = step_out
             samples += out.samples
             for k, v in out.logs.items():
                 logs[k] += v / cfg.accumulation
