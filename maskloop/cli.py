@@ -97,7 +97,9 @@ def cmd_train(args) -> int:
         train_psalm(raw)
         return 0
     cfg = TrainConfig.from_yaml(cfg_path, overrides)
-    if cfg.model not in ("tiny", "sa2va-1b", "sa2va-4b") and not Path(cfg.model).exists():
+    from maskloop.model.presets import PRESETS
+
+    if cfg.model not in PRESETS and not Path(cfg.model).exists():
         raise UsageError(f"model checkpoint folder not found: {cfg.model} (set `model:` in {cfg_path})")
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise UsageError(f"init_from checkpoint not found: {cfg.init_from}")

@@ -67,6 +67,9 @@ class SAM2Config:
     decoder_layers: int = 2
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
+    # the two-way transformer's cross-attention width is prompt_dim / this (SAM2: 2).  Narrow decoders
+    # trained from scratch (the demo preset) learn to pick the prompted object far sooner at 1.
+    attention_downsample_rate: int = 2
     pad_point_tokens: bool = True  # Sa2VA prepends the "no point" sparse tokens to the language token
     # SAM2's eval-time fallback from the single-mask token to the best multimask token when the single
     # mask looks unstable.  On for published (SAM2-pretrained) decoders, as in SAM2 and Sa2VA; off for

@@ -1,6 +1,7 @@
 """Model presets and the translation of our config into transformers' configs.
 
-* ``tiny``      — a few M parameters on 64x64 tiles (8x8 token grid) and 128x128 SAM inputs; tests, demo.
+* ``tiny``      — a few M parameters on 64x64 tiles (8x8 token grid) and 128x128 SAM inputs; tests.
+* ``tiny-demo`` — ``tiny`` with a 64-wide SAM2 mask decoder (cross-attention not narrowed); the demo.
 * ``sa2va-1b``  — InternViT-300M + Qwen2.5-0.5B (InternVL2.5-1B) + SAM2 Hiera-L, the published shapes.
 * ``sa2va-4b``  — InternViT-300M + Qwen2.5-3B (InternVL2.5-4B) + SAM2 Hiera-L, the published shapes.
 
@@ -75,6 +76,17 @@ PRESETS: dict[str, ModelConfig] = {
         sam2=copy.deepcopy(_SAM2_HIERA_L),
     ),
 }
+# the embedded demo's model: ``tiny`` with a wider SAM2 mask decoder (64 wide: eight hypernetwork channels
+# instead of four) whose cross-attention is not narrowed.  Trained from scratch (maskloop.model.init), the
+# 32-wide decoder learns objectness but, within the demo's step budget, not which object the prompt means.
+_demo = copy.deepcopy(PRESETS["tiny"])
+_demo.name = "tiny-demo"
+_demo.sam2.prompt_dim = 64
+_demo.sam2.decoder_mlp_dim = 128
+_demo.sam2.attention_downsample_rate = 1
+PRESETS["tiny-demo"] = _demo
+# presets small enough to train from scratch on a CPU, with the shapes-world word tokenizer
+FROM_SCRATCH_PRESETS = ("tiny", "tiny-demo")
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -171,6 +183,7 @@ def sam2_config(cfg: ModelConfig):
         "num_attention_heads": s.decoder_heads,
         "mlp_dim": s.decoder_mlp_dim,
         "iou_head_hidden_dim": s.prompt_dim,
+        "attention_downsample_rate": s.attention_downsample_rate,
         "dynamic_multimask_via_stability": s.dynamic_multimask,
     }
     return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)

@@ -1,0 +1,79 @@
+"""From-scratch initialisation and the demo preset's decoder switch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from maskloop.model.init import init_from_scratch
+from maskloop.model.presets import get_preset, sam2_config
+
+
+def _std(p: torch.Tensor) -> float:
+    return float(p.detach().float().std())
+
+
+def test_init_from_scratch_is_width_aware_and_keeps_lora_identity():
+    model = make_tiny()
+    # transformers' init: 0.02 everywhere, zero position tables, two different Fourier matrices in SAM2
+    sam = model.sam.sam
+    assert _std(sam.mask_decoder.output_hypernetworks_mlps[0].proj_in.weight) < 0.03
+    assert not torch.equal(sam.prompt_encoder.shared_embedding.positional_embedding,
+                           sam.shared_image_embedding.positional_embedding)
+    torch.manual_seed(0)
+    init_from_scratch(model)
+    w = sam.mask_decoder.output_hypernetworks_mlps[0].proj_in.weight  # (32, 32)
+    assert _std(w) == pytest.approx(1 / math.sqrt(w.shape[1]), rel=0.25)
+    conv = sam.vision_encoder.backbone.patch_embed.projection.weight  # (16, 3, 7, 7): fan_in 147
+    assert _std(conv) == pytest.approx(1 / math.sqrt(147), rel=0.25)
+    up = sam.mask_decoder.upscale_conv1.weight  # ConvTranspose2d (32, 8, 2, 2), stride 2: fan_in 32
+    assert _std(up) == pytest.approx(1 / math.sqrt(32), rel=0.25)
+    assert _std(model.embed_matrix) == pytest.approx(1.0, rel=0.2)
+    assert _std(sam.vision_encoder.backbone.pos_embed) > 0.1
+    assert _std(model.vision.embeddings.position_embeddings) > 0.1
+    assert torch.equal(sam.prompt_encoder.shared_embedding.positional_embedding,
+                       sam.shared_image_embedding.positional_embedding)
+    assert torch.equal(model.new_embed, model.embed_matrix[model.new_token_ids])
+    assert torch.equal(model.new_head, model.head_matrix[model.new_token_ids])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert not p.any(), name  # adapters still start as the identity
+        if "lora_A" in name:
+            assert p.abs().sum() > 0, name
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name.lower() and name.endswith("weight"):
+            assert torch.allclose(p, torch.ones_like(p)), name
+
+
+def test_build_model_initialises_a_preset_from_scratch_when_asked():
+    from maskloop.train.engine import TrainConfig, build_model
+
+    def q_std(model):
+        return _std(model.sam.sam.mask_decoder.transformer.layers[0].self_attn.q_proj.weight)  # (32, 32)
+
+    assert q_std(build_model(TrainConfig.from_mapping({"model": "tiny"}))) < 0.03  # transformers' init
+    model = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True}))
+    assert q_std(model) == pytest.approx(1 / math.sqrt(32), rel=0.25)
+
+
+def test_attention_downsample_rate_switch():
+    tiny, demo, pub = get_preset("tiny"), get_preset("tiny-demo"), get_preset("sa2va-1b")
+    assert tiny.sam2.attention_downsample_rate == 2 and pub.sam2.attention_downsample_rate == 2  # SAM2's
+    assert sam2_config(pub).mask_decoder_config.attention_downsample_rate == 2
+    assert demo.sam2.attention_downsample_rate == 1 and demo.sam2.prompt_dim == 64
+    assert sam2_config(demo).mask_decoder_config.attention_downsample_rate == 1
+    m2 = make_tiny()
+    cfg = get_preset("tiny")
+    cfg.sam2.attention_downsample_rate = 1
+    from conftest import WORDS
+
+    from maskloop.model.grounded import GroundedMLLM
+    from maskloop.model.prompts import build_word_tokenizer
+
+    m1 = GroundedMLLM(cfg, build_word_tokenizer(WORDS))
+    C = cfg.sam2.prompt_dim
+    assert m2.sam.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.q_proj.out_features == C // 2
+    assert m1.sam.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.q_proj.out_features == C
