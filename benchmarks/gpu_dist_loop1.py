@@ -78,6 +78,8 @@ class SyntheticPairs:
 
 
 def run(args) -> None:
+    from gpu_loop1 import full_vocab  # the benchmark beside this one (the script's folder is on sys.path)
+
     from maskloop.model.grounded import GroundedMLLM
     from maskloop.model.presets import get_preset
     from maskloop.model.prompts import build_word_tokenizer
@@ -100,9 +102,7 @@ def run(args) -> None:
             "ckpt_every": 0, "progress": False, "caption_len": args.T, "topk": args.topk, "refer_ratio": 0.0,
             "seed": 0})
         tr = Trainer(tcfg, model=model, streams={"pairs": SyntheticPairs(model, args.global_batch, world, rank)})
-        # noise and the Gumbel top-k draw from the whole vocabulary, as with a real tokenizer
-        tr.recipe.allowed.fill_(True)
-        tr.recipe.allowed[torch.tensor(model.builder.special_ids, device=tr.recipe.allowed.device)] = False
+        full_vocab(tr.recipe)  # noise and the Gumbel top-k draw from the whole vocabulary, as with a real tokenizer
         times = []
         for step in range(args.steps):  # the body of Trainer.fit, timed per step
             if info.device.type == "cuda":
@@ -115,6 +115,8 @@ def run(args) -> None:
             tr._log(logs, times[-1])  # all ranks: the global-mean loss (an all-gather of the scalars)
             if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
                 print(f"step {step + 1}/{args.steps}: loss {tr.history[-1]['loss']:.4f}, {times[-1]:.3f} s", flush=True)
+        if tr.writer is not None:  # flush the TensorBoard log before its temporary run directory goes
+            tr.writer.close()
     timed = times[args.warmup:]
     step_s = statistics.median(timed) if timed else float("nan")
     if rank == 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -238,18 +239,20 @@ def loop1_step(model, recipe, ema, opt, batch, timer=None):
     return loss
 
 
+def set_decode(model, compiled: bool):
+    """Decoders built from now on use the compiled step (the default on CUDA) or the eager graph-captured one."""
+    model.__dict__.pop("_decoders", None)  # rebuilt on the next generate() with this setting
+    if compiled:
+        os.environ.pop("MASKLOOP_COMPILE_DECODE", None)
+    else:
+        os.environ["MASKLOOP_COMPILE_DECODE"] = "0"
+
+
 def set_variant(model, variant: str):
     """'base': the configuration before this round of work (peft casting every LoRA input to fp32, eager
     graph-captured decode step); 'ours': the defaults; 'compiled': ours + every LLM decoder layer compiled."""
-    import os
-
-    model.__dict__.pop("_decoders", None)  # decoders are rebuilt with the decode-compile setting below
-    if variant == "base":
-        model.set_lora_input_cast(True)
-        os.environ["MASKLOOP_COMPILE_DECODE"] = "0"
-    else:
-        model.set_lora_input_cast(DEV.type != "cuda")
-        os.environ.pop("MASKLOOP_COMPILE_DECODE", None)
+    set_decode(model, compiled=variant != "base")
+    model.set_lora_input_cast(variant == "base" or DEV.type != "cuda")
     layers = model.llm.layers
     if variant == "compiled":
         model.compile_llm_layers()
@@ -342,14 +345,10 @@ def measure_generation(model, B, T):
         k = pm.flatten(1).sum(1).long()
         emb, asm = model.build_inputs(model.builder.caption_parts(k), feats, pm)
         prefill = timed(lambda: model.run_llm(emb, asm.attention_mask, asm.position_ids), reps=5)
-        import os
-
-        os.environ["MASKLOOP_COMPILE_DECODE"] = "0"  # graph-captured eager step
-        model.__dict__.pop("_decoders", None)
+        set_decode(model, compiled=False)
         graph = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True), reps=5)
         g_ids = model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True).ids
-        os.environ.pop("MASKLOOP_COMPILE_DECODE")  # the default: compiled on CUDA
-        model.__dict__.pop("_decoders", None)
+        set_decode(model, compiled=True)
         ours = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True), reps=5)
         loop = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=False), reps=3, warmup=1)
         hf = timed(lambda: model.internvl.generate(inputs_embeds=emb, attention_mask=asm.attention_mask, max_new_tokens=T,

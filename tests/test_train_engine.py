@@ -107,10 +107,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, run_dir, out, variant):
+def _join_group(rank, world, port):
+    """torchrun's environment for one of ``world`` local processes (the trainer creates the group)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank, world, port, run_dir, out, variant):
+    _join_group(rank, world, port)
     torch.manual_seed(0)
     tr = Trainer(ddp_cfg(run_dir, batch_size=2, variant=variant))
     tr.fit()
@@ -197,9 +202,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 def _failing_rank_worker(rank, world, port, run_dir, out):
     from maskloop.recipes.loop1 import TeacherOutputError
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    _join_group(rank, world, port)
     tr = Trainer(ddp_cfg(run_dir, batch_size=2, variant="generate"))
     real = tr.recipe.step
     calls = []

@@ -5,8 +5,9 @@ small batch: each step issues hundreds of kernels and a host sync.  Here the pro
 transformers model itself; its K/V are copied into preallocated buffers of a bucketed length, and one
 decode step — embedding, every decoder layer (the model's own norms and rotary embedding; each projection
 one matmul with the LoRA update merged into a per-call copy of its weight), attention over the static cache, the lm head, argmax and the bookkeeping
-of finished rows — reads and writes only those buffers.  On CUDA that step is captured as a graph and
-replayed T times with no host synchronisation; on the CPU it simply runs eagerly (same arithmetic).
+of finished rows — reads and writes only those buffers.  On CUDA that step is ``torch.compile``d (by default;
+``MASKLOOP_COMPILE_DECODE=0`` keeps it eager), captured as a graph and replayed T times with no host
+synchronisation; on the CPU it simply runs eagerly (same arithmetic).
 """
 
 from __future__ import annotations
