@@ -96,6 +96,32 @@ def test_referring_expressions_are_unique():
     assert n_rel > 0  # duplicated objects occur, so relations are exercised
 
 
+def test_colour_policy_names_the_target_colour():
+    named = 0
+    for sc in _scenes(120, seed=5):
+        for k, o in enumerate(sc.objects):
+            e = referring_expression(sc.objects, k, sc.size, policy="colour")
+            assert resolve_expression(sc.objects, e) == [k], e
+            own = e.split()[: e.split().index(o.shape) + 1]  # the target's own noun phrase
+            if o.color in own:
+                named += 1
+                # the shortest such phrase: dropping the size (if any) leaves it ambiguous or colourless
+                if "small" in own or "large" in own:
+                    shorter = " ".join(w for w in e.split() if w not in ("small", "large"))
+                    assert resolve_expression(sc.objects, shorter) != [k], e
+            else:  # only when no unique phrase names the colour
+                assert not any(o.color in x.split()[:4] for x in referring_expressions(sc.objects, k, sc.size))
+    assert named > 0
+    ds = ShapesReferDataset(30, seed="val", expression_policy="colour", **SIZES_T)
+    minimal = ShapesReferDataset(30, seed="val", **SIZES_T)
+    with_colour = sum(any(c in ds.raw(i)["expression"].split() for c in COLORS) for i in range(30))
+    assert with_colour > sum(any(c in minimal.raw(i)["expression"].split() for c in COLORS) for i in range(30))
+    with pytest.raises(ValueError, match="expression_policy"):
+        ShapesReferDataset(3, expression_policy="longest", **SIZES_T)
+    with pytest.raises(ValueError, match="policy"):
+        referring_expression(sc.objects, 0, sc.size, policy="longest")
+
+
 def test_relation_on_hand_made_scene():
     r = (205, 40, 40)
     objs = [

@@ -404,9 +404,25 @@ def referring_expressions(objects: Sequence[ShapeObject], idx: int, image_size: 
     return [t for _, _, t in sorted(out)]
 
 
-def referring_expression(objects: Sequence[ShapeObject], idx: int, image_size: int) -> str | None:
-    """The minimal unique expression for objects[idx] (None if there is none)."""
+EXPRESSION_POLICIES = ("minimal", "colour")
+
+
+def referring_expression(objects: Sequence[ShapeObject], idx: int, image_size: int,
+                         policy: str = "minimal") -> str | None:
+    """One unique expression for objects[idx] (None if there is none).
+
+    ``policy``: ``"minimal"`` — the shortest unique phrase (about half of them name the shape
+    alone, "the triangle"); ``"colour"`` — the shortest unique phrase that names the target's
+    colour ("the red triangle"), as people over-specify colour when they refer; the minimal
+    one when no phrase with the colour is unique.
+    """
+    if policy not in EXPRESSION_POLICIES:
+        raise ValueError(f"unknown expression policy {policy!r}; choose one of {EXPRESSION_POLICIES}")
     exprs = referring_expressions(objects, idx, image_size)
+    if policy == "colour":
+        colour = objects[idx].color
+        named = [e for e in exprs if colour in e.split()[:4]]  # the target's own noun phrase, not the anchor's
+        exprs = named or exprs
     return exprs[0] if exprs else None
 
 
@@ -429,6 +445,7 @@ class _ShapesBase(Dataset):
     ``sam_size`` and ``prompt_grid`` (the tiny demo uses small sizes, e.g. 64/64/16).
     ``as_pair``: single-image datasets return the ``...1``/``...2`` keys (frame 2 = frame 1).
     ``name``: the item's ``dataset`` value (default per class, e.g. ``shapes_refer``).
+    ``expression_policy``: which unique expression an item carries (:func:`referring_expression`).
     """
 
     dataset_name = "shapes"
@@ -447,7 +464,11 @@ class _ShapesBase(Dataset):
         colors: Sequence[str] | None = None,
         as_pair: bool = False,
         name: str | None = None,
+        expression_policy: str = "minimal",
     ) -> None:
+        if expression_policy not in EXPRESSION_POLICIES:
+            raise ValueError(f"unknown expression_policy {expression_policy!r}; choose one of {EXPRESSION_POLICIES}")
+        self.expression_policy = expression_policy
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         self.n = int(n)
@@ -488,7 +509,7 @@ class _ShapesBase(Dataset):
             "mask": sc.masks[k],
             "object_index": k,
             "caption": caption_for(sc.objects[k], sc.size),
-            "expression": referring_expression(sc.objects, k, sc.size),
+            "expression": referring_expression(sc.objects, k, sc.size, self.expression_policy),
             "scene": sc,
         }
 
@@ -501,16 +522,34 @@ class _ShapesBase(Dataset):
 
 
 class ShapesReferDataset(_ShapesBase):
-    """Referring segmentation: ``expression`` -> ``masks`` (RefCOCO-like)."""
+    """Referring segmentation: ``expression`` -> ``masks`` (RefCOCO-like).
+
+    ``with_other``: items also carry ``other_expression`` and ``other_masks``, another object of the
+    same image (for :func:`maskloop.eval.refer.evaluate_text_sensitivity`).
+    """
 
     dataset_name = "shapes_refer"
     _stream = 0
+
+    def __init__(self, *args, with_other: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.with_other = bool(with_other)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.raw(index)
         item = self._single(r)
         item.update(dataset=self.name, expression=r["expression"], caption=r["caption"])
+        if self.with_other:  # a second object of the same image (evaluate_text_sensitivity)
+            j, expr = self.other(index)
+            item["other_expression"] = expr
+            item["other_masks"] = self.transform(Image.fromarray(r["image"]), r["scene"].masks[j])["masks"]
         return item
+
+    def other(self, index: int) -> tuple[int, str | None]:
+        """Another object of item ``index``'s scene (the next one) and its expression."""
+        sc = self.scene(index)
+        j = (self.target(index, sc) + 1) % len(sc.objects)
+        return j, referring_expression(sc.objects, j, sc.size, self.expression_policy)
 
 
 class ShapesRegionCaptionDataset(_ShapesBase):
@@ -739,6 +778,6 @@ __all__ = [
     "COLORS", "RELATIONS", "SHAPES", "SHAPES_VOCAB", "SIZES", "SPLIT_SEEDS",
     "Scene", "ShapeObject", "ShapesMaskOnlyDataset", "ShapesPairDataset", "ShapesReferDataset",
     "ShapesRegionCaptionDataset", "all_words", "caption_for", "make_scene", "move_scene",
-    "referring_expression", "referring_expressions", "resolve_expression", "shape_mask",
+    "EXPRESSION_POLICIES", "referring_expression", "referring_expressions", "resolve_expression", "shape_mask",
     "shape_polygon", "write_shapes_as",
 ]
