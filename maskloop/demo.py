@@ -82,20 +82,23 @@ def evaluate(model, settings: dict, progress: bool, examples: int = 0) -> tuple[
     from maskloop.data.sources.shapes import ShapesReferDataset, ShapesRegionCaptionDataset
     from maskloop.data.transforms import SampleTransform
     from maskloop.eval.cycle import evaluate_cycle
-    from maskloop.eval.refer import evaluate_refer
+    from maskloop.eval.refer import evaluate_refer, evaluate_text_sensitivity
 
     c = model.cfg
     tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
     n = settings["val_scenes"]
     refer = evaluate_refer(model, {"shapes_val": ShapesReferDataset(n, seed="val", transform=tf)}, EVAL_BATCH,
                            progress=progress)["shapes_val"]
+    text = evaluate_text_sensitivity(model, ShapesReferDataset(n, seed="val", transform=tf, with_other=True),
+                                     EVAL_BATCH, progress=progress)
     cyc = evaluate_cycle(model, ShapesRegionCaptionDataset(n, seed="val", transform=tf), EVAL_BATCH, MAX_NEW_TOKENS,
                          keep_examples=examples, progress=progress)
-    return {"refer": refer, "cycle": cyc["cycle"], "caption": cyc["caption"]}, cyc["examples"]
+    return {"refer": refer, "text": text, "cycle": cyc["cycle"], "caption": cyc["caption"]}, cyc["examples"]
 
 
 def _summary(m: dict) -> dict:
     return {"refer_cIoU": m["refer"]["cIoU"], "refer_gIoU": m["refer"]["gIoU"],
+            "refer_text_sensitivity": m["text"]["text_sensitivity"],
             "cycle_mIoU": m["cycle"]["cycle_mIoU"], "cycle_cIoU": m["cycle"]["cycle_cIoU"],
             "caption_CIDEr": m["caption"].get("CIDEr", float("nan")),
             "caption_BLEU-4": m["caption"].get("BLEU-4", float("nan")),
@@ -157,7 +160,9 @@ def write_demo_report(run_dir: Path, results: dict, curves: Path, grid: Path, gr
         f"All metrics on {s['val_scenes']} held-out scenes (seed 'val'). Referring: the ground-truth "
         "expression is segmented with the fixed answer 'Sure, [SEG].'; cIoU = sum I / sum U, gIoU = mean IoU. "
         "Cycle: the model captions the region (greedy), segments its own caption, IoU with the source mask. "
-        "Captions: BLEU / CIDEr / METEOR without synonyms, against the shapes-world caption.",
+        "Captions: BLEU / CIDEr / METEOR without synonyms, against the shapes-world caption. "
+        "Text sensitivity: each image is also segmented for a second object's expression; 1 - mean IoU of the two "
+        "predicted masks (0: the same mask whatever the text asks, e.g. the union of all objects).",
     ]
     flat = {f"{stage}/{section}": vals for stage in ("untrained", "sft", "dual")
             for section, vals in results[stage].items()}

@@ -10,7 +10,7 @@ import torch
 
 from maskloop.eval.caption import evaluate_captions
 from maskloop.eval.cycle import evaluate_cycle
-from maskloop.eval.refer import eval_mode, evaluate_refer
+from maskloop.eval.refer import eval_mode, evaluate_refer, evaluate_text_sensitivity
 from maskloop.model.grounded import Generated
 from maskloop.model.prompts import Ragged
 
@@ -49,6 +49,13 @@ class StubModel(torch.nn.Module):
         B = feats.shape[0]
         if self.mode == "oracle":
             m = feats[:, 0] > 127
+        elif self.mode == "words":  # left half for 3-word expressions, right half otherwise
+            m = torch.zeros(B, G, G, dtype=torch.bool)
+            three = (expr.lengths == 3)[:, None, None]
+            m[:, :, : G // 2] = three
+            m[:, :, G // 2 :] = ~three
+        elif self.mode == "empty":
+            m = torch.zeros(B, G, G, dtype=torch.bool)
         else:
             m = torch.zeros(B, G, G, dtype=torch.bool)
             m[:, :, : G // 2] = True
@@ -105,6 +112,32 @@ def test_refer_oracle_and_left_half_known_ciou_giou():
     res = next(iter(out.values()))
     assert res["cIoU"] == pytest.approx(sum(inter) / sum(union))
     assert res["gIoU"] == pytest.approx(np.mean([i / u for i, u in zip(inter, union)]))
+
+
+class PairDataset(MaskDataset):
+    """MaskDataset items plus a second expression ("the square", 2 words) whose object is the right half."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        right = torch.zeros(G, G)
+        right[:, G // 2 :] = 1
+        return {**item, "other_expression": "the square", "other_masks": right}
+
+
+def test_text_sensitivity_known_answers():
+    ds = PairDataset(_masks(5))
+    follows = evaluate_text_sensitivity(StubModel("words"), ds, batch_size=2, progress=False)
+    assert follows["n"] == 5
+    assert follows["mask_IoU_between_expressions"] == pytest.approx(0.0)  # left vs right half: disjoint
+    assert follows["text_sensitivity"] == pytest.approx(1.0)
+    assert follows["other_IoU"] == pytest.approx(1.0)  # the second mask is the other object
+    ignores = evaluate_text_sensitivity(StubModel("left"), ds, batch_size=3, progress=False)
+    assert ignores["text_sensitivity"] == pytest.approx(0.0)  # the same mask whatever is asked
+    assert ignores["other_IoU"] == pytest.approx(0.0)
+    empty = evaluate_text_sensitivity(StubModel("empty"), ds, batch_size=5, progress=False)
+    assert empty["mask_IoU_between_expressions"] == pytest.approx(1.0)  # two empty masks agree
+    with pytest.raises(KeyError, match="other_expression"):
+        evaluate_text_sensitivity(StubModel("left"), MaskDataset(_masks(2)), progress=False)
 
 
 def test_refer_max_samples_and_eval_mode_restored():

@@ -92,4 +92,45 @@ def evaluate_refer(
     return results
 
 
-__all__ = ["evaluate_refer", "eval_mode", "loader", "model_device", "segment_texts", "to_device"]
+def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples: int | None = None,
+                              progress: bool = True) -> dict[str, float]:
+    """Does the predicted mask follow the expression?  Items need ``expression`` and ``other_expression``
+    (another object of the same image, e.g. :class:`~maskloop.data.sources.shapes.ShapesReferDataset`).
+
+    Each image is segmented twice, once per expression; ``mask_IoU_between_expressions`` is the mean IoU
+    of the two predicted masks (pairs where both are empty count as 1) and ``text_sensitivity`` = 1 minus
+    it: 0 when the model returns the same mask whatever it is asked (e.g. the union of all objects), near 1
+    when two expressions get disjoint masks.  ``other_IoU`` is the mean IoU of the second mask with the
+    other object's ground truth, when the items carry it as ``other_masks``.
+    """
+    from tqdm.auto import tqdm
+
+    dev = model_device(model)
+    same, other, n = [], [], 0
+    with eval_mode(model):
+        for batch in tqdm(loader(dataset, batch_size, 0, max_samples), desc="eval text sensitivity",
+                          disable=not progress, dynamic_ncols=True, leave=False):
+            if "other_expression" not in batch:
+                raise KeyError("text sensitivity needs items with an 'other_expression' (a second object's expression)")
+            batch = to_device(batch, dev)
+            a = segment_texts(model, batch, list(batch["expression"])).cpu()
+            b = segment_texts(model, batch, list(batch["other_expression"])).cpu()
+            same.append(_pair_iou(a, b))
+            if "other_masks" in batch:
+                other.append(_pair_iou(b, batch["other_masks"].cpu() > 0.5))
+            n += a.shape[0]
+    between = float(torch.cat(same).mean()) if same else float("nan")
+    out = {"mask_IoU_between_expressions": between, "text_sensitivity": 1.0 - between, "n": n}
+    if other:
+        out["other_IoU"] = float(torch.cat(other).mean())
+    return out
+
+
+def _pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row IoU of two (B, H, W) bool masks; 1 where both are empty."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+__all__ = ["evaluate_refer", "evaluate_text_sensitivity", "eval_mode", "loader", "model_device", "segment_texts", "to_device"]
