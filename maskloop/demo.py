@@ -9,8 +9,9 @@
 3. the **dual** recipe (SPEC §2d): Loop 1 (mask -> EMA-teacher caption -> Gumbel pseudo-tokens ->
    mask, with interleaved referring batches) and Loop 2 (caption -> mask -> caption), combined by
    gradient surgery;
-4. evaluation on held-out scenes (``seed='val'``) after each stage: referring cIoU / gIoU, caption
-   metrics, cycle IoU = IoU(mask, segment(describe(mask)));
+4. evaluation on held-out scenes (``seed='val'``) after each stage: referring cIoU / gIoU, text
+   sensitivity (does the mask change when another object is named?), caption metrics, cycle IoU =
+   IoU(mask, segment(describe(mask)));
 5. a run directory with ``report.md`` / ``report.html``, ``curves.png``, ``examples_*.png``,
    ``metrics.json``, the training logs (``sft/``, ``dual/``) and the final model (``model/``, a
    checkpoint folder that ``maskloop caption|segment|eval --checkpoint`` accept).
