@@ -145,7 +145,8 @@ def worker(name: str, out: Path, steps: int, every: int, deadline: float, val: i
 
     from maskloop.data.sources.shapes import ShapesReferDataset
     from maskloop.data.transforms import SampleTransform
-    from maskloop.eval.refer import evaluate_refer, evaluate_text_sensitivity
+    from maskloop.eval.metrics import RefSegMeter
+    from maskloop.eval.refer import evaluate_text_sensitivity
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -159,8 +160,9 @@ def worker(name: str, out: Path, steps: int, every: int, deadline: float, val: i
     with open(out / f"{name}.jsonl", "w") as f:
         while tr.step < steps and time.perf_counter() - t0 < deadline:
             tr.fit(min(steps, tr.step + every))
-            r = evaluate_refer(m, {"v": vset}, 50, progress=False)["v"]
-            text = evaluate_text_sensitivity(m, vset, 50, progress=False)
+            meter = RefSegMeter()
+            text = evaluate_text_sensitivity(m, vset, 50, progress=False, meter=meter)
+            r = meter.compute()
             h = tr.history[-1]
             row = {"variant": name, "step": tr.step, "wall_s": round(time.perf_counter() - t0, 1), "params": n_params,
                    "cIoU": r["cIoU"], "gIoU": r["gIoU"], "text_sensitivity": text["text_sensitivity"],

@@ -83,15 +83,16 @@ def evaluate(model, settings: dict, progress: bool, examples: int = 0) -> tuple[
     from maskloop.data.sources.shapes import ShapesReferDataset, ShapesRegionCaptionDataset
     from maskloop.data.transforms import SampleTransform
     from maskloop.eval.cycle import evaluate_cycle
-    from maskloop.eval.refer import evaluate_refer, evaluate_text_sensitivity
+    from maskloop.eval.metrics import RefSegMeter
+    from maskloop.eval.refer import evaluate_text_sensitivity
 
     c = model.cfg
     tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
     n = settings["val_scenes"]
-    refer = evaluate_refer(model, {"shapes_val": ShapesReferDataset(n, seed="val", transform=tf)}, EVAL_BATCH,
-                           progress=progress)["shapes_val"]
+    meter = RefSegMeter()  # referring metrics from the same pass as the text sensitivity
     text = evaluate_text_sensitivity(model, ShapesReferDataset(n, seed="val", transform=tf, with_other=True),
-                                     EVAL_BATCH, progress=progress)
+                                     EVAL_BATCH, progress=progress, meter=meter)
+    refer = meter.compute()
     cyc = evaluate_cycle(model, ShapesRegionCaptionDataset(n, seed="val", transform=tf), EVAL_BATCH, MAX_NEW_TOKENS,
                          keep_examples=examples, progress=progress)
     return {"refer": refer, "text": text, "cycle": cyc["cycle"], "caption": cyc["caption"]}, cyc["examples"]

@@ -140,6 +140,16 @@ def test_text_sensitivity_known_answers():
         evaluate_text_sensitivity(StubModel("left"), MaskDataset(_masks(2)), progress=False)
 
 
+def test_text_sensitivity_meter_gives_the_refer_metrics_of_the_same_pass():
+    from maskloop.eval.metrics import RefSegMeter
+
+    ds = PairDataset(_masks(6))
+    meter = RefSegMeter()
+    evaluate_text_sensitivity(StubModel("left"), ds, batch_size=4, progress=False, meter=meter)
+    ref = evaluate_refer(StubModel("left"), ds, batch_size=4, progress=False)
+    assert meter.compute() == pytest.approx(next(iter(ref.values())))
+
+
 def test_refer_max_samples_and_eval_mode_restored():
     model = StubModel("oracle")
     model.train()

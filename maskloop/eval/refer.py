@@ -93,7 +93,7 @@ def evaluate_refer(
 
 
 def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples: int | None = None,
-                              progress: bool = True) -> dict[str, float]:
+                              progress: bool = True, meter: RefSegMeter | None = None) -> dict[str, float]:
     """Does the predicted mask follow the expression?  Items need ``expression`` and ``other_expression``
     (another object of the same image, e.g. :class:`~maskloop.data.sources.shapes.ShapesReferDataset`).
 
@@ -101,7 +101,9 @@ def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples:
     of the two predicted masks (pairs where both are empty count as 1) and ``text_sensitivity`` = 1 minus
     it: 0 when the model returns the same mask whatever it is asked (e.g. the union of all objects), near 1
     when two expressions get disjoint masks.  ``other_IoU`` is the mean IoU of the second mask with the
-    other object's ground truth, when the items carry it as ``other_masks``.
+    other object's ground truth, when the items carry it as ``other_masks``.  Given a ``meter``, the masks
+    for ``expression`` also update it against ``masks``: the referring metrics of the same pass, exactly what
+    :func:`evaluate_refer` computes on these items.
     """
     from tqdm.auto import tqdm
 
@@ -115,6 +117,8 @@ def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples:
             batch = to_device(batch, dev)
             a = segment_texts(model, batch, list(batch["expression"])).cpu()
             b = segment_texts(model, batch, list(batch["other_expression"])).cpu()
+            if meter is not None:
+                meter.update(a, batch["masks"].cpu() > 0.5)
             same.append(_pair_iou(a, b))
             if "other_masks" in batch:
                 other.append(_pair_iou(b, batch["other_masks"].cpu() > 0.5))

@@ -539,17 +539,12 @@ class ShapesReferDataset(_ShapesBase):
         r = self.raw(index)
         item = self._single(r)
         item.update(dataset=self.name, expression=r["expression"], caption=r["caption"])
-        if self.with_other:  # a second object of the same image (evaluate_text_sensitivity)
-            j, expr = self.other(index)
-            item["other_expression"] = expr
-            item["other_masks"] = self.transform(Image.fromarray(r["image"]), r["scene"].masks[j])["masks"]
+        if self.with_other:  # the next object of the same scene (evaluate_text_sensitivity)
+            sc = r["scene"]
+            j = (r["object_index"] + 1) % len(sc.objects)
+            item["other_expression"] = referring_expression(sc.objects, j, sc.size, self.expression_policy)
+            item["other_masks"] = self.transform(Image.fromarray(r["image"]), sc.masks[j])["masks"]
         return item
-
-    def other(self, index: int) -> tuple[int, str | None]:
-        """Another object of item ``index``'s scene (the next one) and its expression."""
-        sc = self.scene(index)
-        j = (self.target(index, sc) + 1) % len(sc.objects)
-        return j, referring_expression(sc.objects, j, sc.size, self.expression_policy)
 
 
 class ShapesRegionCaptionDataset(_ShapesBase):
