@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from maskloop.eval.metrics import RefSegMeter
+from maskloop.eval.metrics import RefSegMeter, mask_iou
 
 
 def model_device(model) -> torch.device:
@@ -119,22 +119,15 @@ def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples:
             b = segment_texts(model, batch, list(batch["other_expression"])).cpu()
             if meter is not None:
                 meter.update(a, batch["masks"].cpu() > 0.5)
-            same.append(_pair_iou(a, b))
+            same.append(mask_iou(a, b))
             if "other_masks" in batch:
-                other.append(_pair_iou(b, batch["other_masks"].cpu() > 0.5))
+                other.append(mask_iou(b, batch["other_masks"].cpu() > 0.5))
             n += a.shape[0]
     between = float(torch.cat(same).mean()) if same else float("nan")
     out = {"mask_IoU_between_expressions": between, "text_sensitivity": 1.0 - between, "n": n}
     if other:
         out["other_IoU"] = float(torch.cat(other).mean())
     return out
-
-
-def _pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row IoU of two (B, H, W) bool masks; 1 where both are empty."""
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 __all__ = ["evaluate_refer", "evaluate_text_sensitivity", "eval_mode", "loader", "model_device", "segment_texts", "to_device"]
