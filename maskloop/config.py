@@ -93,6 +93,8 @@ class ModelConfig:
     sam2: SAM2Config = field(default_factory=SAM2Config)
     lora: LoRAConfig | None = field(default_factory=LoRAConfig)
     template: str = "phi3"
+    # referring answer: "fixed" = "Sure, [SEG]." (Sa2VA); "phrase" = "Sure, <p>{expr}</p> [SEG]." (model/prompts.py)
+    seg_answer: str = "fixed"
     # loss weights (SPEC §1)
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -126,6 +128,8 @@ class ModelConfig:
                 f"vision: {self.patch_grid} patches per side with downsample_ratio={v.downsample_ratio} "
                 "does not give a whole token grid"
             )
+        if self.seg_answer not in ("fixed", "phrase"):
+            raise ConfigError(f"seg_answer={self.seg_answer!r}: choose 'fixed' or 'phrase'")
         if self.sam2.image_size % 32:
             raise ConfigError(f"sam2.image_size={self.sam2.image_size} must be a multiple of 32")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_sizes):

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 from conftest import make_tiny, tiny_batch
 
@@ -41,8 +42,9 @@ def test_gradients_reach_trained_parts_only():
     assert names["sam.sam.mask_decoder.output_hypernetworks_mlps.0.proj_out.weight"].grad.abs().sum() > 0
 
 
-def test_embeds_path_equals_token_path():
-    model = make_tiny()
+@pytest.mark.parametrize("seg_answer", ["fixed", "phrase"])
+def test_embeds_path_equals_token_path(seg_answer):
+    model = make_tiny(seg_answer=seg_answer)
     model.eval()
     pv, gp, _ = tiny_batch(model)
     feats = model.sam_features(gp)
@@ -52,7 +54,38 @@ def test_embeds_path_equals_token_path():
         a = model.segment(pv, feats, expr, qs)
         b = model.segment(pv, feats, model.expression_embeds(expr.ids, expr.lengths), qs)
     torch.testing.assert_close(a["mask_logits"], b["mask_logits"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a["loss_lm"], b["loss_lm"])
+    if seg_answer == "fixed":  # with "phrase", the copied expression is an LM target only as tokens
+        torch.testing.assert_close(a["loss_lm"], b["loss_lm"])
+
+
+def test_phrase_answer_repeats_the_expression_before_seg():
+    from maskloop.config import ConfigError
+    from maskloop.model.presets import get_preset
+    from maskloop.model.sequence import assemble
+
+    model = make_tiny(seg_answer="phrase")
+    bld = model.builder
+    expr = bld.expressions(["the red circle", "green"])
+    qs = bld.seg_question(2, fixed=True)
+    asm = assemble(bld.seg_parts(expr, qs), 2, bld.pad_id)
+    text = [model.tokenizer.decode(r[m.bool()].tolist()) for r, m in zip(asm.input_ids, asm.attention_mask)]
+    assert text[0].endswith("segment the the red circle in this image? <|end|> \n <|assistant|> \n"
+                            " sure, <p> the red circle </p> [SEG]. <|end|>"), text[0]
+    assert text[1].endswith("sure, <p> green </p> [SEG]. <|end|>"), text[1]
+    # every answer token is an LM target (labels sit one position earlier), the copied phrase included
+    for b, n_expr in ((0, 3), (1, 1)):
+        targets = asm.labels[b][asm.labels[b] != -100]
+        want = bld._phrase_answer[0] + expr.ids[b, :n_expr].tolist() + bld._phrase_answer[1]
+        assert targets.tolist() == want
+    # embeddings: the same positions, no targets on the copy
+    emb = model.expression_embeds(expr.ids, expr.lengths)
+    asm_e = assemble(bld.seg_parts(emb, qs), 2, bld.pad_id)
+    assert len(asm_e.embeds) == 2 and asm_e.input_ids.shape == asm.input_ids.shape
+    assert ((asm_e.labels != -100).sum(1) == (asm.labels != -100).sum(1) - expr.lengths).all()
+    cfg = get_preset("tiny")
+    cfg.seg_answer = "both"
+    with pytest.raises(ConfigError, match="seg_answer"):
+        cfg.validate()
 
 
 def _reference_greedy(model, pv, prompt_masks, T):

@@ -81,7 +81,7 @@ class GroundedMLLM(nn.Module):
 
         if cfg.lora is not None:
             self._inject_lora()
-        self.builder = PromptBuilder(tokenizer, cfg.num_image_tokens, cfg.template)
+        self.builder = PromptBuilder(tokenizer, cfg.num_image_tokens, cfg.template, cfg.seg_answer)
         self.set_trainable("default")
         self._cache_kw = _cache_kwarg(self.llm)
 

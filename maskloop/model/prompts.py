@@ -49,6 +49,10 @@ SEG_QUESTIONS = (
 )
 SEG_ANSWERS = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG].")
 FIXED_SEG_ANSWER = "Sure, [SEG]."  # the answer used by the loops' LM term
+# seg_answer="phrase": the answer repeats the expression in Sa2VA's phrase markup (as its grounded-caption
+# answers do) right before [SEG]; the copy is LM-supervised when the expression is given as tokens.
+PHRASE_SEG_ANSWER = "Sure, <p>{expr}</p> [SEG]."
+SEG_ANSWER_STYLES = ("fixed", "phrase")
 
 
 def add_special_tokens(tokenizer) -> list[int]:
@@ -109,9 +113,12 @@ Part = Ragged | Fixed | Repeat | Embeds
 class PromptBuilder:
     """Tokenises the fixed pieces once; builds the parts of every prompt kind."""
 
-    def __init__(self, tokenizer, num_image_tokens: int, template: str = "phi3"):
+    def __init__(self, tokenizer, num_image_tokens: int, template: str = "phi3", seg_answer: str = "fixed"):
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; known: {sorted(TEMPLATES)}")
+        if seg_answer not in SEG_ANSWER_STYLES:
+            raise ValueError(f"unknown seg_answer {seg_answer!r}; known: {SEG_ANSWER_STYLES}")
+        self.seg_answer = seg_answer
         self.tok = tokenizer
         self.n_img = num_image_tokens
         t = TEMPLATES[template]
@@ -131,6 +138,8 @@ class PromptBuilder:
         self._suffix_ids = ids(t["suffix"])
         self._seg_answers = [ids(a + t["answer_end"]) for a in SEG_ANSWERS]
         self.fixed_seg_answer = ids(FIXED_SEG_ANSWER + t["answer_end"])
+        before, after = PHRASE_SEG_ANSWER.split("{expr}")
+        self._phrase_answer = (ids(before), ids(after + t["answer_end"]))
         self.special_ids = sorted(
             {tokenizer.convert_tokens_to_ids(s) for s in ALL_SPECIAL}
             | set(tokenizer.all_special_ids)
@@ -169,12 +178,19 @@ class PromptBuilder:
         return rows
 
     def seg_parts(self, expr: Part, questions: list[tuple[list[int], list[int], list[int]]], with_answer=True):
+        """Image + question around ``expr`` (+ the answer).  With ``seg_answer="phrase"`` the answer is
+        :data:`PHRASE_SEG_ANSWER` with ``expr`` repeated inside it (token ids: LM targets; embeddings: not),
+        and the answer ids in ``questions`` are not used."""
         pre = Ragged.from_lists([q[0] for q in questions], self.pad_id)
         suf = Ragged.from_lists([q[1] for q in questions], self.pad_id)
         parts = self.image_parts() + [pre, expr, suf]
-        if with_answer:
-            parts.append(Ragged.from_lists([q[2] for q in questions], self.pad_id, target=True))
-        return parts
+        if not with_answer:
+            return parts
+        if self.seg_answer == "phrase":
+            copy = Ragged(expr.ids, expr.lengths, target=True) if isinstance(expr, Ragged) else expr
+            before, after = self._phrase_answer
+            return parts + [Fixed(before, target=True), copy, Fixed(after, target=True)]
+        return parts + [Ragged.from_lists([q[2] for q in questions], self.pad_id, target=True)]
 
     def expressions(self, texts: list[str]) -> Ragged:
         return Ragged.from_lists([self.ids(t) for t in texts], self.pad_id)
