@@ -77,3 +77,51 @@ def test_attention_downsample_rate_switch():
     C = cfg.sam2.prompt_dim
     assert m2.sam.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.q_proj.out_features == C // 2
     assert m1.sam.sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.q_proj.out_features == C
+
+
+def test_recency_prior_adds_strength_times_cos_distance_to_the_attention_logits():
+    """Reference: with the q/k weights zeroed, q.k/sqrt(d) after transformers' own RoPE must equal
+    strength * cos(theta_j * (m - n)) -- checks the rotary pair layout the prior relies on."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from maskloop.model.init import init_recency_prior
+
+    model = make_tiny()
+    with pytest.raises(ValueError, match="rotary pairs"):
+        init_recency_prior(model, 30.0, freq_index=99)
+    init_recency_prior(model, 30.0, freq_index=2, kv_groups=1)
+    cfg = model.cfg.llm
+    d = cfg.hidden_size // cfg.num_heads
+    theta = cfg.rope_theta ** (-2 * 2 / d)
+    L = 12
+    pos = torch.arange(L)[None]
+    x = torch.zeros(1, L, cfg.hidden_size)
+    cos, sin = model.llm.rotary_emb(x, pos)
+    dist = (pos[0][:, None] - pos[0][None]).float()
+    for layer in model.llm.layers:
+        at = layer.self_attn
+        with torch.no_grad():
+            q = at.q_proj.bias.expand(1, L, -1).view(1, L, -1, d).transpose(1, 2)  # zero input: bias only
+            k = at.k_proj.bias.expand(1, L, -1).view(1, L, -1, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        for h in range(q.shape[1]):
+            logits = q[0, h] @ k[0, h // groups].T / math.sqrt(d)
+            want = 30.0 * torch.cos(theta * dist) if h // groups == 0 else torch.zeros(L, L)
+            torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-4)
+
+
+def test_train_config_recency_init_needs_scratch_init_and_reaches_the_model():
+    from maskloop.config import ConfigError
+    from maskloop.train.engine import TrainConfig, build_model
+
+    with pytest.raises(ConfigError, match="scratch_init"):
+        TrainConfig.from_mapping({"model": "tiny", "recency_init": 30.0})
+    with pytest.raises(ConfigError, match="recency_init"):
+        TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "recency_init": -1.0})
+    model = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "recency_init": 30.0}))
+    d = model.cfg.llm.hidden_size // model.cfg.llm.num_heads
+    for layer in model.llm.layers:
+        b = layer.self_attn.q_proj.bias.detach()
+        assert b[2] ** 2 / math.sqrt(d) == pytest.approx(30.0)  # scratch init zeroes biases; the prior sets these
+        assert b.abs().gt(0).sum() == model.cfg.llm.num_heads // 2  # default: the first half of the kv groups

@@ -43,6 +43,9 @@ class TrainConfig:
     # a preset built without a checkpoint gets width-aware weights (maskloop.model.init) instead of
     # transformers' N(0, 0.02); for models trained from random init, e.g. the demo's
     scratch_init: bool = False
+    # with scratch_init: strength of the LLM attention's recency prior at init (model/init.py
+    # init_recency_prior; 0 = none); the demo's from-scratch LLM needs it to route the expression to [SEG]
+    recency_init: float = 0.0
     run_dir: str = "runs/default"
     steps: int = 1000
     batch_size: int = 2  # per GPU, per stream
@@ -100,6 +103,9 @@ class TrainConfig:
 
         if cfg.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {cfg.recipe!r}; choose one of {sorted(RECIPES)}")
+        if cfg.recency_init < 0 or (cfg.recency_init and not cfg.scratch_init):
+            raise ConfigError(f"recency_init={cfg.recency_init}: a strength > 0 that needs scratch_init: true "
+                              "(it is an initialisation of a model trained from random weights)")
         return cfg
 
 
@@ -114,7 +120,7 @@ def build_model(cfg: TrainConfig):
 
     if cfg.model in PRESETS:
         from maskloop.data.sources.shapes import all_words
-        from maskloop.model.init import init_from_scratch
+        from maskloop.model.init import init_from_scratch, init_recency_prior
         from maskloop.model.prompts import build_word_tokenizer
 
         if cfg.model not in FROM_SCRATCH_PRESETS:
@@ -124,6 +130,8 @@ def build_model(cfg: TrainConfig):
         model = GroundedMLLM(get_preset(cfg.model), build_word_tokenizer(all_words()))
         if cfg.scratch_init and cfg.init_from is None:
             init_from_scratch(model)
+            if cfg.recency_init:
+                init_recency_prior(model, cfg.recency_init)
     else:
         model = load_pretrained(cfg.model)
     if cfg.init_from:
