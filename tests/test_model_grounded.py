@@ -100,7 +100,8 @@ def _reference_greedy(model, pv, prompt_masks, T):
             parts = model.builder.caption_parts(k, ans if ids else None)
             emb, asm = model.build_inputs(parts, feats, prompt_masks[b : b + 1])
             h = model.run_llm(emb, asm.attention_mask, asm.position_ids)[:, -1]
-            nxt = int(model.lm_logits(h).argmax(-1))
+            logits = model.lm_logits(h)[0]
+            nxt = int(logits.masked_fill(model.caption_banned(logits.device), float("-inf")).argmax(-1))
             ids.append(nxt)
             if nxt == model.builder.end_id:
                 break
@@ -168,3 +169,35 @@ def test_static_cache_decoder_equals_dynamic_cache_loop():
     assert torch.equal(plain.ids, fast.ids)
     assert torch.equal(plain.lengths, fast.lengths) and torch.equal(plain.finished, fast.finished)
     assert torch.equal(again.ids, plain.ids[[1, 0, 3, 2]])
+
+
+def test_captions_never_contain_image_grounding_or_pad_tokens():
+    """A head that prefers <IMG_CONTEXT> / [SEG]: both decoders pick the best allowed token instead."""
+    from maskloop.model.prompts import IMG_CONTEXT, SEG
+
+    model = make_tiny(seed=3)
+    model.eval()
+    img, seg = (model.tokenizer.convert_tokens_to_ids(t) for t in (IMG_CONTEXT, SEG))
+    with torch.no_grad():
+        model.internvl.lm_head.weight[img] *= 50.0
+        model.new_head[list(model.new_token_ids.tolist()).index(seg)] *= 50.0
+    pv, _, _ = tiny_batch(model, B=3, seed=5)
+    pm = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    pm[0, 1:3, 1:3] = 1
+    pm[1, 5, 5] = 1
+    pm[2] = 1
+    banned = model.caption_banned(pv.device)
+    assert banned[img] and banned[seg] and banned[model.builder.pad_id] and not banned[model.builder.end_id]
+    with torch.no_grad():
+        feats = model.image_tokens(pv)
+        k = pm.flatten(1).sum(1).long()
+        emb, asm = model.build_inputs(model.builder.caption_parts(k), feats, pm)
+        free = model.generate(emb, asm.attention_mask, asm.position_ids, 6, static=False)
+        plain = model.describe(pv, pm, max_new_tokens=6, static=False)
+        fast = model.describe(pv, pm, max_new_tokens=6, static=True)
+        ref = _reference_greedy(model, pv, pm, 6)
+    assert (free.ids == img).any() or (free.ids == seg).any()  # unconstrained, the head's favourites win
+    assert torch.equal(plain.ids, fast.ids)
+    for b, r in enumerate(ref):
+        assert plain.ids[b, : len(r)].tolist() == r
+        assert not banned[plain.ids[b, : plain.lengths[b]]].any()

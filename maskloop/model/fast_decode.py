@@ -71,6 +71,7 @@ class StaticGreedyDecoder:
         self.t = torch.zeros(1, dtype=torch.long, device=dev)
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.banned = torch.zeros(model.internvl.lm_head.weight.shape[0], dtype=torch.bool, device=dev)
         self.ids = None
         self.use_graph = use_graph and dev.type == "cuda"
         if compile:
@@ -139,7 +140,7 @@ class StaticGreedyDecoder:
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
             x = x + self._linear(i, "down_proj", mlp.act_fn(self._linear(i, "gate_proj", h)) * self._linear(i, "up_proj", h))
-        nxt = m.lm_logits(llm.norm(x)[:, 0]).argmax(-1)  # (B,)
+        nxt = m.lm_logits(llm.norm(x)[:, 0]).masked_fill(self.banned, float("-inf")).argmax(-1)  # (B,)
         nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
         self.ids.index_copy_(1, self.t, nxt[:, None])
         self.lengths.add_((~self.done & (nxt != end_id)).long())
@@ -152,7 +153,7 @@ class StaticGreedyDecoder:
     def _first(self, hidden_last: torch.Tensor) -> None:
         """Token 0 from the prefill's last hidden state (B, D)."""
         m = self.model
-        nxt = m.lm_logits(hidden_last).argmax(-1)
+        nxt = m.lm_logits(hidden_last).masked_fill(self.banned, float("-inf")).argmax(-1)
         self.ids[:, 0] = nxt
         self.lengths.copy_((nxt != m.builder.end_id).long())
         self.done.copy_(nxt == m.builder.end_id)
@@ -160,7 +161,8 @@ class StaticGreedyDecoder:
         self.t.fill_(1)
 
     @torch.no_grad()
-    def run(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int):
+    def run(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, banned=None):
+        """Decode ``max_new_tokens`` greedily; ``banned`` (V,) bool ids are never picked."""
         from transformers import DynamicCache
 
         m = self.model
@@ -175,6 +177,10 @@ class StaticGreedyDecoder:
             self.v[i][:, :, :L].copy_(values)
         del cache
         self.refresh_merged()
+        if banned is None:
+            self.banned.zero_()
+        else:
+            self.banned.copy_(banned)
         self.valid.zero_()
         self.valid[:, :L] = attention_mask.bool()
         self.pos.copy_(position_ids[:, -1:] + 1)
@@ -189,7 +195,7 @@ class StaticGreedyDecoder:
                 if self.graph is None:
                     self._capture()
                     # the capture ran warm-up steps: redo this call's state
-                    return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens)
+                    return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens, banned)
                 for _ in range(max_new_tokens - 1):
                     self.graph.replay()
             else:

@@ -35,6 +35,7 @@ from maskloop.model.prompts import (
     NEW_TOKENS,
     Embeds,
     Part,
+    ALL_SPECIAL,
     PromptBuilder,
     Ragged,
     add_special_tokens,
@@ -347,9 +348,12 @@ class GroundedMLLM(nn.Module):
     # ------------------------------------------------------------------ (d) batched greedy generation
     @torch.no_grad()
     def generate(
-        self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, static: bool | None = None
+        self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, static: bool | None = None,
+        banned: torch.Tensor | None = None,
     ) -> Generated:
         """Greedy decoding for a left-padded batch with a KV cache; output padded to ``max_new_tokens``.
+
+        ``banned``: (V,) bool, ids never picked (their logits are -inf before the argmax).
 
         ``static`` (default: on CUDA) uses :class:`~maskloop.model.fast_decode.StaticGreedyDecoder`: a static
         cache and one CUDA graph per (batch, bucketed length), replayed without host syncs.  Otherwise a
@@ -370,7 +374,8 @@ class GroundedMLLM(nn.Module):
             if key not in decoders:
                 compile_step = compile_decode_enabled(inputs_embeds.device)
                 decoders[key] = StaticGreedyDecoder(self, key[0], key[1], use_graph=key[2], compile=compile_step)
-            ids, lengths, done = decoders[key].run(inputs_embeds, attention_mask, position_ids, max_new_tokens)
+            ids, lengths, done = decoders[key].run(inputs_embeds, attention_mask, position_ids, max_new_tokens,
+                                                   banned)
             return Generated(ids, lengths, done)
 
         B = inputs_embeds.shape[0]
@@ -384,7 +389,8 @@ class GroundedMLLM(nn.Module):
         pos = position_ids[:, -1:]
         mask = attention_mask
         for t in range(max_new_tokens):
-            nxt = self.lm_logits(hidden).argmax(-1)  # (B,)
+            logits = self.lm_logits(hidden)
+            nxt = (logits if banned is None else logits.masked_fill(banned, float("-inf"))).argmax(-1)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             ids[:, t] = nxt
             lengths += (~done & (nxt != end_id)).long()
@@ -401,11 +407,25 @@ class GroundedMLLM(nn.Module):
         self, pixel_values: torch.Tensor | None, prompt_masks: torch.Tensor, max_new_tokens: int = 64,
         static: bool | None = None, vit_feats: torch.Tensor | None = None,
     ) -> Generated:
-        """Region caption by greedy decoding: image + region(prompt_masks) -> caption ids (B, T)."""
+        """Region caption by greedy decoding: image + region(prompt_masks) -> caption ids (B, T).
+
+        A caption is words: the image / region / grounding tokens and padding are never generated (an
+        undertrained model picks them at times, and a caption is fed back as a prompt by the cycle
+        evaluation and Loop 1, where an extra <IMG_CONTEXT> or [SEG] breaks the prompt's layout)."""
         image_feats = self.image_tokens(pixel_values, vit_feats)
         k = prompt_masks.flatten(1).sum(1).long()
         emb, asm = self.build_inputs(self.builder.caption_parts(k), image_feats, prompt_masks)
-        return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static)
+        return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static,
+                             banned=self.caption_banned(emb.device))
+
+    def caption_banned(self, device) -> torch.Tensor:
+        """(V,) bool: the ids a caption may not contain (image, region and grounding tokens, padding)."""
+        V = self.internvl.lm_head.weight.shape[0]
+        ban = torch.zeros(V, dtype=torch.bool, device=device)
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL] + [self.builder.pad_id]
+        ban[torch.tensor(sorted({i for i in ids if i is not None and 0 <= i < V}), device=device)] = True
+        ban[self.builder.end_id] = False
+        return ban
 
     def expression_embeds(self, ids: torch.Tensor, lengths: torch.Tensor) -> Embeds:
         """Token ids (B, T) -> an :class:`Embeds` part (the embedding rows, differentiable)."""
