@@ -31,11 +31,11 @@ from maskloop.config import ModelConfig
 from maskloop.model import losses as L
 from maskloop.model.presets import internvl_config, sam2_config
 from maskloop.model.prompts import (
+    ALL_SPECIAL,
     IMG_CONTEXT,
     NEW_TOKENS,
     Embeds,
     Part,
-    ALL_SPECIAL,
     PromptBuilder,
     Ragged,
     add_special_tokens,
