@@ -241,3 +241,20 @@ def test_ddp_a_failing_rank_skips_the_step_on_every_rank(tmp_path):
     for h in (r0["history"], r1["history"]):
         assert [x["skipped_steps"] for x in h] == [1, 1]  # step 1 skipped everywhere, step 2 trained
         assert h[0]["skipped_micro/teacher_empty"] == 1  # counted once (on rank 1), summed over ranks
+
+
+def test_sft_trains_the_streams_its_data_names(tmp_path):
+    from maskloop.config import ConfigError
+
+    data = shapes_data(8)
+    torch.manual_seed(0)
+    both = Trainer(make_cfg("sft", tmp_path / "both", steps=1, data={k: data[k] for k in ("refer", "caption")}))
+    assert set(both.streams) == {"refer", "caption"}
+    assert {"loss_mask", "loss_caption"} <= set(both.train_step())
+    refer = Trainer(make_cfg("sft", tmp_path / "refer", steps=1, data={"refer": data["refer"]}))
+    assert set(refer.streams) == {"refer"}
+    logs = refer.train_step()
+    assert "loss_mask" in logs and "loss_caption" not in logs
+    assert float(logs["loss"]) == pytest.approx(float(logs["loss_mask"]) + float(logs["loss_lm"]), rel=1e-5)
+    with pytest.raises(ConfigError, match="at least one"):
+        Trainer(make_cfg("sft", tmp_path / "none", steps=1, data={"pairs": data["pairs"]}))

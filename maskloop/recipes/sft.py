@@ -1,7 +1,8 @@
 """Recipe: supervised fine-tuning (SPEC §2a).
 
 Each micro-step takes one referring batch (expression -> [SEG] -> mask; LM CE + 2.0 BCE + 0.5 Dice)
-and one region-caption batch (mask -> caption; LM CE), and optimises their sum.
+and one region-caption batch (mask -> caption; LM CE), and optimises their sum.  A run whose data has
+only one of the two streams trains that one alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ class SFT(RecipeBase):
         self.rng = random.Random(seed)
 
     def step(self, batches: dict) -> StepOutput:
-        loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
-        loss_c, logs_c = caption_loss(self.model, batches["caption"])
-        n = batches["refer"]["pixel_values"].shape[0] + batches["caption"]["pixel_values"].shape[0]
-        return StepOutput([loss_r + loss_c], {"loss": _d(loss_r + loss_c), **logs_r, **logs_c}, n)
+        loss, logs, n = 0.0, {}, 0
+        if "refer" in batches:  # either stream may be absent from the data (e.g. referring-only SFT)
+            loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
+            loss, n = loss + loss_r, n + batches["refer"]["pixel_values"].shape[0]
+            logs.update(logs_r)
+        if "caption" in batches:
+            loss_c, logs_c = caption_loss(self.model, batches["caption"])
+            loss, n = loss + loss_c, n + batches["caption"]["pixel_values"].shape[0]
+            logs.update(logs_c)
+        return StepOutput([loss], {"loss": _d(loss), **logs}, n)
