@@ -119,9 +119,9 @@ def test_train_config_recency_init_needs_scratch_init_and_reaches_the_model():
         TrainConfig.from_mapping({"model": "tiny", "recency_init": 30.0})
     with pytest.raises(ConfigError, match="recency_init"):
         TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "recency_init": -1.0})
-    model = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "recency_init": 30.0}))
+    model = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "recency_init": 8.0}))
     d = model.cfg.llm.hidden_size // model.cfg.llm.num_heads
     for layer in model.llm.layers:
         b = layer.self_attn.q_proj.bias.detach()
-        assert b[2] ** 2 / math.sqrt(d) == pytest.approx(30.0)  # scratch init zeroes biases; the prior sets these
-        assert b.abs().gt(0).sum() == model.cfg.llm.num_heads // 2  # default: the first half of the kv groups
+        assert b[2] ** 2 / math.sqrt(d) == pytest.approx(8.0)  # scratch init zeroes biases; the prior sets these
+        assert b.abs().gt(0).sum() == model.cfg.llm.num_heads  # default: every head

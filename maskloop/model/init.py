@@ -82,10 +82,10 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
     (hence SAM2's prompt) barely depends on the expression, and SAM2's decoder settles on segmenting
     every object before the LLM learns to route the expression there.  With the expression right
     before [SEG] (``seg_answer="phrase"``) and this prior, the prompt is a function of the expression
-    from step 0.  ``kv_groups``: how many key/value groups per layer get it (default: the first half,
-    at least one).  The other heads keep their uniform start: with the prior in every head, the
-    far-away region tokens of a caption prompt are ~40 logits down at init, never get a gradient, and
-    the demo's captioner learnt one caption for every region.
+    from step 0.  ``kv_groups``: how many key/value groups per layer get it (default all).  The strength
+    trades that against reading far tokens: distance d loses ``strength * (1 - cos(theta_j d))`` logits,
+    up to twice the strength; at 30 the region tokens of a caption prompt (~20 tokens before the answer)
+    are ~40 logits down, get no gradient, and the demo's captioner learnt one caption for every region.
     """
     if strength <= 0:
         raise ValueError(f"recency strength must be > 0, got {strength}")
@@ -99,7 +99,7 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
             raise ValueError("the recency prior needs q/k projection biases (Qwen2 attention has them)")
         a = math.sqrt(strength * math.sqrt(d))
         with torch.no_grad():
-            for g in range(max(1, n_kv // 2) if kv_groups is None else min(kv_groups, n_kv)):
+            for g in range(n_kv if kv_groups is None else min(kv_groups, n_kv)):
                 attn.k_proj.bias[g * d + freq_index] = a
                 for h in range(g * n_q // n_kv, (g + 1) * n_q // n_kv):  # the query heads reading group g
                     attn.q_proj.bias[h * d + freq_index] = a
