@@ -2,10 +2,16 @@
 
 ``maskloop demo`` (``make demo``):
 
-1. builds the ``tiny`` preset from scratch (random init, word tokenizer over the shapes-world words;
-   trained from scratch, so every parameter trains: ``freeze: all``) and evaluates it untrained;
-2. **SFT** warm-up on the shapes world: referring segmentation (expression -> [SEG] -> mask) and
-   region captioning (mask -> caption);
+1. builds the ``tiny-demo`` preset from scratch (random init, word tokenizer over the shapes-world words)
+   and evaluates it untrained.  Two choices make a from-scratch LLM usable within minutes: the referring
+   answer repeats the expression right before [SEG] ("Sure, <p>the red circle</p> [SEG].", Sa2VA's phrase
+   markup; ``seg_answer="phrase"``), and the LLM's attention starts with a recency prior
+   (:func:`maskloop.model.init.init_recency_prior`), so that SAM2's prompt depends on the expression from
+   the first step instead of on everything in the sequence;
+2. **SFT** on the shapes world, referring segmentation (expression -> [SEG] -> mask) and region captioning
+   (mask -> caption), in two stages: *alignment*, referring only with the LLM frozen (SAM2's decoder,
+   text_hidden_fcs, the ViT and the projector learn to use the [SEG] state as it is), then both tasks with
+   everything but SAM2's image encoder trained;
 3. the **dual** recipe (SPEC §2d): Loop 1 (mask -> EMA-teacher caption -> Gumbel pseudo-tokens ->
    mask, with interleaved referring batches) and Loop 2 (caption -> mask -> caption), combined by
    gradient surgery;
@@ -13,7 +19,7 @@
    sensitivity (does the mask change when another object is named?), caption metrics, cycle IoU =
    IoU(mask, segment(describe(mask)));
 5. a run directory with ``report.md`` / ``report.html``, ``curves.png``, ``examples_*.png``,
-   ``metrics.json``, the training logs (``sft/``, ``dual/``) and the final model (``model/``, a
+   ``metrics.json``, the training logs (``align/``, ``sft/``, ``dual/``) and the final model (``model/``, a
    checkpoint folder that ``maskloop caption|segment|eval --checkpoint`` accept).
 
 ``--quick`` runs the same pipeline with fewer steps and scenes (CI, about 2 minutes).
@@ -31,50 +37,68 @@ from pathlib import Path
 
 import torch
 
-# Training settings (everything else: TrainConfig defaults).  Tuned on a 2-core CPU; see the report.
+# Training settings (everything else: TrainConfig defaults).  Tuned on a 2-core CPU; see the report and
+# benchmarks/results/demo_sweep.md.
 FULL = {
     "scenes": 4000,  # training scenes per stream
     "val_scenes": 200,  # held-out scenes for every metric
-    "sft": {"steps": 2200, "batch_size": 8, "accumulation": 1, "lr": 2e-3, "warmup_ratio": 0.03},
-    "dual": {"steps": 400, "batch_size": 8, "accumulation": 1, "lr": 5e-4, "warmup_ratio": 0.05,
-             "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.25},
+    "align": {"steps": 1000, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
+    "sft": {"steps": 900, "batch_size": 8, "accumulation": 1, "lr": 5e-4, "warmup_ratio": 0.03},
+    "dual": {"steps": 300, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
+             "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.5},
     "examples": 6,
 }
 QUICK = {
     "scenes": 800,
     "val_scenes": 48,
-    "sft": {"steps": 300, "batch_size": 8, "accumulation": 1, "lr": 2e-3, "warmup_ratio": 0.03},
+    "align": {"steps": 150, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
+    "sft": {"steps": 150, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "dual": {"steps": 30, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
              "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.25},
     "examples": 4,
 }
-# SFT trains the from-scratch model entirely.  The loops then train what SPEC §2 trains (LoRA, mlp1,
-# text_hidden_fcs, SAM2 decoder, new-token rows) plus the LLM base (random at the start of the demo,
-# so LoRA alone would be a small share of it); the vision tower learnt in SFT is kept frozen, as the
-# loops' ViT-feature sharing between the EMA teacher and the student assumes.
-DUAL_TRAINS = ("lora", "projector", "text_hidden_fcs", "sam2_decoder", "new_tokens", "llm_base")
+MODEL = "tiny-demo"  # trained from scratch: width-aware init + the LLM attention's recency prior
+RECENCY = 8.0  # maskloop.model.init.init_recency_prior strength (every head)
+EXPRESSIONS = "colour"  # referring expressions name the target's colour (shapes.referring_expression)
+# What each stage trains.  SAM2's image encoder is never trained: at its random init it is a fixed feature
+# extractor that the mask decoder learns to read (training it at the demo's lr made referring worse).
+# Stage 1 (alignment, referring only) keeps the random LLM frozen, so the [SEG] state stays the function of
+# the expression that the recency prior makes it while SAM2's decoder learns to use it; trained with it,
+# the LLM drifts faster than the decoder learns and the prompt collapses to "every object"
+# (benchmarks/results/demo_sweep.md).  SFT then trains the LLM too, with region captioning.  The
+# loops train what SPEC §2 trains plus the LLM base (from scratch, LoRA alone would be a small share of it);
+# the vision tower is kept frozen there, as the loops' ViT-feature sharing between teacher and student assumes.
+STAGE_TRAINS = {
+    "align": ("projector", "text_hidden_fcs", "sam2_decoder", "vision"),
+    "sft": ("lora", "projector", "text_hidden_fcs", "sam2_decoder", "new_tokens", "vision", "llm_base"),
+    "dual": ("lora", "projector", "text_hidden_fcs", "sam2_decoder", "new_tokens", "llm_base"),
+}
+SEEDS = {"align": 0, "sft": 1, "dual": 2}  # initialisation (align) and data order of each stage
 EVAL_BATCH = 50
 MAX_NEW_TOKENS = 12  # shapes captions are at most 8 words
 
 
 def _data(n: int) -> dict:
     return {
-        "refer": [{"kind": "shapes_refer", "n": n, "seed": "train"}],
+        "refer": [{"kind": "shapes_refer", "n": n, "seed": "train", "expression_policy": EXPRESSIONS}],
         "caption": [{"kind": "shapes_caption", "n": n, "seed": "train"}],
         "pairs": [{"kind": "shapes_pairs", "n": n, "seed": "train"}],
         "dam": [{"kind": "shapes_caption", "n": n, "seed": "train"}],
     }
 
 
-def train_config(recipe: str, settings: dict, run_dir: Path, progress: bool):
+def train_config(stage: str, settings: dict, run_dir: Path, progress: bool):
+    """The TrainConfig of demo stage ``align`` / ``sft`` (recipe sft) or ``dual``."""
     from maskloop.train.engine import TrainConfig
 
-    stage = settings["sft" if recipe == "sft" else "dual"]
+    data = _data(settings["scenes"])
+    if stage == "align":  # the frozen random LLM cannot learn captions: referring only
+        data = {"refer": data["refer"]}
     return TrainConfig.from_mapping({
-        "recipe": recipe, "model": "tiny", "run_dir": str(run_dir / recipe),
-        "freeze": "all" if recipe == "sft" else list(DUAL_TRAINS),
-        "ckpt_every": 0, "log_every": 10, "progress": progress, "seed": 0,
-        "data": _data(settings["scenes"]), **stage,
+        "recipe": "dual" if stage == "dual" else "sft", "model": MODEL, "run_dir": str(run_dir / stage),
+        "scratch_init": True, "recency_init": RECENCY, "freeze": list(STAGE_TRAINS[stage]),
+        "ckpt_every": 0, "log_every": 10, "progress": progress, "seed": SEEDS[stage],
+        "data": data, **settings[stage],
     })
 
 
@@ -90,8 +114,8 @@ def evaluate(model, settings: dict, progress: bool, examples: int = 0) -> tuple[
     tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
     n = settings["val_scenes"]
     meter = RefSegMeter()  # referring metrics from the same pass as the text sensitivity
-    text = evaluate_text_sensitivity(model, ShapesReferDataset(n, seed="val", transform=tf, with_other=True),
-                                     EVAL_BATCH, progress=progress, meter=meter)
+    val = ShapesReferDataset(n, seed="val", transform=tf, with_other=True, expression_policy=EXPRESSIONS)
+    text = evaluate_text_sensitivity(model, val, EVAL_BATCH, progress=progress, meter=meter)
     refer = meter.compute()
     cyc = evaluate_cycle(model, ShapesRegionCaptionDataset(n, seed="val", transform=tf), EVAL_BATCH, MAX_NEW_TOKENS,
                          keep_examples=examples, progress=progress)
@@ -153,14 +177,17 @@ def write_demo_report(run_dir: Path, results: dict, curves: Path, grid: Path, gr
               "after dual loop": results["summary"]["dual"]}
     s = results["settings"]
     notes = [
-        f"Tiny Sa2VA-family model trained from scratch on the synthetic shapes world "
+        f"Tiny Sa2VA-family model ({MODEL}) trained from scratch on the synthetic shapes world "
         f"({s['scenes']} training scenes per stream) on {results['threads']} CPU thread(s): "
-        f"SFT for {s['sft']['steps']} steps, then the dual recipe (Loop 1 + Loop 2 with gradient surgery) for "
+        f"SFT for {s['align']['steps']} steps of referring with the LLM frozen (alignment) and "
+        f"{s['sft']['steps']} of referring + region captioning with it trained, then the dual recipe "
+        f"(Loop 1 + Loop 2 with gradient surgery) for "
         f"{s['dual']['steps']} steps. Wall time {results['wall_s']:.0f} s "
         f"(SFT {results['times']['sft']:.0f} s, dual {results['times']['dual']:.0f} s, "
         f"evaluation {results['times']['eval']:.0f} s).",
         f"All metrics on {s['val_scenes']} held-out scenes (seed 'val'). Referring: the ground-truth "
-        "expression is segmented with the fixed answer 'Sure, [SEG].'; cIoU = sum I / sum U, gIoU = mean IoU. "
+        "expression (naming the target's colour) is segmented with the answer 'Sure, <p>{expression}</p> [SEG].'; "
+        "cIoU = sum I / sum U, gIoU = mean IoU. "
         "Cycle: the model captions the region (greedy), segments its own caption, IoU with the source mask. "
         "Captions: BLEU / CIDEr / METEOR without synonyms, against the shapes-world caption. "
         "Text sensitivity: each image is also segmented for a second object's expression; 1 - mean IoU of the two "
@@ -193,44 +220,47 @@ def run_demo(run_dir: str | Path = "runs/demo", quick: bool = False, threads: in
     settings = settings or (QUICK if quick else FULL)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("sft", "dual"):  # the trainer appends to metrics.jsonl: start these logs afresh
+    for sub in STAGE_TRAINS:  # the trainer appends to metrics.jsonl: start these logs afresh
         if (run_dir / sub).is_dir():
             shutil.rmtree(run_dir / sub)
     say = print if progress else (lambda *a, **k: None)
     times = {"eval": 0.0}
 
-    say(f"[1/5] building the tiny model; evaluating it untrained ({settings['val_scenes']} held-out scenes)")
-    trainer = Trainer(train_config("sft", settings, run_dir, progress))
-    model = trainer.model
+    say(f"[1/6] building the {MODEL} model from scratch; evaluating it untrained ({settings['val_scenes']} held-out scenes)")
+    align = Trainer(train_config("align", settings, run_dir, progress))
+    model = align.model
     t = time.perf_counter()
     m0, _ = evaluate(model, settings, progress)
     times["eval"] += time.perf_counter() - t
 
-    say(f"[2/5] SFT: referring segmentation + region captioning, {settings['sft']['steps']} steps")
+    say(f"[2/6] SFT stage 1 (alignment; LLM frozen): referring + region captioning, {settings['align']['steps']} steps")
     t = time.perf_counter()
-    sft_hist = trainer.fit()
+    align_hist = align.fit()
+    say(f"[3/6] SFT stage 2 (LLM trained too), {settings['sft']['steps']} steps")
+    sft_hist = Trainer(train_config("sft", settings, run_dir, progress), model=model).fit()
     times["sft"] = time.perf_counter() - t
     t = time.perf_counter()
     m1, ex1 = evaluate(model, settings, progress, settings["examples"])
     times["eval"] += time.perf_counter() - t
     say(f"      after SFT: referring cIoU {m1['refer']['cIoU']:.3f}, cycle mIoU {m1['cycle']['cycle_mIoU']:.3f}")
 
-    say(f"[3/5] dual loop (Loop 1 + Loop 2, gradient surgery), {settings['dual']['steps']} steps")
+    say(f"[4/6] dual loop (Loop 1 + Loop 2, gradient surgery), {settings['dual']['steps']} steps")
     t = time.perf_counter()
-    dual = Trainer(train_config("dual", settings, run_dir, progress), model=model)
-    dual_hist = dual.fit()
+    dual_hist = Trainer(train_config("dual", settings, run_dir, progress), model=model).fit()
     times["dual"] = time.perf_counter() - t
 
-    say("[4/5] evaluating after the dual loop")
+    say("[5/6] evaluating after the dual loop")
     t = time.perf_counter()
     m2, ex2 = evaluate(model, settings, progress, settings["examples"])
     times["eval"] += time.perf_counter() - t
 
-    say("[5/5] writing the report and the model")
-    sft_steps = settings["sft"]["steps"]
+    say("[6/6] writing the report and the model")
+    n_align, n_sft = settings["align"]["steps"], settings["sft"]["steps"]
+    sft_steps = n_align + n_sft
     summary = {"untrained": _summary(m0), "sft": _summary(m1), "dual": _summary(m2)}
     evals = {0: summary["untrained"], sft_steps: summary["sft"], sft_steps + settings["dual"]["steps"]: summary["dual"]}
-    curves = _curves(sft_hist, dual_hist, sft_steps, evals, run_dir / "curves.png")
+    sft_all = align_hist + [{**h, "step": h["step"] + n_align} for h in sft_hist]
+    curves = _curves(sft_all, dual_hist, sft_steps, evals, run_dir / "curves.png")
     grid = example_grid(ex2, run_dir / "examples_dual.png")
     grid_sft = example_grid(ex1, run_dir / "examples_sft.png")
     save_published(model, run_dir / "model")

@@ -1,7 +1,8 @@
 """Model presets and the translation of our config into transformers' configs.
 
 * ``tiny``      — a few M parameters on 64x64 tiles (8x8 token grid) and 128x128 SAM inputs; tests.
-* ``tiny-demo`` — ``tiny`` with a 64-wide SAM2 mask decoder (cross-attention not narrowed); the demo.
+* ``tiny-demo`` — ``tiny`` with 4x4 image tokens, a 64-wide SAM2 mask decoder (cross-attention not
+  narrowed) and the phrase-repeating referring answer; the demo.
 * ``sa2va-1b``  — InternViT-300M + Qwen2.5-0.5B (InternVL2.5-1B) + SAM2 Hiera-L, the published shapes.
 * ``sa2va-4b``  — InternViT-300M + Qwen2.5-3B (InternVL2.5-4B) + SAM2 Hiera-L, the published shapes.
 
@@ -84,6 +85,11 @@ _demo.name = "tiny-demo"
 _demo.sam2.prompt_dim = 64
 _demo.sam2.decoder_mlp_dim = 128
 _demo.sam2.attention_downsample_rate = 1
+# 4x4 image tokens (patch 8): fewer positions for the LLM to route past, 1.6x faster SFT steps than 8x8
+_demo.vision.patch_size = 8
+# "Sure, <p>{expr}</p> [SEG].": the expression right before [SEG], so that with the recency prior of the
+# demo's init (maskloop.model.init.init_recency_prior) SAM2's prompt depends on the expression from step 0
+_demo.seg_answer = "phrase"
 PRESETS["tiny-demo"] = _demo
 # presets small enough to train from scratch on a CPU, with the shapes-world word tokenizer
 FROM_SCRATCH_PRESETS = ("tiny", "tiny-demo")
