@@ -75,8 +75,9 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
     the first dimension of rotary pair ``freq_index`` (frequency ``theta_j = rope_theta^(-2j/head_dim)``).
     RoPE turns that into ``a^2 cos(theta_j (m - n))`` in the score of query m on key n, so after the
     1/sqrt(head_dim) scaling the logits gain ``strength * cos(theta_j * distance)``: at init a head looks
-    mostly at the last few tokens (j = 2 with theta 1e4 gives theta_j = 0.1; at strength 30 the weights of
-    distances 0, 1, 2, 3, 4 relative to the current token are 1, 0.86, 0.55, 0.26, 0.09).  The biases then train like any other weight.
+    mostly at the last few tokens (j = 2 with theta 1e4 gives theta_j = 0.1; at the demo's strength 8 the
+    weights of distances 0, 2, 4, 6, 10 relative to the current token are 1, 0.85, 0.53, 0.24, 0.03; at 30,
+    1, 0.55, 0.09, 0.01, 0).  The biases then train like any other weight.
 
     Why the demo needs it: a from-scratch LLM averages over every token at init, so the [SEG] state
     (hence SAM2's prompt) barely depends on the expression, and SAM2's decoder settles on segmenting

@@ -280,8 +280,8 @@ class Trainer:
             names = [n for n in stream_names if n in cfg.data or (n != "refer" and cfg.recipe != "sft")]
             if not names:
                 raise ConfigError(f"recipe {cfg.recipe!r} needs data for at least one of {list(stream_names)}")
-            streams = {n: Stream(n, cfg.data[n] if n in cfg.data else [], self.model, cfg.batch_size, cfg.seed,
-                                 cfg.num_workers) for n in names}
+            streams = {n: Stream(n, cfg.data.get(n, []), self.model, cfg.batch_size, cfg.seed, cfg.num_workers)
+                       for n in names}
         self.streams = streams
         self.step = 0
         self.micro = 0  # micro-steps taken (drives the Loop-1 referring interleave)
