@@ -80,7 +80,7 @@ def test_attention_downsample_rate_switch():
 
 
 def test_recency_prior_adds_strength_times_cos_distance_to_the_attention_logits():
-    """Reference: with the q/k weights zeroed, q.k/sqrt(d) after transformers' own RoPE must equal
+    """Reference: for a zero input (q, k = their biases), q.k/sqrt(d) after transformers' own RoPE must equal
     strength * cos(theta_j * (m - n)) -- checks the rotary pair layout the prior relies on."""
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
