@@ -43,6 +43,9 @@ class StubModel(torch.nn.Module):
     def sam_features(self, g):
         return g
 
+    def image_tokens(self, pv):
+        return None  # segment() ignores image features
+
     def segment(self, pv, feats, expr, questions=None, gt_masks=None, image_feats=None, lm_loss=True):
         self.seen_exprs.append(expr)
         self.modes_seen.append(self.training)

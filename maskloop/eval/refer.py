@@ -55,11 +55,19 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def segment_texts(model, batch: dict, texts: list[str] | None = None, expr=None) -> torch.Tensor:
-    """(B, G, G) bool masks for the batch's images from ``texts`` (or a ready ``expr`` part)."""
+def segment_texts(model, batch: dict, texts: list[str] | None = None, expr=None, feats=None) -> torch.Tensor:
+    """(B, G, G) bool masks for the batch's images from ``texts`` (or a ready ``expr`` part).
+
+    ``feats``: the batch's (SAM2 features, image tokens) when already computed (:func:`image_features`)."""
     expr = expr if expr is not None else model.builder.expressions(texts)
-    out = model.segment(batch["pixel_values"], model.sam_features(batch["g_pixel_values"]), expr, lm_loss=False)
+    sam_feats, image_feats = feats if feats is not None else (model.sam_features(batch["g_pixel_values"]), None)
+    out = model.segment(batch["pixel_values"], sam_feats, expr, image_feats=image_feats, lm_loss=False)
     return out["mask_logits"] > 0
+
+
+def image_features(model, batch: dict):
+    """(SAM2 features, projected image tokens) of a batch, to segment several texts on the same images."""
+    return model.sam_features(batch["g_pixel_values"]), model.image_tokens(batch["pixel_values"])
 
 
 def evaluate_refer(
@@ -115,8 +123,9 @@ def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples:
             if "other_expression" not in batch:
                 raise KeyError("text sensitivity needs items with an 'other_expression' (a second object's expression)")
             batch = to_device(batch, dev)
-            a = segment_texts(model, batch, list(batch["expression"])).cpu()
-            b = segment_texts(model, batch, list(batch["other_expression"])).cpu()
+            feats = image_features(model, batch)  # both expressions segment the same images
+            a = segment_texts(model, batch, list(batch["expression"]), feats=feats).cpu()
+            b = segment_texts(model, batch, list(batch["other_expression"]), feats=feats).cpu()
             if meter is not None:
                 meter.update(a, batch["masks"].cpu() > 0.5)
             same.append(mask_iou(a, b))
@@ -130,4 +139,5 @@ def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples:
     return out
 
 
-__all__ = ["evaluate_refer", "evaluate_text_sensitivity", "eval_mode", "loader", "model_device", "segment_texts", "to_device"]
+__all__ = ["evaluate_refer", "evaluate_text_sensitivity", "eval_mode", "image_features", "loader", "model_device",
+           "segment_texts", "to_device"]

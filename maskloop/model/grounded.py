@@ -419,13 +419,17 @@ class GroundedMLLM(nn.Module):
                              banned=self.caption_banned(emb.device))
 
     def caption_banned(self, device) -> torch.Tensor:
-        """(V,) bool: the ids a caption may not contain (image, region and grounding tokens, padding)."""
-        V = self.internvl.lm_head.weight.shape[0]
-        ban = torch.zeros(V, dtype=torch.bool, device=device)
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL] + [self.builder.pad_id]
-        ban[torch.tensor(sorted({i for i in ids if i is not None and 0 <= i < V}), device=device)] = True
-        ban[self.builder.end_id] = False
-        return ban
+        """(V,) bool: the ids a caption may not contain (image, region and grounding tokens, padding).
+        Built once per device (Loop 1 asks at every step)."""
+        cache = self.__dict__.setdefault("_caption_banned", {})
+        if device not in cache:
+            V = self.internvl.lm_head.weight.shape[0]
+            ban = torch.zeros(V, dtype=torch.bool)
+            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ALL_SPECIAL] + [self.builder.pad_id]
+            ban[sorted({i for i in ids if i is not None and 0 <= i < V})] = True
+            ban[self.builder.end_id] = False
+            cache[device] = ban.to(device)
+        return cache[device]
 
     def expression_embeds(self, ids: torch.Tensor, lengths: torch.Tensor) -> Embeds:
         """Token ids (B, T) -> an :class:`Embeds` part (the embedding rows, differentiable)."""
