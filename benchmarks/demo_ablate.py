@@ -12,7 +12,7 @@ line per evaluation (held-out referring cIoU / gIoU and text sensitivity, 200 ``
 * ``bow``         bypass the LLM: SAM2's prompt = text_hidden_fcs(mean embedding of the expression's
                   size / colour / shape words) -- the ceiling of the SAM2 side with a clean code;
 * ``lr=``, ``seed=``, ``st=`` (steps of the cosine), ``colour`` / ``minimal`` (expression policy),
-  ``referonly`` (no caption loss), ``bce`` (no Dice), ``maskw=`` (mask-loss factor), ``fixedq`` (one
+  ``referonly`` (no caption stream), ``bce`` (no Dice), ``maskw=`` (mask-loss factor), ``fixedq`` (one
   question template), ``wscale=`` (content-word embedding rows scaled at init), ``hed=`` (Hiera width),
   ``zero_proj`` / ``dd`` (as in demo_sweep), ``encT`` (SAM2 encoder trained as well).
 
@@ -43,11 +43,13 @@ def _flags(spec: str) -> tuple[str, dict]:
 
 
 def make(spec: str, steps: int, run_dir: Path):
+    import copy
+
     import demo_sweep as D
     import torch
 
     base, fl = _flags(spec)
-    V = D.VARIANTS[base]
+    V = D.VARIANTS[spec] = copy.deepcopy(D.VARIANTS[base])  # the spec's own copy: the base stays as defined
     for key in ("train", "data", "set"):
         V.setdefault(key, {})
     if "lr" in fl:
@@ -66,19 +68,17 @@ def make(spec: str, steps: int, run_dir: Path):
         V["set"]["sam2.hiera_embed_dim"] = int(fl["hed"])
     if "phrase" in fl:
         V["set"]["seg_answer"] = "phrase"
+    if "referonly" in fl:
+        V["streams"] = ("refer",)
     V["zero_proj"] = "zero_proj" in fl or V.get("zero_proj", False)
     V["dd"] = "dd" in fl or V.get("dd", False)
-    tr = D.make_trainer(base, int(fl.get("st", steps)), run_dir)
+    tr = D.make_trainer(spec, int(fl.get("st", steps)), run_dir)
     m = tr.model
     if "bce" in fl:
         m.cfg.dice_weight = 0.0
     if "maskw" in fl:
         m.cfg.bce_weight *= float(fl["maskw"])
         m.cfg.dice_weight *= float(fl["maskw"])
-    if "referonly" in fl:
-        import maskloop.recipes.sft as S
-
-        S.caption_loss = lambda model, b: (torch.zeros((), device=b["pixel_values"].device), {"loss_caption": 0.0})
     if "fixedq" in fl:
         orig = m.builder.seg_question
         m.builder.seg_question = lambda B, rng=None, fixed=False: orig(B, fixed=True)

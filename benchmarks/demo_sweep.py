@@ -32,7 +32,7 @@ COLOUR = {"expression_policy": "colour"}  # expressions name the target's colour
 def _v(model: str = "tiny-demo", frozen_sam: bool = True, init: bool = True, **kw) -> dict:
     """A variant: ``model`` preset, SAM2 encoder frozen or trained, width-aware init; ``train`` (TrainConfig
     fields), ``set`` (dotted model-config fields), ``data`` (kwargs of every shapes source), ``scenes``
-    (training scenes per stream), ``zero_proj`` (mlp1's output layer starts at zero: constant image tokens
+    (training scenes per stream), ``streams`` (SFT streams, default refer + caption), ``zero_proj`` (mlp1's output layer starts at zero: constant image tokens
     at the start), ``dd`` (text_hidden_fcs' output layer rescaled on a first batch to zero mean and unit
     variance per channel)."""
     train = {"scratch_init": init, **kw.pop("train", {})}
@@ -92,9 +92,10 @@ def make_trainer(name: str, steps: int, run_dir: Path):
 
     v = VARIANTS[name]
     n = v.get("scenes", 4000)
-    cfg = TrainConfig.from_mapping({**BASELINE, "steps": steps, "run_dir": str(run_dir), "data": {
-        "refer": [{"kind": "shapes_refer", "n": n, "seed": "train"}],
-        "caption": [{"kind": "shapes_caption", "n": n, "seed": "train"}]}})
+    data = {"refer": [{"kind": "shapes_refer", "n": n, "seed": "train"}],
+            "caption": [{"kind": "shapes_caption", "n": n, "seed": "train"}]}
+    cfg = TrainConfig.from_mapping({**BASELINE, "steps": steps, "run_dir": str(run_dir),
+                                    "data": {k: data[k] for k in v.get("streams", data)}})
     cfg.model = v.get("model", "tiny")
     cfg.precision = "fp32"
     for k, val in v.get("train", {}).items():
@@ -105,8 +106,11 @@ def make_trainer(name: str, steps: int, run_dir: Path):
     preset = copy.deepcopy(P.PRESETS[cfg.model])
     for k, val in {**(OLD_TINY_DEMO if cfg.model == "tiny-demo" else {}), **v.get("set", {})}.items():
         _set(preset, k, val)
-    P.PRESETS[cfg.model] = preset
-    tr = Trainer(cfg)
+    original, P.PRESETS[cfg.model] = P.PRESETS[cfg.model], preset
+    try:
+        tr = Trainer(cfg)
+    finally:  # the variant's preset lives for this trainer only
+        P.PRESETS[cfg.model] = original
     if v.get("zero_proj"):
         import torch
 
