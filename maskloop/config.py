@@ -85,6 +85,9 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+SEG_ANSWER_STYLES = ("fixed", "phrase")  # ModelConfig.seg_answer (maskloop.model.prompts)
+
+
 @dataclass
 class ModelConfig:
     name: str = "sa2va-4b"
@@ -128,8 +131,8 @@ class ModelConfig:
                 f"vision: {self.patch_grid} patches per side with downsample_ratio={v.downsample_ratio} "
                 "does not give a whole token grid"
             )
-        if self.seg_answer not in ("fixed", "phrase"):
-            raise ConfigError(f"seg_answer={self.seg_answer!r}: choose 'fixed' or 'phrase'")
+        if self.seg_answer not in SEG_ANSWER_STYLES:
+            raise ConfigError(f"seg_answer={self.seg_answer!r}: choose one of {SEG_ANSWER_STYLES}")
         if self.sam2.image_size % 32:
             raise ConfigError(f"sam2.image_size={self.sam2.image_size} must be a multiple of 32")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_sizes):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from maskloop.config import SEG_ANSWER_STYLES
+
 # --- special tokens ---------------------------------------------------------------------------
 SEG = "[SEG]"
 P_START, P_END = "<p>", "</p>"
@@ -52,7 +54,6 @@ FIXED_SEG_ANSWER = "Sure, [SEG]."  # the answer used by the loops' LM term
 # seg_answer="phrase": the answer repeats the expression in Sa2VA's phrase markup (as its grounded-caption
 # answers do) right before [SEG]; the copy is LM-supervised when the expression is given as tokens.
 PHRASE_SEG_ANSWER = "Sure, <p>{expr}</p> [SEG]."
-SEG_ANSWER_STYLES = ("fixed", "phrase")
 
 
 def add_special_tokens(tokenizer) -> list[int]:
