@@ -41,7 +41,8 @@ import torch.nn as nn
 from maskloop.config import ConfigError
 from maskloop.train import dist
 
-__all__ = ["MODES", "UNIT_PATHS", "Distributor", "shard_units", "apply_activation_checkpointing", "local"]
+__all__ = ["MODES", "UNIT_PATHS", "Distributor", "shard_units", "apply_activation_checkpointing", "local",
+           "per_rank_batch"]
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -318,3 +319,13 @@ class Distributor:
 
     def cleanup_context(self):
         return nullcontext()
+
+
+def per_rank_batch(global_batch: int, world_size: int, accumulation: int) -> int:
+    """The per-process batch for a global batch (samples per optimizer step) at this world size."""
+    n = world_size * accumulation
+    if global_batch < 1 or global_batch % n:
+        raise ConfigError(f"global_batch={global_batch} is not divisible by world size {world_size} x accumulation "
+                          f"{accumulation}: choose a global batch that is a multiple of {n}, or set batch_size "
+                          "(per process) instead")
+    return global_batch // n
