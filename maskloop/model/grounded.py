@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from maskloop.config import ModelConfig
-from maskloop.model import losses as L
+from maskloop.model import losses
 from maskloop.model.presets import internvl_config, sam2_config
 from maskloop.model.prompts import (
     ALL_SPECIAL,
@@ -265,7 +265,7 @@ class GroundedMLLM(nn.Module):
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sel = labels != -100
-        return L.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
+        return losses.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
 
     # ------------------------------------------------------------------ (a)/(b) referring segmentation
     def seg_prompt_embeds(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -306,7 +306,7 @@ class GroundedMLLM(nn.Module):
         if gt_masks is not None:
             c = self.cfg
             out.update(
-                L.mask_losses(
+                losses.mask_losses(
                     low,
                     gt_masks,
                     c.bce_weight,
@@ -342,7 +342,7 @@ class GroundedMLLM(nn.Module):
         h = torch.gather(hidden, 1, pred_pos[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.lm_logits(h)  # (B, T, V)
         tgt = answer.ids.to(logits.device)
-        loss = L.lm_loss(logits[valid], tgt[valid])
+        loss = losses.lm_loss(logits[valid], tgt[valid])
         return {"logits": logits, "valid": valid, "loss_lm": loss}
 
     # ------------------------------------------------------------------ (d) batched greedy generation
