@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from maskloop import errors
+
 SAM_MEMORY_PREFIXES = (
     "memory_attention.",
     "memory_encoder.",
@@ -38,8 +40,8 @@ SAM_MEMORY_PREFIXES = (
 )
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(errors.CheckpointError):
+    """A published checkpoint that cannot be loaded (see :mod:`maskloop.errors`)."""
 
 
 # ----------------------------------------------------------------------------------------------
