@@ -225,7 +225,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
-        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value))) if args else tuple(value)
+        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
     if origin in (list, dict) or hint in (list, dict):
         if not isinstance(value, origin or hint):
             raise bad()

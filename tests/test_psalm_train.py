@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from maskloop.config import ConfigError
 from maskloop.data.fixtures import write_shapes_psalm
 from maskloop.eval.psalm_eval import evaluate_psalm, format_table, main_eval
 from maskloop.model.psalm.model import PSALMOutput
@@ -140,5 +141,5 @@ def test_defaults_are_psalms():
     d = PSALM_DEFAULTS
     assert (d["lr"], d["batch_size"], d["accumulation"], d["epochs"], d["weight_decay"]) == (6e-5, 2, 2, 10, 0.0)
     assert d["precision"] == "auto" and d["warmup_ratio"] == 0.03 and d["schedule"] == "cosine"
-    with pytest.raises(KeyError, match="unknown PSALM recipe key"):
+    with pytest.raises(ConfigError, match="unknown PSALM recipe key"):
         build_psalm({"lrr": 1})

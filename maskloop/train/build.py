@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from maskloop.config import ConfigError, TrainConfig
 
+__all__ = ["build_model", "build_source"]
+
 
 def build_model(cfg: TrainConfig):
     from maskloop.model.checkpoints import load_pretrained, load_published_state, read_state_file
@@ -25,6 +27,11 @@ def build_model(cfg: TrainConfig):
             if cfg.recency_init:
                 init_recency_prior(model, cfg.recency_init)
     else:
+        from pathlib import Path
+
+        if not Path(cfg.model).exists():
+            raise ConfigError(f"model checkpoint folder not found: {cfg.model} (set `model:` to a preset "
+                              f"{sorted(PRESETS)} or a Sa2VA checkpoint folder)")
         model = load_pretrained(cfg.model)
     if cfg.init_from:
         load_published_state(model, read_state_file(cfg.init_from))
