@@ -45,7 +45,8 @@ FULL = {
     "align": {"steps": 1000, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "sft": {"steps": 900, "batch_size": 8, "accumulation": 1, "lr": 5e-4, "warmup_ratio": 0.03},
     "dual": {"steps": 300, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
-             "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.5},
+             "ema_decay": 0.99, "loop1": {"caption_len": 12, "topk": 16, "refer_ratio": 0.5},
+             "loop2": {"caption_len": 12}},
     "examples": 6,
 }
 QUICK = {
@@ -54,7 +55,8 @@ QUICK = {
     "align": {"steps": 150, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "sft": {"steps": 150, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "dual": {"steps": 30, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
-             "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.25},
+             "ema_decay": 0.99, "loop1": {"caption_len": 12, "topk": 16, "refer_ratio": 0.25},
+             "loop2": {"caption_len": 12}},
     "examples": 4,
 }
 MODEL = "tiny-demo"  # trained from scratch: width-aware init + the LLM attention's recency prior
@@ -89,7 +91,7 @@ def _data(n: int) -> dict:
 
 def train_config(stage: str, settings: dict, run_dir: Path, progress: bool):
     """The TrainConfig of demo stage ``align`` / ``sft`` (recipe sft) or ``dual``."""
-    from maskloop.train.engine import TrainConfig
+    from maskloop.config import TrainConfig
 
     data = _data(settings["scenes"])
     if stage == "align":  # the frozen random LLM cannot learn captions: referring only

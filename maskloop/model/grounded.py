@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from maskloop.config import ModelConfig
+from maskloop.errors import ConfigError
 from maskloop.model import losses
 from maskloop.model.presets import internvl_config, sam2_config
 from maskloop.model.prompts import (
@@ -141,8 +142,10 @@ class GroundedMLLM(nn.Module):
 
     def set_trainable(self, policy: str | tuple[str, ...] = "default") -> list[str]:
         """'default' = LoRA, mlp1, text_hidden_fcs, SAM2 mask decoder, new-token rows; 'all' = everything;
-        or an explicit tuple of group names.  Returns the trainable parameter names."""
+        or the group names (a tuple, or one string joined by commas).  Returns the trainable parameter names."""
         groups = self.parameter_groups()
+        if isinstance(policy, str) and policy not in ("default", "all"):  # "lora,projector": names, not letters
+            policy = tuple(g.strip() for g in policy.split(",") if g.strip())
         if policy == "default":
             chosen = set(TRAINABLE_GROUPS)
         elif policy == "all":
@@ -150,7 +153,7 @@ class GroundedMLLM(nn.Module):
         else:
             unknown = set(policy) - set(groups)
             if unknown:
-                raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
+                raise ConfigError(f"freeze: unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
             chosen = set(policy)
         if self.cfg.lora is None and policy == "default":
             chosen |= {"llm_base"}
