@@ -102,7 +102,7 @@ class ModelConfig:
     template: str = "phi3"
     # referring answer: "fixed" = "Sure, [SEG]." (Sa2VA); "phrase" = "Sure, <p>{expr}</p> [SEG]." (model/prompts.py)
     seg_answer: str = "fixed"
-    # mask loss weights (docs/algorithms.md, "Losses"); the LM weight is the recipe's
+    # mask loss weights (docs/architecture.md, "Losses"); the LM weight is the recipe's
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     point_sample_loss: bool = False

@@ -1,6 +1,6 @@
 """Load published Sa2VA checkpoints into our modules, and export back to the same key space.
 
-Three inputs are accepted (SPEC §1):
+Three inputs are accepted (docs/checkpoints.md):
 
 1. a Hugging Face folder as published (``config.json``, tokenizer files, ``model.safetensors`` or
    ``model-0000x-of-0000y.safetensors`` + ``model.safetensors.index.json``) with the remote-code key

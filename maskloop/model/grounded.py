@@ -1,6 +1,6 @@
 """The Sa2VA-family grounded MLLM: InternVL (vision tower, mlp1, Qwen2) + SAM2 + the [SEG] head.
 
-Data flow (SPEC §1)::
+Data flow (docs/architecture.md)::
 
     pixel_values (B,3,S,S) -> InternViT (frozen) -> pixel shuffle -> mlp1 -> image tokens (B,N,D)
     prompt parts -> token ids -> embeddings; <IMG_CONTEXT> positions <- image tokens, then region cells
