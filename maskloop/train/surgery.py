@@ -1,4 +1,4 @@
-"""Gradient surgery for two losses (SPEC §2d).
+"""Gradient surgery for two losses (docs/recipes.md, "Dual").
 
 With g1 = ∇loss1 (Loop 1) and g2 = ∇loss2 (Loop 2) over the same trainable parameters, taken
 as one concatenated vector:
