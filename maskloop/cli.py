@@ -67,6 +67,8 @@ def cmd_train(args) -> int:
     cfg_path = _need_file(args.config, "config file")
     overrides = list(args.set or []) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = TrainConfig.from_yaml(cfg_path, overrides)
+    if args.dry_run:
+        return _dry_run(cfg, args.world_size)
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise UsageError(f"init_from checkpoint not found: {cfg.init_from}")
     resume = None
@@ -88,6 +90,26 @@ def cmd_train(args) -> int:
         from maskloop.model.checkpoints import save_published
 
         print(f"exported: {save_published(trainer.model, args.export)}")
+    return 0
+
+
+def _dry_run(cfg, world_size: int | None) -> int:
+    from maskloop.model.presets import PRESETS
+    from maskloop.train.memory import format_plan, plan_memory
+
+    if cfg.model not in PRESETS:
+        raise UsageError(f"--dry-run plans a preset's shapes; model={cfg.model!r} is not one of {sorted(PRESETS)}")
+    ws = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    batch = cfg.batch_size
+    if cfg.global_batch:
+        from maskloop.train.sharding import per_rank_batch
+
+        batch = per_rank_batch(cfg.global_batch, ws, cfg.accumulation)
+    plan = plan_memory(cfg.model, batch_size=batch, world_size=ws, distributed=cfg.distributed,
+                       checkpointing=cfg.activation_checkpointing, shard_frozen=cfg.fsdp_shard_frozen,
+                       freeze=cfg.freeze, forwards_with_grad=2 if cfg.recipe in ("loop1", "dual") else 1,
+                       bf16=cfg.precision != "fp32")
+    print(format_plan(plan))
     return 0
 
 
@@ -253,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR|auto", help="a checkpoint (run dir or step dir), or auto: the latest in run_dir")
     t.add_argument("--run-dir", help="override run_dir")
     t.add_argument("--export", metavar="DIR", help="after training, write the model as a checkpoint folder")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the per-GPU memory plan (weights, grads, AdamW, EMA, activations) and exit")
+    t.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of GPUs to plan for (default: WORLD_SIZE or 1)")
     common(t, checkpoint=False)
     t.set_defaults(func=cmd_train)
 

@@ -484,6 +484,14 @@ class TrainConfig:
     """Stop after this many consecutive non-finite steps (each skipped)."""
     num_workers: int = 0
     progress: bool = True
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallelism under torchrun (maskloop/train/sharding.py): none (flat all-reduce), ddp, fsdp (FSDP2)."""
+    fsdp_shard_frozen: bool = True
+    """FSDP: shard the frozen base too (false: keep it whole on every rank, shard only the trained weights)."""
+    activation_checkpointing: bool = False
+    """Recompute each LLM / ViT / SAM2 block in the backward pass instead of keeping its activations."""
+    global_batch: int | None = None
+    """Samples per optimizer step; when set, batch_size = global_batch / (world size x accumulation)."""
     data: dict = field(default_factory=dict)
     """Stream name -> list of source specs ``{kind, ..., repeat, weight}``."""
     sft: SFTConfig = field(default_factory=SFTConfig)

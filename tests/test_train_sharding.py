@@ -30,7 +30,7 @@ DATA = {
 def cfg_for(recipe, run_dir, batch_size, **kw):
     base = {"recipe": recipe, "run_dir": str(run_dir), "steps": 2, "batch_size": batch_size, "accumulation": 2,
             "ckpt_every": 0, "log_every": 1, "progress": False, "lr": 1e-2, "warmup_ratio": 0.0,
-            "data": DATA[recipe], "loop1": {"caption_len": 6, "topk": 8, "refer_ratio": 0.0}}
+            "data": DATA[recipe], "sft": {"lm_weight": 0.0}, "loop1": {"caption_len": 6, "topk": 8, "refer_ratio": 0.0}, "loop2": {"caption_len": 6}}
     base.update(kw)
     return TrainConfig.from_mapping(base)
 

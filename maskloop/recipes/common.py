@@ -28,14 +28,19 @@ def region_prompts(batch: dict, suffix: str = "") -> tuple[torch.Tensor, int]:
     return ensure_nonempty(pm, centroid_cells(batch[f"masks{suffix}"], pm.shape[-1]))
 
 
-def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Supervised referring segmentation: expression tokens -> "... [SEG]" -> mask (docs/recipes.md, "SFT")."""
+def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: float = 1.0,
+               shard: tuple[int, int] = (1, 0)) -> tuple[torch.Tensor, dict]:
+    """Supervised referring segmentation: expression tokens -> "... [SEG]" -> mask (docs/recipes.md, "SFT").
+
+    The question templates are drawn for the global batch (``shard`` = (world, rank), :func:`global_rows`)
+    from an ``rng`` seeded alike on every rank, so N processes ask what one process asks."""
     B = batch["pixel_values"].shape[0]
+    world, rank = shard
     out = model.segment(
         batch["pixel_values"],
         model.sam_features(batch["g_pixel_values"]),
         model.builder.expressions(batch["expression"]),
-        model.builder.seg_question(B, rng),
+        model.builder.seg_question(world * B, rng)[rank::world],
         gt_masks=batch["masks"],
     )
     loss = out["loss_mask"] + lm_weight * out["loss_lm"]

@@ -44,8 +44,8 @@ class Dual(Recipe):
         logs["loss"] = one.logs["loss"] + two.logs["loss"]
         return StepOutput([one.objectives[0], two.objectives[0]], logs, one.samples + two.samples)
 
-    def combine_grads(self, g1: list, g2: list, *, reduce: bool) -> tuple[list, dict]:
+    def combine_grads(self, g1: list, g2: list, **reduction) -> tuple[list, dict]:
         c = self.cfg.dual
-        g, stats = gradient_surgery(g1, g2, beta=c.surgery_beta, mode=c.surgery_mode, reduce=reduce,
-                                    groups=self.groups, only_g1="project", params=self.params)
+        g, stats = gradient_surgery(g1, g2, beta=c.surgery_beta, mode=c.surgery_mode, groups=self.groups,
+                                    only_g1="project", params=self.params, **reduction)
         return g, {f"surgery/{k}": v for k, v in stats.items()}

@@ -54,7 +54,7 @@ class Loop1(Recipe):
         if ema is None:
             raise ConfigError("ema_decay=0: Loop 1's teacher is the EMA of the trained weights; set ema_decay > 0")
         super().setup(model, ema, seed)
-        self.rng = random.Random(seed)  # per rank: question templates of the referring batches
+        self.rng = random.Random(self.cfg.seed)  # alike on every rank: questions drawn for the global batch
         # token noise and Gumbel noise: one stream shared by every rank, drawn for the global batch and
         # sliced (``global_rows``), so N processes train exactly as one process with the same global batch
         self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(self.cfg.seed)
@@ -78,7 +78,8 @@ class Loop1(Recipe):
 
     def step(self, batches: dict) -> StepOutput:
         if batches.get("refer") is not None:  # an interleaved referring batch
-            loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.loop1.lm_weight)
+            loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.loop1.lm_weight,
+                                    (dist.world_size(), dist.rank()))
             return StepOutput([loss], {"loss": _d(loss), **{f"refer/{k}": v for k, v in logs.items()}},
                               batches["refer"]["pixel_values"].shape[0])
         loss, logs = self.loss(batches["pairs"])
@@ -99,7 +100,7 @@ class Loop1(Recipe):
                                      max_new_tokens=c.caption_len, vit_feats=vit1)
         model.train(was_training)
         n_empty = int((teacher.lengths == 0).sum())
-        if n_empty:
+        if self.agree(n_empty > 0):  # every rank skips together (no rank left in a collective)
             raise TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)")
         ids, lengths = teacher.ids, teacher.lengths  # (B, T), (B,)
 

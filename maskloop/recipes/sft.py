@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 from maskloop.recipes.common import Recipe, StepOutput, _d, caption_loss, refer_loss
+from maskloop.train import dist
 
 
 class SFT(Recipe):
@@ -18,12 +19,13 @@ class SFT(Recipe):
 
     def setup(self, model, ema, seed: int) -> None:
         super().setup(model, ema, seed)
-        self.rng = random.Random(seed)
+        self.rng = random.Random(self.cfg.seed)  # alike on every rank: questions drawn for the global batch
 
     def step(self, batches: dict) -> StepOutput:
         loss, logs, n = 0.0, {}, 0
         if "refer" in batches:
-            loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.sft.lm_weight)
+            loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.sft.lm_weight,
+                                    (dist.world_size(), dist.rank()))
             loss, n = loss + loss_r, n + batches["refer"]["pixel_values"].shape[0]
             logs.update(logs_r)
         if "caption" in batches:

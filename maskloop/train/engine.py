@@ -32,9 +32,18 @@ from maskloop.train import dist
 from maskloop.train.build import build_model, build_source  # noqa: F401  (re-exported)
 from maskloop.train.logging import RunLogger
 from maskloop.train.recipe import Recipe, resolve_recipe
+from maskloop.train.sharding import Distributor, per_rank_batch
 from maskloop.train.streams import Stream, to_device  # noqa: F401  (re-exported)
 
 __all__ = ["Trainer", "TrainConfig", "build_model", "Stream"]
+
+
+def _set_agree(recipe, agree) -> None:
+    """The distributed skip decision on the recipe and on the recipes it holds (Dual's Loop 1 and Loop 2)."""
+    recipe.agree = agree
+    for v in vars(recipe).values():
+        if isinstance(v, Recipe) and v is not recipe:
+            _set_agree(v, agree)
 
 
 class Trainer:
@@ -46,10 +55,16 @@ class Trainer:
         self.info = dist.init_distributed()
         self.device = self.info.device
         self.recipe = recipe if recipe is not None else resolve_recipe(cfg)
+        if cfg.global_batch:  # samples per optimizer step, the same at any world size
+            cfg.batch_size = per_rank_batch(cfg.global_batch, dist.world_size(), cfg.accumulation)
         self.model = self._place_model(model)
+        self.dist = Distributor(cfg.distributed, self.device, bf16=self._bf16 and self.device.type == "cuda",
+                                shard_frozen=cfg.fsdp_shard_frozen, activation_checkpointing=cfg.activation_checkpointing)
+        self.dist.prepare(self.model)  # DDP / FSDP2: before the trained-parameter dict, EMA and optimizer
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.ema = EMA(self.params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.recipe.setup(self.model, self.ema, seed=cfg.seed + dist.rank())
+        _set_agree(self.recipe, self.dist.agree)
         self.optimizer = build_optimizer(list(self.params.items()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=cfg.betas)
         self.streams = streams if streams is not None else self.recipe.build_streams(self.model)
@@ -78,7 +93,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + dist.rank())  # then independent random streams per rank
         self.recipe.set_trainable(model)
         model.train()
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self._bf16 = use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         if use_bf16 and self.device.type == "cuda" and hasattr(model, "to_training_dtype"):
             model.to_training_dtype(torch.bfloat16)  # frozen base in bf16, trained weights fp32
@@ -95,38 +110,41 @@ class Trainer:
     # -- one optimizer step: micro-steps -> (reduced) gradients -> optimizer step
     def train_step(self) -> dict:
         logs: dict = defaultdict(float)
-        done = [out for out in (self._micro_step(logs) for _ in range(self.cfg.accumulation)) if out is not None]
-        if done and len(done[-1].objectives) == 1 and dist.world_size() > 1:
-            dist.all_reduce_grads(list(self.params.values()))  # a combination reduced g1, g2 itself
+        acc = self.cfg.accumulation
+        done = [out for out in (self._micro_step(logs, last=i == acc - 1) for i in range(acc)) if out is not None]
+        if done:  # the reductions DDP / FSDP did not do (a combination reduced g1, g2 itself)
+            self.dist.finish_grads(list(self.params.values()), single_objective=len(done[-1].objectives) == 1)
         logs["samples"] = sum(out.samples for out in done)
         logs["grad_norm"] = self._optimizer_step(skip=not done, loss=logs.get("loss", 0.0))
         logs["lr"] = self.scheduler.get_last_lr()[0]
         return dict(logs)
 
-    def _micro_step(self, logs: dict):
+    def _micro_step(self, logs: dict, last: bool):
         """Draw, run the recipe, backward; None when the recipe skipped the micro-step (on any rank)."""
         batches = self._batches()
         self.micro += 1
-        out, failed = None, False
-        try:
-            with self.autocast:
-                out = self.recipe.step(batches)
-        except self.recipe.skippable as e:  # a recipe-level data problem (e.g. an empty teacher caption)
-            self.counters[f"skipped_micro/{e.counter}"] += 1
-            failed = True
-        # every rank skips if any rank failed: the collectives below stay in step across ranks
-        if dist.world_size() > 1:
-            failed = dist.any_rank(failed, self.device)
-        if failed:
-            return None
-        acc = self.cfg.accumulation
-        for k, v in out.logs.items():
-            logs[k] += v / acc
-        if len(out.objectives) == 1:
-            (out.objectives[0] / acc).backward()
-        else:
-            for k, v in self._combined_backward(out.objectives).items():
+        two = self.recipe.combine_grads is not None
+        with self.dist.micro_step(sync=last, separate_objectives=two):  # DDP: no_sync() unless it reduces now
+            out, failed = None, False
+            try:
+                with self.autocast:
+                    out = self.dist.forward(lambda: self.recipe.step(batches))
+            except self.recipe.skippable as e:  # a recipe-level data problem (e.g. an empty teacher caption)
+                self.counters[f"skipped_micro/{e.counter}"] += 1
+                failed = True
+            # every rank skips if any rank failed: the collectives below stay in step across ranks
+            if dist.world_size() > 1:
+                failed = dist.any_rank(failed, self.device)
+            if failed:
+                return None
+            acc = self.cfg.accumulation
+            for k, v in out.logs.items():
                 logs[k] += v / acc
+            if len(out.objectives) == 1:
+                (out.objectives[0] / acc).backward()
+            else:
+                for k, v in self._combined_backward(out.objectives).items():
+                    logs[k] += v / acc
         return out
 
     def _combined_backward(self, objectives: list) -> dict:
@@ -136,25 +154,25 @@ class Trainer:
         if self.recipe.combine_grads is None:
             raise TypeError(f"{type(self.recipe).__name__}.step returned {len(objectives)} objectives but the "
                             "recipe defines no combine_grads")
-        params = list(self.params.values())
+        params, d = list(self.params.values()), self.dist
         stash = collect_grads(params)  # the grads accumulated by earlier micro-steps
         objectives[0].backward()
-        g1 = collect_grads(params)
+        g1 = d.reduce_replicated(collect_grads(params), params)  # FSDP: its replicated entries averaged
         objectives[1].backward()
-        g2 = collect_grads(params)
-        g, stats = self.recipe.combine_grads(g1, g2, reduce=dist.world_size() > 1)  # reduce: average g1, g2 over ranks
+        g2 = d.reduce_replicated(collect_grads(params), params)
+        g, stats = self.recipe.combine_grads(d.to_local(g1), d.to_local(g2), **d.surgery_kwargs(params))
         accumulate_(params, stash)
-        accumulate_(params, g, 1.0 / self.cfg.accumulation)
+        accumulate_(params, d.from_local(g, params), 1.0 / self.cfg.accumulation)
         return stats
 
     def _optimizer_step(self, skip: bool, loss) -> float:
         params = list(self.params.values())
-        skip = skip or self.guard.check(torch.as_tensor(loss), [p.grad for p in params])
+        skip = skip or self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params))
         norm = float("nan")
         if skip:
             self.counters["skipped_steps"] += 1
         else:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            norm = float(self.dist.clip_grad_norm_(params, self.cfg.grad_clip))
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
@@ -163,51 +181,16 @@ class Trainer:
         self.step += 1
         return norm
 
-    # -- checkpoints
+    # -- checkpoints (single files, or DCP shards under FSDP: maskloop/train/state.py)
     def save(self) -> Path:
-        from maskloop.train.checkpoint import capture_rng, save_checkpoint
+        from maskloop.train.state import save_trainer
 
-        path = None
-        ema = self.ema.state_dict() if self.ema is not None else {}
-        if dist.is_main():
-            path = save_checkpoint(
-                self.run_dir / "checkpoints", self.step,
-                trainable={k: v.detach() for k, v in self.params.items()},
-                ema=ema.get("shadow"),
-                optimizer_state=self.optimizer.state_dict(),
-                scheduler_state=self.scheduler.state_dict(),
-                sampler_state={n: s.state_dict() for n, s in self.streams.items()},
-                rng={**capture_rng(), "recipe": self.recipe.state_dict()},
-                extra={"micro": self.micro, "counters": dict(self.counters), "guard": self.guard.state_dict(),
-                       "ema_state": {k: v for k, v in ema.items() if k != "shadow"}, "config": to_dict(self.cfg)},
-                keep_last=self.cfg.keep_last,
-            )
-        dist.barrier()
-        return path
+        return save_trainer(self)
 
     def resume(self, path) -> None:
-        from maskloop.train.checkpoint import CheckpointError, load_checkpoint, restore_rng
+        from maskloop.train.state import resume_trainer
 
-        ck = load_checkpoint(path, map_location=self.device)
-        missing = set(self.params) - set(ck["trainable"])
-        if missing:
-            raise CheckpointError(f"checkpoint {ck['path']} lacks trained parameters {sorted(missing)[:5]}...; "
-                                  "was it written by another recipe / freeze policy?")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(ck["trainable"][k])
-        if self.ema is not None:
-            self.ema.load_state_dict({**ck["extra"].get("ema_state", {}), "shadow": ck["ema"]})
-        self.optimizer.load_state_dict(ck["optimizer_state"])
-        self.scheduler.load_state_dict(ck["scheduler_state"])
-        for n, s in self.streams.items():
-            s.load_state_dict(ck["sampler_state"][n])
-        restore_rng(ck["rng"])
-        self.recipe.load_state_dict(ck["rng"]["recipe"])
-        self.step = ck["step"]
-        self.micro = ck["extra"]["micro"]
-        self.counters.update(ck["extra"].get("counters", {}))
-        self.guard.load_state_dict(ck["extra"]["guard"])
+        resume_trainer(self, path)
 
     # -- the loop
     def fit(self, steps: int | None = None) -> list[dict]:

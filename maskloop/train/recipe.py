@@ -50,10 +50,18 @@ class Recipe:
     skippable: tuple[type[BaseException], ...] = ()
     """Exceptions of :meth:`step` that skip the micro-step; counted as ``skipped_micro/<e.counter>``."""
     combine_grads: Callable | None = None
-    """Optional ``combine_grads(g1, g2, *, reduce) -> (g, stats)``: g1, g2 are the per-parameter gradients of
-    the two objectives of :meth:`step`; ``reduce`` says they still need averaging across ranks (the Trainer
-    decides; the combination does it inside, e.g. ``gradient_surgery(reduce=...)``, so both averaged
-    gradients are combined).  ``stats`` are logged as given."""
+    """Optional ``combine_grads(g1, g2, **reduction) -> (g, stats)``: g1, g2 are the per-parameter gradients of
+    the two objectives of :meth:`step`; ``reduction`` says how they sit across ranks (the Trainer decides,
+    :meth:`maskloop.train.sharding.Distributor.surgery_kwargs`): ``reduce=True`` — replicated, still to be
+    averaged; ``sharded=True, replicated=[...]`` — FSDP shards, already averaged, their dot products and
+    norms to be summed over ranks; nothing — one process.  Pass it on to ``gradient_surgery``.  ``stats``
+    are logged as given."""
+
+    def agree(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any rank (the Trainer sets the distributed version).  A recipe that
+        skips a micro-step (raises one of :attr:`skippable`) decides with ``if self.agree(bad): raise ...``,
+        so every rank raises at the same point and none is left inside a collective (FSDP all-gathers)."""
+        return bool(flag)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -31,14 +31,14 @@ pass (``torch.utils.checkpoint``, non-reentrant); it applies with any of the thr
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
-from maskloop.config import ConfigError
+from maskloop.errors import ConfigError
 from maskloop.train import dist
 
 __all__ = ["MODES", "UNIT_PATHS", "Distributor", "shard_units", "apply_activation_checkpointing", "local",
