@@ -105,6 +105,17 @@ class Trainer:
 
     def _micro_step(self, logs: dict):
         """Draw, run the recipe, backward; None when the recipe skipped the micro-step (on any rank)."""
+        out = self._recipe_step()
+        if out is None:
+            return None
+        for k, v in out.logs.items():
+            logs[k] += v / self.cfg.accumulation
+        for k, v in self._backward(out.objectives).items():
+            logs[k] += v / self.cfg.accumulation
+        return out
+
+    def _recipe_step(self):
+        """The recipe on the next batches (autocast); None if it raised a skippable error on any rank."""
         batches = self._batches()
         self.micro += 1
         out, failed = None, False
@@ -117,17 +128,14 @@ class Trainer:
         # every rank skips if any rank failed: the collectives below stay in step across ranks
         if dist.world_size() > 1:
             failed = dist.any_rank(failed, self.device)
-        if failed:
-            return None
-        acc = self.cfg.accumulation
-        for k, v in out.logs.items():
-            logs[k] += v / acc
-        if len(out.objectives) == 1:
-            (out.objectives[0] / acc).backward()
-        else:
-            for k, v in self._combined_backward(out.objectives).items():
-                logs[k] += v / acc
-        return out
+        return None if failed else out
+
+    def _backward(self, objectives: list) -> dict:
+        """One objective: backward(loss / accumulation); two: the recipe's gradient combination."""
+        if len(objectives) == 1:
+            (objectives[0] / self.cfg.accumulation).backward()
+            return {}
+        return self._combined_backward(objectives)
 
     def _combined_backward(self, objectives: list) -> dict:
         """g1, g2 of the two objectives, averaged across ranks, combined by the recipe, accumulated."""
