@@ -121,31 +121,39 @@ class Trainer:
 
     def _micro_step(self, logs: dict, last: bool):
         """Draw, run the recipe, backward; None when the recipe skipped the micro-step (on any rank)."""
-        batches = self._batches()
-        self.micro += 1
         two = self.recipe.combine_grads is not None
         with self.dist.micro_step(sync=last, separate_objectives=two):  # DDP: no_sync() unless it reduces now
-            out, failed = None, False
-            try:
-                with self.autocast:
-                    out = self.dist.forward(lambda: self.recipe.step(batches))
-            except self.recipe.skippable as e:  # a recipe-level data problem (e.g. an empty teacher caption)
-                self.counters[f"skipped_micro/{e.counter}"] += 1
-                failed = True
-            # every rank skips if any rank failed: the collectives below stay in step across ranks
-            if dist.world_size() > 1:
-                failed = dist.any_rank(failed, self.device)
-            if failed:
+            out = self._recipe_step()
+            if out is None:
                 return None
-            acc = self.cfg.accumulation
             for k, v in out.logs.items():
-                logs[k] += v / acc
-            if len(out.objectives) == 1:
-                (out.objectives[0] / acc).backward()
-            else:
-                for k, v in self._combined_backward(out.objectives).items():
-                    logs[k] += v / acc
+                logs[k] += v / self.cfg.accumulation
+            for k, v in self._backward(out.objectives).items():
+                logs[k] += v / self.cfg.accumulation
         return out
+
+    def _recipe_step(self):
+        """The recipe on the next batches (autocast); None if it raised a skippable error on any rank."""
+        batches = self._batches()
+        self.micro += 1
+        out, failed = None, False
+        try:
+            with self.autocast:
+                out = self.dist.forward(lambda: self.recipe.step(batches))  # through the DDP / FSDP root
+        except self.recipe.skippable as e:  # a recipe-level data problem (e.g. an empty teacher caption)
+            self.counters[f"skipped_micro/{e.counter}"] += 1
+            failed = True
+        # every rank skips if any rank failed: the collectives below stay in step across ranks
+        if dist.world_size() > 1:
+            failed = dist.any_rank(failed, self.device)
+        return None if failed else out
+
+    def _backward(self, objectives: list) -> dict:
+        """One objective: backward(loss / accumulation); two: the recipe's gradient combination."""
+        if len(objectives) == 1:
+            (objectives[0] / self.cfg.accumulation).backward()
+            return {}
+        return self._combined_backward(objectives)
 
     def _combined_backward(self, objectives: list) -> dict:
         """g1, g2 of the two objectives, averaged across ranks, combined by the recipe, accumulated."""
