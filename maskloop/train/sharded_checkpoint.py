@@ -128,13 +128,27 @@ def load_sharded(path: str | os.PathLike, *, tensors: dict) -> tuple[dict, dict]
     size rank r's, or rank 0's for ranks the saving run did not have) and state.json."""
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint import FileSystemReader
+
     path = Path(path)
     check_shards(path)
     shared = json.loads((path / "state.json").read_text())
+    saved = set(FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata)
+    _drop_unsaved_optimizer_state(tensors, saved)
     dcp.load(tensors, checkpoint_id=str(path / "dcp"))
     r = dist.rank() if dist.rank() < shared["world_size"] else 0
     per_rank = torch.load(path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True)
     return per_rank, shared
+
+
+def _drop_unsaved_optimizer_state(tensors: dict, saved: set[str]) -> None:
+    """A parameter that never had a gradient has no AdamW state in the checkpoint; the freshly initialised
+    state of the loading side (``get_optimizer_state_dict`` creates one for every parameter) is dropped
+    for it, so it stays without state, as in an uninterrupted run."""
+    state = tensors.get("optimizer", {}).get("state", {})
+    for fqn in list(state):
+        if not any(f"optimizer.state.{fqn}.{k}" in saved for k in state[fqn]):
+            del state[fqn]
 
 
 def read_sharded_tensors(path: str | os.PathLike, key: str = "trainable") -> dict[str, torch.Tensor]:

@@ -88,7 +88,7 @@ def resume_trainer(tr, path) -> None:
 
 
 def _resume_sharded(tr, path: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     from maskloop.train.checkpoint import restore_rng
     from maskloop.train.sharded_checkpoint import load_sharded
@@ -96,7 +96,8 @@ def _resume_sharded(tr, path: Path) -> None:
     tree = _tensor_state(tr)
     with torch.no_grad():
         per_rank, shared = load_sharded(path, tensors=tree)
-    set_optimizer_state_dict(tr.dist.root, tr.optimizer, tree["optimizer"])
+    # strict=False: a parameter that never had a gradient has no AdamW state, as in the saving run
+    set_optimizer_state_dict(tr.dist.root, tr.optimizer, tree["optimizer"], options=StateDictOptions(strict=False))
     if tr.ema is not None:
         tr.ema.load_state_dict({**per_rank.get("ema_state", {}), "shadow": tree["ema"]})
     tr.scheduler.load_state_dict(per_rank["scheduler"])
