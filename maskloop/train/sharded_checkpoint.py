@@ -127,7 +127,6 @@ def load_sharded(path: str | os.PathLike, *, tensors: dict) -> tuple[dict, dict]
     Returns ``(per_rank, shared)``: this rank's state (rank r of the saving run; with another world
     size rank r's, or rank 0's for ranks the saving run did not have) and state.json."""
     import torch.distributed.checkpoint as dcp
-
     from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)
