@@ -99,7 +99,7 @@ def run(args) -> None:
         tcfg = TrainConfig.from_mapping({
             "recipe": "loop1", "model": args.preset, "run_dir": tmp, "steps": args.steps, "batch_size": per_rank,
             "accumulation": 1, "lr": args.lr, "warmup_ratio": 0.0, "weight_decay": 0.0, "log_every": 1,
-            "ckpt_every": 0, "progress": False, "caption_len": args.T, "topk": args.topk, "refer_ratio": 0.0,
+            "ckpt_every": 0, "progress": False, "loop1": {"caption_len": args.T, "topk": args.topk, "refer_ratio": 0.0},
             "seed": 0})
         tr = Trainer(tcfg, model=model, streams={"pairs": SyntheticPairs(model, args.global_batch, world, rank)})
         full_vocab(tr.recipe)  # noise and the Gumbel top-k draw from the whole vocabulary, as with a real tokenizer
@@ -112,11 +112,11 @@ def run(args) -> None:
             if info.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            tr._log(logs, times[-1])  # all ranks: the global-mean loss (an all-gather of the scalars)
+            tr.logger.log(tr.step, logs, times[-1], tr.streams, tr.counters)  # all ranks: the global-mean loss (an all-gather of the scalars)
             if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
                 print(f"step {step + 1}/{args.steps}: loss {tr.history[-1]['loss']:.4f}, {times[-1]:.3f} s", flush=True)
-        if tr.writer is not None:  # flush the TensorBoard log before its temporary run directory goes
-            tr.writer.close()
+        if tr.logger.writer is not None:  # flush the TensorBoard log before its temporary run directory goes
+            tr.logger.writer.close()
     timed = times[args.warmup:]
     step_s = statistics.median(timed) if timed else float("nan")
     if rank == 0:

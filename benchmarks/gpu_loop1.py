@@ -119,7 +119,7 @@ def build(preset: str, T: int, topk: int):
     model.set_trainable("default")
     model.to_training_dtype(torch.bfloat16 if DEV.type == "cuda" else torch.float32)
     model.train()
-    tcfg = TrainConfig.from_mapping({"recipe": "loop1", "caption_len": T, "topk": topk, "lm_weight": 1.0})
+    tcfg = TrainConfig.from_mapping({"recipe": "loop1", "loop1": {"caption_len": T, "topk": topk, "lm_weight": 1.0}})
     return model, tcfg
 
 
@@ -183,15 +183,22 @@ class FullCopyEMA:
         return sum(p.numel() * p.element_size() for p in self.teacher.parameters())
 
 
+def _loop1(model, tcfg, ema) -> Loop1:
+    recipe = Loop1(tcfg)
+    recipe.setup(model, ema, seed=tcfg.seed)
+    return recipe
+
+
 class PlainLoop1(Loop1):
     """Loop 1 from the plain parts: deep-copied teacher + generate(), Gumbel loop over k."""
 
     def __init__(self, model, cfg, ema: FullCopyEMA):
-        super().__init__(model, cfg, ema)
+        super().__init__(cfg)
+        self.setup(model, ema, seed=cfg.seed)
         self.teacher = ema.teacher
 
     def loss(self, b):
-        model, c = self.model, self.cfg
+        model, c = self.model, self.cfg.loop1
         from maskloop.model.prompts import Embeds
         from maskloop.recipes.common import noise_tokens, region_prompts, with_end
 
@@ -272,7 +279,7 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         full_vocab(recipe)
     else:
         ema = EMA(params, decay=0.999)
-        recipe = Loop1(model, tcfg, ema)
+        recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     timer = PhaseTimer()
     restore = []
@@ -313,7 +320,7 @@ def count_flops(model, tcfg, B):
     from torch.utils.flop_counter import FlopCounterMode
 
     ema = EMA({n: p for n, p in model.named_parameters() if p.requires_grad})
-    recipe = Loop1(model, tcfg, ema)
+    recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     batch = make_batch(model, B)
     real = model.describe
@@ -321,7 +328,7 @@ def count_flops(model, tcfg, B):
         from maskloop.recipes.common import region_prompts
 
         pm1, _ = region_prompts(batch, "1")
-        generated = real(batch["pixel_values1"], pm1, max_new_tokens=tcfg.caption_len, static=False)
+        generated = real(batch["pixel_values1"], pm1, max_new_tokens=tcfg.loop1.caption_len, static=False)
     model.describe = lambda *a, **k: generated
     try:
         with FlopCounterMode(display=False) as fc:
@@ -398,7 +405,7 @@ def profile_step(model, tcfg, B):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=True)
     ema = EMA(params)
-    recipe = Loop1(model, tcfg, ema)
+    recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     batch = make_batch(model, B)
     for _ in range(2):

@@ -22,24 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+from maskloop.errors import MaskloopError, UsageError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from maskloop.config import ConfigError
-    from maskloop.model.checkpoints import CheckpointError as ModelCkptError
-    from maskloop.train.checkpoint import CheckpointError as TrainCkptError
-
-    errs: list[type[BaseException]] = [UsageError, ConfigError, ModelCkptError, TrainCkptError, FileNotFoundError]
-    try:
-        from maskloop.data.robust import DataError
-
-        errs.append(DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    """The errors printed as one ``error:`` line: the :class:`~maskloop.errors.MaskloopError` family."""
+    return (MaskloopError, FileNotFoundError)
 
 
 def _set_threads(n: int | None) -> None:
@@ -71,48 +59,27 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from maskloop.train.engine import TrainConfig, Trainer
+    from maskloop import recipes
+    from maskloop.config import TrainConfig
+    from maskloop.train.checkpoint import latest_checkpoint
+    from maskloop.train.engine import Trainer
 
     cfg_path = _need_file(args.config, "config file")
-    overrides = list(args.set or [])
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    from maskloop.config import load_yaml
-
-    raw = load_yaml(cfg_path)
-    if raw.get("recipe") == "psalm":  # the PSALM family has its own recipe file
-        import yaml
-
-        from maskloop.recipes.psalm import train_psalm
-
-        raw.pop("recipe")
-        for item in overrides:
-            if "=" not in item:
-                raise UsageError(f"override {item!r} must look like key=value")
-            k, v = item.split("=", 1)
-            raw[k] = yaml.safe_load(v)
-        if args.resume:
-            raw["resume"] = True
-        _set_threads(args.threads)
-        train_psalm(raw)
-        return 0
+    overrides = list(args.set or []) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = TrainConfig.from_yaml(cfg_path, overrides)
-    from maskloop.model.presets import PRESETS
-
-    if cfg.model not in PRESETS and not Path(cfg.model).exists():
-        raise UsageError(f"model checkpoint folder not found: {cfg.model} (set `model:` in {cfg_path})")
+    if args.dry_run:
+        return _dry_run(cfg, args.world_size)
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise UsageError(f"init_from checkpoint not found: {cfg.init_from}")
     resume = None
     if args.resume == "auto":
-        from maskloop.train.checkpoint import latest_checkpoint
-
-        resume = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-        print(f"resume: {resume or 'no checkpoint in ' + str(Path(cfg.run_dir) / 'checkpoints') + ', starting fresh'}")
+        ckpts = Path(cfg.run_dir) / "checkpoints"
+        resume = latest_checkpoint(ckpts)
+        print(f"resume: {resume or f'no checkpoint in {ckpts}, starting fresh'}")
     elif args.resume:
         resume = _need_file(args.resume, "resume checkpoint")
     _set_threads(args.threads)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, recipe=recipes.get(cfg))
     if resume is not None:
         trainer.resume(resume)
     history = trainer.fit()
@@ -123,6 +90,26 @@ def cmd_train(args) -> int:
         from maskloop.model.checkpoints import save_published
 
         print(f"exported: {save_published(trainer.model, args.export)}")
+    return 0
+
+
+def _dry_run(cfg, world_size: int | None) -> int:
+    from maskloop.model.presets import PRESETS
+    from maskloop.train.memory import format_plan, plan_memory
+
+    if cfg.model not in PRESETS:
+        raise UsageError(f"--dry-run plans a preset's shapes; model={cfg.model!r} is not one of {sorted(PRESETS)}")
+    ws = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    batch = cfg.batch_size
+    if cfg.global_batch:
+        from maskloop.train.sharding import per_rank_batch
+
+        batch = per_rank_batch(cfg.global_batch, ws, cfg.accumulation)
+    plan = plan_memory(cfg.model, batch_size=batch, world_size=ws, distributed=cfg.distributed,
+                       checkpointing=cfg.activation_checkpointing, shard_frozen=cfg.fsdp_shard_frozen,
+                       freeze=cfg.freeze, forwards_with_grad=2 if cfg.recipe in ("loop1", "dual") else 1,
+                       bf16=cfg.precision != "fp32")
+    print(format_plan(plan))
     return 0
 
 
@@ -253,10 +240,10 @@ def cmd_export_sa2va(args) -> int:
 def cmd_export_psalm(args) -> int:
     from maskloop.model.psalm.adapt import main as adapt_main
 
-    positional = [a for a in args.args if not a.startswith("-")]
-    if positional and "-h" not in args.args and "--help" not in args.args:
+    positional = [a for a in args.rest if not a.startswith("-")]
+    if positional and "-h" not in args.rest and "--help" not in args.rest:
         _need_file(positional[0], "baseline checkpoint")
-    return int(adapt_main(args.args) or 0)
+    return int(adapt_main(args.rest) or 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,11 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR|auto", help="a checkpoint (run dir or step dir), or auto: the latest in run_dir")
     t.add_argument("--run-dir", help="override run_dir")
     t.add_argument("--export", metavar="DIR", help="after training, write the model as a checkpoint folder")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the per-GPU memory plan (weights, grads, AdamW, EMA, activations) and exit")
+    t.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of GPUs to plan for (default: WORLD_SIZE or 1)")
     common(t, checkpoint=False)
     t.set_defaults(func=cmd_train)
 
-    sub.add_parser("psalm-eval", add_help=False,
+    pe = sub.add_parser("psalm-eval", add_help=False,
                         help="PSALM metrics: PQ / mIoU / AP / cIoU-gIoU / region mIoU (see psalm-eval --help)")
+    pe.set_defaults(func=cmd_psalm_eval, passthrough=True)  # maskloop.eval.psalm_eval parses the rest
     e = sub.add_parser("eval", help="referring cIoU/gIoU, region-caption metrics, cycle IoU")
     common(e)
     e.add_argument("--refcoco", metavar="ROOT", help="refer-toolkit root (refcoco/refs(unc).p, instances.json)")
@@ -340,27 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     xa.set_defaults(func=cmd_export_sa2va)
     xp = xs.add_parser("psalm-to-deformable", add_help=False,
                        help="baseline PSALM checkpoint -> deformable-projector variant (see --help)")
-    xp.add_argument("args", nargs=argparse.REMAINDER)
-    xp.set_defaults(func=cmd_export_psalm)
+    xp.set_defaults(func=cmd_export_psalm, passthrough=True)  # maskloop.model.psalm.adapt parses the rest
     return p
 
 
 def cmd_psalm_eval(args) -> int:
     from maskloop.eval.psalm_eval import main_eval
 
-    main_eval(args.args)
+    main_eval(args.rest)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:2] == ["export", "psalm-to-deformable"]:  # its own parser takes every argument (and --help)
-        args = argparse.Namespace(command="export", func=cmd_export_psalm, args=argv[2:])
-    elif argv[:1] == ["psalm-eval"]:  # likewise
-        args = argparse.Namespace(command="psalm-eval", func=cmd_psalm_eval, args=argv[1:])
-    else:
-        args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # the arguments of a verb with its own parser (psalm-eval, export psalm-to-deformable)
     if args.command == "demo" and args.threads is None:
         args.threads = 1
     try:

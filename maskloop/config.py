@@ -9,13 +9,17 @@ error that names the key and the section it was found in.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from maskloop.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used, with a message saying what to change."""
+__all__ = ["ConfigError", "ModelConfig", "TrainConfig", "SFTConfig", "Loop1Config", "Loop2Config", "DualConfig",
+           "PsalmConfig", "RECIPES", "from_dict", "to_dict", "apply_overrides", "load_yaml", "save_yaml"]
 
 
 @dataclass
@@ -98,10 +102,9 @@ class ModelConfig:
     template: str = "phi3"
     # referring answer: "fixed" = "Sure, [SEG]." (Sa2VA); "phrase" = "Sure, <p>{expr}</p> [SEG]." (model/prompts.py)
     seg_answer: str = "fixed"
-    # loss weights (SPEC §1)
+    # mask loss weights (docs/architecture.md, "Losses"); the LM weight is the recipe's
     bce_weight: float = 2.0
     dice_weight: float = 0.5
-    lm_weight: float = 1.0
     point_sample_loss: bool = False
     num_points: int = 12544  # Mask2Former default (112*112)
     oversample_ratio: float = 3.0
@@ -155,39 +158,152 @@ def to_dict(cfg: Any) -> Any:
 
 
 def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from ``data``, each value coerced to its field's declared type.
+
+    Unknown keys, wrong types and values outside a ``Literal`` raise :class:`ConfigError` naming the
+    key (dotted, from the top of the config), the value and what was expected.  Nested dataclasses,
+    ``X | None``, ``tuple[...]`` and ``Literal[...]`` come from the type hints; YAML 1.1 reads ``1e-5``
+    as a string, so a float field accepts a string that parses as a float.
+    """
     if data is None:
         return None
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in _REMOVED_KEYS.get(cls.__name__, ())}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in {where or cls.__name__}; known keys: {sorted(fields)}"
-        )
-    kwargs = {}
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    for name, value in data.items():
-        sub = _dataclass_type(hints[name])
-        if sub is not None and isinstance(value, dict):
-            kwargs[name] = from_dict(sub, value, f"{where}.{name}" if where else name)
-        elif isinstance(value, list) and "tuple" in str(hints[name]):
-            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        else:
-            kwargs[name] = value
+        raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; known keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()}
     return cls(**kwargs)
 
 
-_DATACLASSES = {c.__name__: c for c in (VisionConfig, LLMConfig, SAM2Config, LoRAConfig, ModelConfig)}
+# keys that configs written by earlier versions carry and nothing reads any more (dropped on load)
+_REMOVED_KEYS = {"ModelConfig": ("lm_weight",)}
 
 
-def _dataclass_type(hint: Any) -> type | None:
-    text = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
-    for name, cls in _DATACLASSES.items():
-        if name in text:
-            return cls
-    return None
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (see :func:`from_dict`), or :class:`ConfigError` naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}={value!r}: expected {_type_name(hint)}")
+
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        options = [a for a in args if a is not type(None)]
+        # a list goes to a tuple member, a mapping to a dataclass member, a scalar to a scalar member
+        for a in sorted(options, key=lambda a: not _accepts_shape(a, value)):
+            try:
+                return coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad()
+    if origin is Literal:
+        if value not in args:
+            raise bad()
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
+        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
+    if origin in (list, dict) or hint in (list, dict):
+        if not isinstance(value, origin or hint):
+            raise bad()
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise bad() from None
+            if not f.is_integer():
+                raise bad()
+            return int(f)
+        if not isinstance(value, int):
+            raise bad()
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):  # YAML 1.1: 1e-5 (no dot) is a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    return value
+
+
+def _accepts_shape(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if isinstance(value, (list, tuple)):
+        return origin in (tuple, list) or hint in (tuple, list)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(hint) or origin is dict or hint is dict
+    return not (origin in (tuple, list, dict) or dataclasses.is_dataclass(hint))
+
+
+def check_range(key: str, value: Any, ok: bool, expected: str) -> None:
+    """Raise :class:`ConfigError` ``key=value: expected ...`` unless ``ok`` (used by ``__post_init__``)."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``data`` with each ``key=value`` (``--set``) applied; the value is parsed as YAML and a
+    dotted key sets a nested one (``loop1.tau=0.5``).  Types are checked later, by :func:`from_dict`."""
+    import yaml
+
+    out = dict(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+        *parents, last = key.strip().split(".")
+        node = out
+        for p in parents:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[last] = value
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -207,3 +323,270 @@ def save_yaml(data: dict, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# training: the Trainer's settings and one typed section per recipe (docs/recipes.md)
+
+# recipe name -> "module:Class" of its implementation.  The CLI resolves it (maskloop.recipes.get) and hands
+# the recipe to the Trainer; the Trainer itself never imports the recipes package.
+RECIPES: dict[str, str] = {
+    "sft": "maskloop.recipes.sft:SFT",
+    "loop1": "maskloop.recipes.loop1:Loop1",
+    "loop2": "maskloop.recipes.loop2:Loop2",
+    "dual": "maskloop.recipes.dual:Dual",
+    "psalm": "maskloop.recipes.psalm:PSALM",
+}
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: referring segmentation + region captioning."""
+
+    lm_weight: float = 1.0
+    """Weight of the LM cross-entropy of the referring answer ("Sure, [SEG].")."""
+
+    def __post_init__(self):
+        check_range("sft.lm_weight", self.lm_weight, self.lm_weight >= 0, "a weight >= 0")
+
+
+@dataclass
+class Loop1Config:
+    """Loop 1: mask -> caption (EMA teacher, token noise, Gumbel) -> mask."""
+
+    caption_len: int = 64
+    """T: the teacher's fixed caption length (greedy, no EOS stop)."""
+    noise_ratio: float = 0.25
+    """Fraction of caption tokens replaced by random allowed ids before forward #1."""
+    topk: int = 128
+    """k of the straight-through Gumbel-softmax over the vocabulary."""
+    tau: float = 0.7
+    """Gumbel-softmax temperature."""
+    mask_caption_padding: bool = True
+    """Hide the caption's padding from forward #2 (False reproduces the research code)."""
+    variant: Literal["gumbel", "generate"] = "gumbel"
+    """"generate": segment the teacher's tokens directly (no gradient into the captioner)."""
+    lm_weight: float = 1.0
+    """Weight of the LM loss on the fixed "Sure, [SEG]." answer (and of referring batches)."""
+    refer_ratio: float = 0.25
+    """Referring batches per Loop-1 batch, interleaved through the run (0: none)."""
+
+    def __post_init__(self):
+        check_range("loop1.caption_len", self.caption_len, self.caption_len >= 1, "an integer >= 1")
+        check_range("loop1.noise_ratio", self.noise_ratio, 0 <= self.noise_ratio < 1, "a fraction in [0, 1)")
+        check_range("loop1.topk", self.topk, self.topk >= 1, "an integer >= 1")
+        check_range("loop1.tau", self.tau, self.tau > 0, "a temperature > 0")
+        check_range("loop1.lm_weight", self.lm_weight, self.lm_weight >= 0, "a weight >= 0")
+        check_range("loop1.refer_ratio", self.refer_ratio, self.refer_ratio >= 0, "a ratio >= 0")
+
+
+@dataclass
+class Loop2Config:
+    """Loop 2: caption -> mask -> caption on region captions."""
+
+    caption_len: int = 64
+    """Captions are cut to this many tokens."""
+    seg_lm_weight: float = 1.0
+    """Weight of the LM loss on the segmentation answer of half A."""
+
+    def __post_init__(self):
+        check_range("loop2.caption_len", self.caption_len, self.caption_len >= 1, "an integer >= 1")
+        check_range("loop2.seg_lm_weight", self.seg_lm_weight, self.seg_lm_weight >= 0, "a weight >= 0")
+
+
+@dataclass
+class DualConfig:
+    """Loop 1 + Loop 2 (their own sections) combined by gradient surgery."""
+
+    surgery_beta: float = 0.5
+    """beta of g = g1 + beta (g2 - c g1)."""
+    surgery_mode: Literal["always", "pcgrad"] = "always"
+    """"always" applies the combination every step; "pcgrad" only when g1.g2 < 0."""
+
+    def __post_init__(self):
+        check_range("dual.surgery_beta", self.surgery_beta, 0 <= self.surgery_beta <= 1, "a value in [0, 1]")
+
+
+@dataclass
+class PsalmConfig:
+    """PSALM joint segmentation training (the model is the TrainConfig's ``model`` preset)."""
+
+    data: list = field(default_factory=list)
+    """Source specs ``{kind, ..., repeat}``: coco_panoptic, coco_semantic, coco_instances, coco_interactive,
+    refcoco."""
+    model_overrides: dict = field(default_factory=dict)
+    """PSALMConfig fields, e.g. ``{deform: false}``."""
+    tokenizer: str | None = None
+    """A local Hugging Face tokenizer folder; None: a word tokenizer (tiny preset)."""
+    train_backbone: bool = False
+    """Train the Swin tower (PSALM keeps it frozen)."""
+    image_size: int | None = None
+    """None: the preset's (1024)."""
+    mask_size: int | None = None
+    """Target resolution; None: image_size."""
+    single_task_batches: bool = True
+    """Every batch from one source (PSALM's per-dataset batches)."""
+    epochs: int = 10
+    """Length of the run when ``steps`` is not set."""
+    num_points: int = 12544
+    """Points sampled per mask for BCE / Dice (Mask2Former's 112 x 112)."""
+    deep_supervision: bool = True
+    """Loss on every decoder layer's predictions."""
+    lm_weight: float = 1.0
+    """Weight of the [SEG] LM term."""
+
+    def __post_init__(self):
+        check_range("psalm.epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
+        check_range("psalm.num_points", self.num_points, self.num_points >= 1, "an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """The Trainer's settings (any recipe) and the recipes' typed sections (only the chosen one's are read)."""
+
+    recipe: str = "sft"
+    """One of :data:`RECIPES`."""
+    model: str = "tiny"
+    """A preset name or a checkpoint folder."""
+    init_from: str | None = None
+    """A checkpoint whose weights initialise the model."""
+    scratch_init: bool = False
+    """A preset built without a checkpoint gets width-aware weights (model/init.py), not N(0, 0.02)."""
+    recency_init: float = 0.0
+    """With scratch_init: strength of the LLM attention's recency prior at init (0 = none)."""
+    run_dir: str = "runs/default"
+    steps: int | None = 1000
+    """Optimizer steps; None: the recipe's (PSALM: ``psalm.epochs`` over its data)."""
+    batch_size: int = 2
+    """Per GPU, per stream."""
+    accumulation: int = 4
+    lr: float | None = None
+    """None: the recipe's default (:data:`RECIPE_DEFAULTS`)."""
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.05
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    compile_layers: bool = False
+    """torch.compile each LLM decoder layer (regional; CUDA runs, first steps slower)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    freeze: str | tuple[str, ...] = "default"
+    """"default", "all", or the parameter groups to train (a list, or names joined by commas)."""
+    ema_decay: float = 0.999
+    """EMA of the trained parameters (the Loop-1 teacher); 0: no EMA."""
+    seed: int = 0
+    ckpt_every: int = 250
+    """Checkpoint every N steps (0: never; the last step is saved when > 0)."""
+    keep_last: int = 3
+    log_every: int = 10
+    max_nonfinite: int = 10
+    """Stop after this many consecutive non-finite steps (each skipped)."""
+    num_workers: int = 0
+    progress: bool = True
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallelism under torchrun (maskloop/train/sharding.py): none (flat all-reduce), ddp, fsdp (FSDP2)."""
+    fsdp_shard_frozen: bool = True
+    """FSDP: shard the frozen base too (false: keep it whole on every rank, shard only the trained weights)."""
+    activation_checkpointing: bool = False
+    """Recompute each LLM / ViT / SAM2 block in the backward pass instead of keeping its activations."""
+    global_batch: int | None = None
+    """Samples per optimizer step; when set, batch_size = global_batch / (world size x accumulation)."""
+    data: dict = field(default_factory=dict)
+    """Stream name -> list of source specs ``{kind, ..., repeat, weight}``."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    loop1: Loop1Config = field(default_factory=Loop1Config)
+    loop2: Loop2Config = field(default_factory=Loop2Config)
+    dual: DualConfig = field(default_factory=DualConfig)
+    psalm: PsalmConfig = field(default_factory=PsalmConfig)
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
+        if self.lr is None:
+            self.lr = RECIPE_DEFAULTS[self.recipe]["lr"]
+        self.betas = tuple(self.betas)
+        if isinstance(self.freeze, list):
+            self.freeze = tuple(self.freeze)
+        check_range("steps", self.steps, self.steps is None or self.steps >= 0, "an integer >= 0 or null")
+        check_range("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
+        check_range("accumulation", self.accumulation, self.accumulation >= 1, "an integer >= 1")
+        check_range("lr", self.lr, self.lr > 0, "a learning rate > 0")
+        check_range("weight_decay", self.weight_decay, self.weight_decay >= 0, "a value >= 0")
+        check_range("betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
+        check_range("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio <= 1, "a fraction in [0, 1]")
+        check_range("grad_clip", self.grad_clip, self.grad_clip > 0, "a norm > 0")
+        check_range("ema_decay", self.ema_decay, 0 <= self.ema_decay < 1, "a decay in [0, 1)")
+        check_range("ckpt_every", self.ckpt_every, self.ckpt_every >= 0, "an integer >= 0")
+        check_range("keep_last", self.keep_last, self.keep_last >= 1, "an integer >= 1")
+        check_range("log_every", self.log_every, self.log_every >= 1, "an integer >= 1")
+        check_range("max_nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "an integer >= 1")
+        check_range("num_workers", self.num_workers, self.num_workers >= 0, "an integer >= 0")
+        if self.recency_init < 0 or (self.recency_init and not self.scratch_init):
+            raise ConfigError(f"recency_init={self.recency_init}: a strength > 0 that needs scratch_init: true "
+                              "(it is an initialisation of a model trained from random weights)")
+
+    @classmethod
+    def from_yaml(cls, path, overrides: list[str] | None = None) -> TrainConfig:
+        return cls.from_mapping(load_yaml(path), overrides)
+
+    @classmethod
+    def from_mapping(cls, data: dict, overrides: list[str] | None = None) -> TrainConfig:
+        """The config from a YAML mapping and ``--set`` overrides; the recipe's defaults fill the keys the
+        mapping leaves out; old flat recipe keys (``tau: 0.5``) are moved to their section with one
+        deprecation line."""
+        data = nest_flat_keys(apply_overrides(data, overrides))
+        recipe = data.get("recipe", "sft")
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+        return from_dict(cls, {**RECIPE_DEFAULTS[recipe], **data}, "")
+
+
+# the Trainer settings a recipe changes from TrainConfig's (its published hyperparameters)
+RECIPE_DEFAULTS: dict[str, dict] = {
+    "sft": {"lr": 4e-5},
+    "loop1": {"lr": 1e-5},
+    "loop2": {"lr": 1e-5},
+    "dual": {"lr": 1e-5},
+    # PSALM scripts/train.sh: AdamW without weight decay, 3% warmup, 10 epochs, batch 2 x accumulation 2
+    "psalm": {"model": "psalm-swinb-phi15", "lr": 6e-5, "weight_decay": 0.0, "warmup_ratio": 0.03, "steps": None,
+              "batch_size": 2, "accumulation": 2, "ema_decay": 0.0, "ckpt_every": 15000, "keep_last": 1,
+              "log_every": 1, "num_workers": 4, "run_dir": "runs/psalm"},
+}
+
+# old flat keys -> their sections (one mapping; each use prints one deprecation line)
+_FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "caption_len": ("loop1", "loop2"), "noise_ratio": ("loop1",), "topk": ("loop1",), "tau": ("loop1",),
+    "mask_caption_padding": ("loop1",), "variant": ("loop1",), "refer_ratio": ("loop1",),
+    "lm_weight": ("sft", "loop1"), "seg_lm_weight": ("loop2",), "surgery_beta": ("dual",), "surgery_mode": ("dual",),
+}
+# the PSALM recipe's flat keys (the PSALM_DEFAULTS layout of recipes/psalm.py)
+_FLAT_PSALM = {f.name for f in dataclasses.fields(PsalmConfig)}
+
+
+def nest_flat_keys(data: dict, warn: bool = True) -> dict:
+    """``data`` with the old flat recipe keys moved into their sections (``tau`` -> ``loop1.tau``)."""
+    out = dict(data)
+    psalm = out.get("recipe") == "psalm"
+    moved = []
+    for key in list(out):
+        if psalm and key in _FLAT_PSALM and not (key == "data" and isinstance(out[key], dict)):
+            sections = ("psalm",)
+        elif psalm and key == "max_steps":
+            out["steps"] = out.pop("max_steps")
+            moved.append("max_steps -> steps")
+            continue
+        elif key in _FLAT_KEYS:
+            sections = _FLAT_KEYS[key]
+        else:
+            continue
+        value = out.pop(key)
+        for s in sections:
+            section = dict(out.get(s) or {})
+            section.setdefault(key, value)
+            out[s] = section
+        moved.append(f"{key} -> " + ", ".join(f"{s}.{key}" for s in sections))
+    if moved and warn:
+        warnings.warn("flat recipe keys are deprecated, use the recipe sections: " + "; ".join(moved),
+                      FutureWarning, stacklevel=3)
+    return out

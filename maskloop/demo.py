@@ -12,7 +12,7 @@
    (mask -> caption), in two stages: *alignment*, referring only with the LLM frozen (SAM2's decoder,
    text_hidden_fcs, the ViT and the projector learn to use the [SEG] state as it is), then both tasks with
    everything but SAM2's image encoder trained;
-3. the **dual** recipe (SPEC §2d): Loop 1 (mask -> EMA-teacher caption -> Gumbel pseudo-tokens ->
+3. the **dual** recipe (docs/recipes.md, "Dual"): Loop 1 (mask -> EMA-teacher caption -> Gumbel pseudo-tokens ->
    mask, with interleaved referring batches) and Loop 2 (caption -> mask -> caption), combined by
    gradient surgery;
 4. evaluation on held-out scenes (``seed='val'``) after each stage: referring cIoU / gIoU, text
@@ -45,7 +45,8 @@ FULL = {
     "align": {"steps": 1000, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "sft": {"steps": 900, "batch_size": 8, "accumulation": 1, "lr": 5e-4, "warmup_ratio": 0.03},
     "dual": {"steps": 300, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
-             "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.5},
+             "ema_decay": 0.99, "loop1": {"caption_len": 12, "topk": 16, "refer_ratio": 0.5},
+             "loop2": {"caption_len": 12}},
     "examples": 6,
 }
 QUICK = {
@@ -54,7 +55,8 @@ QUICK = {
     "align": {"steps": 150, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "sft": {"steps": 150, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
     "dual": {"steps": 30, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
-             "ema_decay": 0.99, "caption_len": 12, "topk": 16, "refer_ratio": 0.25},
+             "ema_decay": 0.99, "loop1": {"caption_len": 12, "topk": 16, "refer_ratio": 0.25},
+             "loop2": {"caption_len": 12}},
     "examples": 4,
 }
 MODEL = "tiny-demo"  # trained from scratch: width-aware init + the LLM attention's recency prior
@@ -66,7 +68,7 @@ EXPRESSIONS = "colour"  # referring expressions name the target's colour (shapes
 # the expression that the recency prior makes it while SAM2's decoder learns to use it; trained with it,
 # the LLM drifts faster than the decoder learns and the prompt collapses to "every object"
 # (benchmarks/results/demo_sweep.md).  SFT then trains the LLM too, with region captioning.  The
-# loops train what SPEC §2 trains plus the LLM base (from scratch, LoRA alone would be a small share of it);
+# loops train what docs/recipes.md trains plus the LLM base (from scratch, LoRA alone would be a small share of it);
 # the vision tower is kept frozen there, as the loops' ViT-feature sharing between teacher and student assumes.
 STAGE_TRAINS = {
     "align": ("projector", "text_hidden_fcs", "sam2_decoder", "vision"),
@@ -89,7 +91,7 @@ def _data(n: int) -> dict:
 
 def train_config(stage: str, settings: dict, run_dir: Path, progress: bool):
     """The TrainConfig of demo stage ``align`` / ``sft`` (recipe sft) or ``dual``."""
-    from maskloop.train.engine import TrainConfig
+    from maskloop.config import TrainConfig
 
     data = _data(settings["scenes"])
     if stage == "align":  # the frozen random LLM cannot learn captions: referring only

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from maskloop.config import ConfigError
 from maskloop.data.fixtures import write_shapes_psalm
 from maskloop.eval.psalm_eval import evaluate_psalm, format_table, main_eval
 from maskloop.model.psalm.model import PSALMOutput
@@ -140,5 +141,24 @@ def test_defaults_are_psalms():
     d = PSALM_DEFAULTS
     assert (d["lr"], d["batch_size"], d["accumulation"], d["epochs"], d["weight_decay"]) == (6e-5, 2, 2, 10, 0.0)
     assert d["precision"] == "auto" and d["warmup_ratio"] == 0.03 and d["schedule"] == "cosine"
-    with pytest.raises(KeyError, match="unknown PSALM recipe key"):
+    with pytest.raises(ConfigError, match="unknown PSALM recipe key"):
         build_psalm({"lrr": 1})
+
+
+def test_cli_trains_psalm_like_any_recipe(shapes, tmp_path):
+    """`maskloop train` reads a `recipe: psalm` config with its typed `psalm:` section (no separate loop)."""
+    import yaml
+
+    from maskloop.cli import main
+
+    _, data = shapes
+    cfg = tmp_path / "psalm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "recipe": "psalm", "model": "psalm-tiny", "steps": 2, "batch_size": 2, "accumulation": 1, "num_workers": 0,
+        "warmup_ratio": 0.0, "progress": False, "ckpt_every": 2, "run_dir": str(tmp_path / "run"),
+        "psalm": {"data": data[:1], "num_points": 64}}))
+    assert main(["train", "--config", str(cfg), "--set", "lr=1e-3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("loss/panoptic" in r for r in rows)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
+    assert main(["train", "--config", str(cfg), "--set", "psalm.epochs=0"]) == 2  # checked like any section

@@ -37,6 +37,8 @@ from typing import Iterable
 import torch
 from torch.utils.data import Dataset
 
+from maskloop import errors
+
 logger = logging.getLogger("maskloop.data")
 
 #: Reasons a sample is skipped.
@@ -54,7 +56,7 @@ REASONS = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(errors.DataError):
     """A data source is unusable (all bad, or not in the expected layout)."""
 
 

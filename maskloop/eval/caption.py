@@ -1,4 +1,4 @@
-"""Region-caption evaluation: describe(image, mask) -> caption, scored against references (SPEC §4).
+"""Region-caption evaluation: describe(image, mask) -> caption, scored against references (docs/evaluation.md).
 
 Batched greedy decoding (:meth:`GroundedMLLM.describe`, KV cache) from the mask's prompt cells
 (16x16 / the preset's grid; an empty cell set falls back to the mask's centroid cell).  Scores are

@@ -1,4 +1,4 @@
-"""Cycle-consistency evaluation: IoU(mask, segment(describe(mask))) (SPEC §4).
+"""Cycle-consistency evaluation: IoU(mask, segment(describe(mask))) (docs/evaluation.md).
 
 Per batch: the model captions each region greedily (batched, KV cache), then segments its *own*
 caption tokens in the same image (the generated ids and lengths go straight in as the expression,

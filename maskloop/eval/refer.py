@@ -1,4 +1,4 @@
-"""Referring-segmentation evaluation: cIoU / gIoU / P@k per split (SPEC §4).
+"""Referring-segmentation evaluation: cIoU / gIoU / P@k per split (docs/evaluation.md).
 
 For each batch of (image, expression, mask) the model answers the fixed prompt
 "... segment {expr} ... / Sure, [SEG]." (teacher forced, as :meth:`GroundedMLLM.segment` does by

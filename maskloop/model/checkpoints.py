@@ -1,6 +1,6 @@
 """Load published Sa2VA checkpoints into our modules, and export back to the same key space.
 
-Three inputs are accepted (SPEC §1):
+Three inputs are accepted (docs/checkpoints.md):
 
 1. a Hugging Face folder as published (``config.json``, tokenizer files, ``model.safetensors`` or
    ``model-0000x-of-0000y.safetensors`` + ``model.safetensors.index.json``) with the remote-code key
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from maskloop import errors
+
 SAM_MEMORY_PREFIXES = (
     "memory_attention.",
     "memory_encoder.",
@@ -38,36 +40,37 @@ SAM_MEMORY_PREFIXES = (
 )
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(errors.CheckpointError):
+    """A published checkpoint that cannot be loaded (see :mod:`maskloop.errors`)."""
 
 
 # ----------------------------------------------------------------------------------------------
-# key maps: (published template, native template).  ``{0}``, ``{1}``... match one dotted name
+# key maps: (published template, native template); SA2VA_* are prefixes of the published (Sa2VA) keys,
+# OURS_* of this model's (transformers-layout) keys.  ``{0}``, ``{1}``... match one dotted name
 # component each; ``{rest}`` matches the remainder of a key.  The same table is used both ways.
 
-_V = "internvl.model.vision_tower."
-_VL = "vision_model.encoder.layers.{0}."
-_NL = _V + "encoder.layer.{0}."
+OURS_VIT = "internvl.model.vision_tower."
+SA2VA_VIT_LAYER = "vision_model.encoder.layers.{0}."
+OURS_VIT_LAYER = OURS_VIT + "encoder.layer.{0}."
 _VIT = [
-    ("vision_model.embeddings.class_embedding", _V + "embeddings.cls_token"),
-    ("vision_model.embeddings.position_embedding", _V + "embeddings.position_embeddings"),
-    ("vision_model.embeddings.patch_embedding.{0}", _V + "embeddings.patch_embeddings.projection.{0}"),
-    (_VL + "attn.proj.{1}", _NL + "attention.projection_layer.{1}"),
-    (_VL + "attn.q_norm.{1}", _NL + "attention.q_norm.{1}"),
-    (_VL + "attn.k_norm.{1}", _NL + "attention.k_norm.{1}"),
-    (_VL + "ls1", _NL + "lambda_1"),
-    (_VL + "ls2", _NL + "lambda_2"),
-    (_VL + "norm1.{1}", _NL + "layernorm_before.{1}"),
-    (_VL + "norm2.{1}", _NL + "layernorm_after.{1}"),
-    (_VL + "mlp.fc1.{1}", _NL + "mlp.fc1.{1}"),
-    (_VL + "mlp.fc2.{1}", _NL + "mlp.fc2.{1}"),
+    ("vision_model.embeddings.class_embedding", OURS_VIT + "embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", OURS_VIT + "embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.{0}", OURS_VIT + "embeddings.patch_embeddings.projection.{0}"),
+    (SA2VA_VIT_LAYER + "attn.proj.{1}", OURS_VIT_LAYER + "attention.projection_layer.{1}"),
+    (SA2VA_VIT_LAYER + "attn.q_norm.{1}", OURS_VIT_LAYER + "attention.q_norm.{1}"),
+    (SA2VA_VIT_LAYER + "attn.k_norm.{1}", OURS_VIT_LAYER + "attention.k_norm.{1}"),
+    (SA2VA_VIT_LAYER + "ls1", OURS_VIT_LAYER + "lambda_1"),
+    (SA2VA_VIT_LAYER + "ls2", OURS_VIT_LAYER + "lambda_2"),
+    (SA2VA_VIT_LAYER + "norm1.{1}", OURS_VIT_LAYER + "layernorm_before.{1}"),
+    (SA2VA_VIT_LAYER + "norm2.{1}", OURS_VIT_LAYER + "layernorm_after.{1}"),
+    (SA2VA_VIT_LAYER + "mlp.fc1.{1}", OURS_VIT_LAYER + "mlp.fc1.{1}"),
+    (SA2VA_VIT_LAYER + "mlp.fc2.{1}", OURS_VIT_LAYER + "mlp.fc2.{1}"),
 ]
 _QKV = r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)"  # fused: split / concatenated
-_QKV_NATIVE = _NL + "attention.{2}_proj.{1}"
+_QKV_NATIVE = OURS_VIT_LAYER + "attention.{2}_proj.{1}"
 
-_P = "internvl.model.multi_modal_projector."
-_MLP1 = [("mlp1.0.{0}", _P + "layer_norm.{0}"), ("mlp1.1.{0}", _P + "linear_1.{0}"), ("mlp1.3.{0}", _P + "linear_2.{0}")]
+OURS_PROJECTOR = "internvl.model.multi_modal_projector."
+_MLP1 = [("mlp1.0.{0}", OURS_PROJECTOR + "layer_norm.{0}"), ("mlp1.1.{0}", OURS_PROJECTOR + "linear_1.{0}"), ("mlp1.3.{0}", OURS_PROJECTOR + "linear_2.{0}")]
 _LLM = [
     ("language_model.lm_head.weight", "internvl.lm_head.weight"),
     ("language_model.model.{rest}", "internvl.model.language_model.{rest}"),
@@ -75,60 +78,60 @@ _LLM = [
 _HEAD = [("text_hidden_fcs.{0}.{1}", "text_hidden_fcs.{0}.{1}")]
 
 SAM_PREFIX = "grounding_encoder.sam2_model."
-_S, _N = SAM_PREFIX, "sam.sam."
-_T, _NT = _S + "image_encoder.trunk.", _N + "vision_encoder.backbone."
-_D, _ND = _S + "sam_mask_decoder.", _N + "mask_decoder."
-_PE, _NPE = _S + "sam_prompt_encoder.", _N + "prompt_encoder."
+SA2VA_SAM, OURS_SAM = SAM_PREFIX, "sam.sam."
+SA2VA_SAM_TRUNK, OURS_SAM_TRUNK = SA2VA_SAM + "image_encoder.trunk.", OURS_SAM + "vision_encoder.backbone."
+SA2VA_SAM_DECODER, OURS_SAM_DECODER = SA2VA_SAM + "sam_mask_decoder.", OURS_SAM + "mask_decoder."
+SA2VA_SAM_PROMPT, OURS_SAM_PROMPT = SA2VA_SAM + "sam_prompt_encoder.", OURS_SAM + "prompt_encoder."
 _SAM = [
-    (_T + "patch_embed.proj.{0}", _NT + "patch_embed.projection.{0}"),
-    (_T + "pos_embed", _NT + "pos_embed"),
-    (_T + "pos_embed_window", _NT + "pos_embed_window"),
-    (_T + "blocks.{0}.norm1.{1}", _NT + "blocks.{0}.layer_norm1.{1}"),
-    (_T + "blocks.{0}.norm2.{1}", _NT + "blocks.{0}.layer_norm2.{1}"),
-    (_T + "blocks.{0}.mlp.layers.0.{1}", _NT + "blocks.{0}.mlp.proj_in.{1}"),
-    (_T + "blocks.{0}.mlp.layers.1.{1}", _NT + "blocks.{0}.mlp.proj_out.{1}"),
-    (_T + "blocks.{0}.attn.qkv.{1}", _NT + "blocks.{0}.attn.qkv.{1}"),
-    (_T + "blocks.{0}.attn.proj.{1}", _NT + "blocks.{0}.attn.proj.{1}"),
-    (_T + "blocks.{0}.proj.{1}", _NT + "blocks.{0}.proj.{1}"),
-    (_S + "image_encoder.neck.convs.{0}.conv.{1}", _N + "vision_encoder.neck.convs.{0}.{1}"),
-    (_S + "no_mem_embed", _N + "no_memory_embedding"),
-    (_PE + "pe_layer.positional_encoding_gaussian_matrix", _NPE + "shared_embedding.positional_embedding"),
-    (_PE + "not_a_point_embed.weight", _NPE + "not_a_point_embed.weight"),
-    (_PE + "no_mask_embed.weight", _NPE + "no_mask_embed.weight"),
-    (_PE + "mask_downscaling.0.{0}", _NPE + "mask_embed.conv1.{0}"),
-    (_PE + "mask_downscaling.1.{0}", _NPE + "mask_embed.layer_norm1.{0}"),
-    (_PE + "mask_downscaling.3.{0}", _NPE + "mask_embed.conv2.{0}"),
-    (_PE + "mask_downscaling.4.{0}", _NPE + "mask_embed.layer_norm2.{0}"),
-    (_PE + "mask_downscaling.6.{0}", _NPE + "mask_embed.conv3.{0}"),
-    (_D + "iou_token.weight", _ND + "iou_token.weight"),
-    (_D + "mask_tokens.weight", _ND + "mask_tokens.weight"),
-    (_D + "obj_score_token.weight", _ND + "obj_score_token.weight"),
-    (_D + "conv_s0.{0}", _ND + "conv_s0.{0}"),
-    (_D + "conv_s1.{0}", _ND + "conv_s1.{0}"),
-    (_D + "output_upscaling.0.{0}", _ND + "upscale_conv1.{0}"),
-    (_D + "output_upscaling.1.{0}", _ND + "upscale_layer_norm.{0}"),
-    (_D + "output_upscaling.3.{0}", _ND + "upscale_conv2.{0}"),
-    (_D + "transformer.layers.{0}.mlp.layers.0.{1}", _ND + "transformer.layers.{0}.mlp.proj_in.{1}"),
-    (_D + "transformer.layers.{0}.mlp.layers.1.{1}", _ND + "transformer.layers.{0}.mlp.proj_out.{1}"),
-    (_D + "transformer.final_attn_token_to_image.out_proj.{0}", _ND + "transformer.final_attn_token_to_image.o_proj.{0}"),
-    (_D + "transformer.final_attn_token_to_image.{0}.{1}", _ND + "transformer.final_attn_token_to_image.{0}.{1}"),
-    (_D + "transformer.norm_final_attn.{0}", _ND + "transformer.layer_norm_final_attn.{0}"),
+    (SA2VA_SAM_TRUNK + "patch_embed.proj.{0}", OURS_SAM_TRUNK + "patch_embed.projection.{0}"),
+    (SA2VA_SAM_TRUNK + "pos_embed", OURS_SAM_TRUNK + "pos_embed"),
+    (SA2VA_SAM_TRUNK + "pos_embed_window", OURS_SAM_TRUNK + "pos_embed_window"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.norm1.{1}", OURS_SAM_TRUNK + "blocks.{0}.layer_norm1.{1}"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.norm2.{1}", OURS_SAM_TRUNK + "blocks.{0}.layer_norm2.{1}"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.mlp.layers.0.{1}", OURS_SAM_TRUNK + "blocks.{0}.mlp.proj_in.{1}"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.mlp.layers.1.{1}", OURS_SAM_TRUNK + "blocks.{0}.mlp.proj_out.{1}"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.attn.qkv.{1}", OURS_SAM_TRUNK + "blocks.{0}.attn.qkv.{1}"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.attn.proj.{1}", OURS_SAM_TRUNK + "blocks.{0}.attn.proj.{1}"),
+    (SA2VA_SAM_TRUNK + "blocks.{0}.proj.{1}", OURS_SAM_TRUNK + "blocks.{0}.proj.{1}"),
+    (SA2VA_SAM + "image_encoder.neck.convs.{0}.conv.{1}", OURS_SAM + "vision_encoder.neck.convs.{0}.{1}"),
+    (SA2VA_SAM + "no_mem_embed", OURS_SAM + "no_memory_embedding"),
+    (SA2VA_SAM_PROMPT + "pe_layer.positional_encoding_gaussian_matrix", OURS_SAM_PROMPT + "shared_embedding.positional_embedding"),
+    (SA2VA_SAM_PROMPT + "not_a_point_embed.weight", OURS_SAM_PROMPT + "not_a_point_embed.weight"),
+    (SA2VA_SAM_PROMPT + "no_mask_embed.weight", OURS_SAM_PROMPT + "no_mask_embed.weight"),
+    (SA2VA_SAM_PROMPT + "mask_downscaling.0.{0}", OURS_SAM_PROMPT + "mask_embed.conv1.{0}"),
+    (SA2VA_SAM_PROMPT + "mask_downscaling.1.{0}", OURS_SAM_PROMPT + "mask_embed.layer_norm1.{0}"),
+    (SA2VA_SAM_PROMPT + "mask_downscaling.3.{0}", OURS_SAM_PROMPT + "mask_embed.conv2.{0}"),
+    (SA2VA_SAM_PROMPT + "mask_downscaling.4.{0}", OURS_SAM_PROMPT + "mask_embed.layer_norm2.{0}"),
+    (SA2VA_SAM_PROMPT + "mask_downscaling.6.{0}", OURS_SAM_PROMPT + "mask_embed.conv3.{0}"),
+    (SA2VA_SAM_DECODER + "iou_token.weight", OURS_SAM_DECODER + "iou_token.weight"),
+    (SA2VA_SAM_DECODER + "mask_tokens.weight", OURS_SAM_DECODER + "mask_tokens.weight"),
+    (SA2VA_SAM_DECODER + "obj_score_token.weight", OURS_SAM_DECODER + "obj_score_token.weight"),
+    (SA2VA_SAM_DECODER + "conv_s0.{0}", OURS_SAM_DECODER + "conv_s0.{0}"),
+    (SA2VA_SAM_DECODER + "conv_s1.{0}", OURS_SAM_DECODER + "conv_s1.{0}"),
+    (SA2VA_SAM_DECODER + "output_upscaling.0.{0}", OURS_SAM_DECODER + "upscale_conv1.{0}"),
+    (SA2VA_SAM_DECODER + "output_upscaling.1.{0}", OURS_SAM_DECODER + "upscale_layer_norm.{0}"),
+    (SA2VA_SAM_DECODER + "output_upscaling.3.{0}", OURS_SAM_DECODER + "upscale_conv2.{0}"),
+    (SA2VA_SAM_DECODER + "transformer.layers.{0}.mlp.layers.0.{1}", OURS_SAM_DECODER + "transformer.layers.{0}.mlp.proj_in.{1}"),
+    (SA2VA_SAM_DECODER + "transformer.layers.{0}.mlp.layers.1.{1}", OURS_SAM_DECODER + "transformer.layers.{0}.mlp.proj_out.{1}"),
+    (SA2VA_SAM_DECODER + "transformer.final_attn_token_to_image.out_proj.{0}", OURS_SAM_DECODER + "transformer.final_attn_token_to_image.o_proj.{0}"),
+    (SA2VA_SAM_DECODER + "transformer.final_attn_token_to_image.{0}.{1}", OURS_SAM_DECODER + "transformer.final_attn_token_to_image.{0}.{1}"),
+    (SA2VA_SAM_DECODER + "transformer.norm_final_attn.{0}", OURS_SAM_DECODER + "transformer.layer_norm_final_attn.{0}"),
 ]
 for _i in "1234":
-    _SAM.append((_D + f"transformer.layers.{{0}}.norm{_i}.{{1}}", _ND + f"transformer.layers.{{0}}.layer_norm{_i}.{{1}}"))
+    _SAM.append((SA2VA_SAM_DECODER + f"transformer.layers.{{0}}.norm{_i}.{{1}}", OURS_SAM_DECODER + f"transformer.layers.{{0}}.layer_norm{_i}.{{1}}"))
 for _att in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
-    _SAM.append((_D + f"transformer.layers.{{0}}.{_att}.out_proj.{{1}}", _ND + f"transformer.layers.{{0}}.{_att}.o_proj.{{1}}"))
+    _SAM.append((SA2VA_SAM_DECODER + f"transformer.layers.{{0}}.{_att}.out_proj.{{1}}", OURS_SAM_DECODER + f"transformer.layers.{{0}}.{_att}.o_proj.{{1}}"))
     for _pr in ("q_proj", "k_proj", "v_proj"):
-        _SAM.append((_D + f"transformer.layers.{{0}}.{_att}.{_pr}.{{1}}", _ND + f"transformer.layers.{{0}}.{_att}.{_pr}.{{1}}"))
+        _SAM.append((SA2VA_SAM_DECODER + f"transformer.layers.{{0}}.{_att}.{_pr}.{{1}}", OURS_SAM_DECODER + f"transformer.layers.{{0}}.{_att}.{_pr}.{{1}}"))
 for _i, _n in {"0": "proj_in", "1": "layers.0", "2": "proj_out"}.items():  # SAM2's 3-layer MLP heads
-    _SAM.append((_D + f"output_hypernetworks_mlps.{{0}}.layers.{_i}.{{1}}", _ND + f"output_hypernetworks_mlps.{{0}}.{_n}.{{1}}"))
+    _SAM.append((SA2VA_SAM_DECODER + f"output_hypernetworks_mlps.{{0}}.layers.{_i}.{{1}}", OURS_SAM_DECODER + f"output_hypernetworks_mlps.{{0}}.{_n}.{{1}}"))
     for _h in ("iou_prediction_head", "pred_obj_score_head"):
-        _SAM.append((_D + f"{_h}.layers.{_i}.{{0}}", _ND + f"{_h}.{_n}.{{0}}"))
-_POINT = re.escape(_PE) + r"point_embeddings\.(\d+)\.weight"  # stacked into point_embed.weight
+        _SAM.append((SA2VA_SAM_DECODER + f"{_h}.layers.{_i}.{{0}}", OURS_SAM_DECODER + f"{_h}.{_n}.{{0}}"))
+_POINT = re.escape(SA2VA_SAM_PROMPT) + r"point_embeddings\.(\d+)\.weight"  # stacked into point_embed.weight
 
 RULES = _VIT + _MLP1 + _LLM + _HEAD + _SAM
 # Native keys with no published counterpart (derived on load): duplicates and the new-token tables.
-_DERIVED = {_N + "shared_image_embedding.positional_embedding", "new_embed", "new_head"}
+_DERIVED = {OURS_SAM + "shared_image_embedding.positional_embedding", "new_embed", "new_head"}
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -227,7 +230,7 @@ def published_to_native(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         native["sam.sam.prompt_encoder.point_embed.weight"] = torch.cat([points[i] for i in sorted(points)], 0)
     pe = native.get("sam.sam.prompt_encoder.shared_embedding.positional_embedding")
     if pe is not None:
-        native[_N + "shared_image_embedding.positional_embedding"] = pe
+        native[OURS_SAM + "shared_image_embedding.positional_embedding"] = pe
     return native, extra, unknown
 
 

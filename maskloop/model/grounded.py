@@ -1,6 +1,6 @@
 """The Sa2VA-family grounded MLLM: InternVL (vision tower, mlp1, Qwen2) + SAM2 + the [SEG] head.
 
-Data flow (SPEC §1)::
+Data flow (docs/architecture.md)::
 
     pixel_values (B,3,S,S) -> InternViT (frozen) -> pixel shuffle -> mlp1 -> image tokens (B,N,D)
     prompt parts -> token ids -> embeddings; <IMG_CONTEXT> positions <- image tokens, then region cells
@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from maskloop.config import ModelConfig
-from maskloop.model import losses as L
+from maskloop.errors import ConfigError
+from maskloop.model import losses
 from maskloop.model.presets import internvl_config, sam2_config
 from maskloop.model.prompts import (
     ALL_SPECIAL,
@@ -141,8 +142,10 @@ class GroundedMLLM(nn.Module):
 
     def set_trainable(self, policy: str | tuple[str, ...] = "default") -> list[str]:
         """'default' = LoRA, mlp1, text_hidden_fcs, SAM2 mask decoder, new-token rows; 'all' = everything;
-        or an explicit tuple of group names.  Returns the trainable parameter names."""
+        or the group names (a tuple, or one string joined by commas).  Returns the trainable parameter names."""
         groups = self.parameter_groups()
+        if isinstance(policy, str) and policy not in ("default", "all"):  # "lora,projector": names, not letters
+            policy = tuple(g.strip() for g in policy.split(",") if g.strip())
         if policy == "default":
             chosen = set(TRAINABLE_GROUPS)
         elif policy == "all":
@@ -150,7 +153,7 @@ class GroundedMLLM(nn.Module):
         else:
             unknown = set(policy) - set(groups)
             if unknown:
-                raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
+                raise ConfigError(f"freeze: unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
             chosen = set(policy)
         if self.cfg.lora is None and policy == "default":
             chosen |= {"llm_base"}
@@ -265,7 +268,7 @@ class GroundedMLLM(nn.Module):
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sel = labels != -100
-        return L.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
+        return losses.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
 
     # ------------------------------------------------------------------ (a)/(b) referring segmentation
     def seg_prompt_embeds(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -306,7 +309,7 @@ class GroundedMLLM(nn.Module):
         if gt_masks is not None:
             c = self.cfg
             out.update(
-                L.mask_losses(
+                losses.mask_losses(
                     low,
                     gt_masks,
                     c.bce_weight,
@@ -342,7 +345,7 @@ class GroundedMLLM(nn.Module):
         h = torch.gather(hidden, 1, pred_pos[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.lm_logits(h)  # (B, T, V)
         tgt = answer.ids.to(logits.device)
-        loss = L.lm_loss(logits[valid], tgt[valid])
+        loss = losses.lm_loss(logits[valid], tgt[valid])
         return {"logits": logits, "valid": valid, "loss_lm": loss}
 
     # ------------------------------------------------------------------ (d) batched greedy generation

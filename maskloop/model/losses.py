@@ -1,4 +1,4 @@
-"""Mask and language losses (SPEC §1).
+"""Mask and language losses (docs/recipes.md; docs/architecture.md, "Losses").
 
 Mask loss = bce_weight * BCE-with-logits + dice_weight * Dice(sigmoid, eps=1), each averaged over
 the masks of the batch.  Optionally both are computed on points chosen by importance sampling as in

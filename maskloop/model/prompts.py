@@ -1,4 +1,4 @@
-"""Chat template, prompt builders and special tokens (SPEC §1).
+"""Chat template, prompt builders and special tokens (docs/architecture.md).
 
 Prompts are built as a list of *parts* so that the variable pieces (the image tokens, the K region
 tokens, a caption given as embeddings) can be laid out by batched tensor code in

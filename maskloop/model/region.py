@@ -41,7 +41,7 @@ def ensure_nonempty(prompt: torch.Tensor, fallback_cells: torch.Tensor) -> tuple
 def logits_to_prompt(mask_logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, int]:
     """Predicted mask logits (B, H, W) -> prompt masks (B, g, g): sigmoid -> avg-pool -> > 0.5.
 
-    Not differentiable (SPEC §2c).  Empty results fall back to the most probable cell; the count
+    Not differentiable (docs/recipes.md, "Loop 2").  Empty results fall back to the most probable cell; the count
     of fallbacks (predicted masks with no cell above 0.5) is returned for logging.
     """
     with torch.no_grad():

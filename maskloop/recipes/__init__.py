@@ -1,10 +1,17 @@
-"""Training recipes, one readable file each: sft, loop1, loop2, dual."""
+"""Training recipes, one readable file each: sft, loop1, loop2, dual, psalm (docs/recipes.md).
 
-from maskloop.recipes import dual, loop1, loop2, sft
+The names and ``module:Class`` paths are :data:`maskloop.config.RECIPES`; :func:`get` builds one for a config
+(the CLI calls it and hands the recipe to the Trainer).
+"""
 
-RECIPES = {
-    "sft": (sft.SFT, sft.STREAMS, sft.DEFAULTS),
-    "loop1": (loop1.Loop1, loop1.STREAMS, loop1.DEFAULTS),
-    "loop2": (loop2.Loop2, loop2.STREAMS, loop2.DEFAULTS),
-    "dual": (dual.Dual, dual.STREAMS, dual.DEFAULTS),
-}
+from __future__ import annotations
+
+from maskloop.config import RECIPES
+from maskloop.train.recipe import Recipe, StepOutput, resolve_recipe
+
+__all__ = ["RECIPES", "Recipe", "StepOutput", "get"]
+
+
+def get(cfg) -> Recipe:
+    """The recipe ``cfg.recipe`` built on ``cfg`` (a :class:`~maskloop.config.TrainConfig`)."""
+    return resolve_recipe(cfg)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import torch
 
 from maskloop.model.grounded import GroundedMLLM
 from maskloop.model.prompts import Ragged
 from maskloop.model.region import centroid_cells, ensure_nonempty
+from maskloop.train.recipe import Recipe, StepOutput
+
+__all__ = ["Recipe", "RecipeBase", "StepOutput", "refer_loss", "caption_loss", "noise_tokens", "global_rows", "with_end"]
 
 
 def _d(x):
@@ -17,39 +19,7 @@ def _d(x):
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
-class RecipeBase:
-    """Recipes keep their random streams (question choice, token noise, Gumbel noise) resumable."""
-
-    def state_dict(self) -> dict:
-        out = {}
-        for name, v in vars(self).items():
-            if isinstance(v, random.Random):
-                version, internal, gauss = v.getstate()
-                out[name] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
-            elif isinstance(v, torch.Generator):
-                out[name] = {"generator": v.get_state()}
-            elif isinstance(v, RecipeBase):
-                out[name] = v.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, st in state.items():
-            v = getattr(self, name)
-            if isinstance(v, random.Random):
-                v.setstate((int(st["version"]), tuple(int(x) for x in st["state"].tolist()), st["gauss"]))
-            elif isinstance(v, torch.Generator):
-                v.set_state(st["generator"])
-            else:
-                v.load_state_dict(st)
-
-
-@dataclass
-class StepOutput:
-    """What a recipe returns for one micro-step: one objective, or two for gradient surgery."""
-
-    objectives: list[torch.Tensor]
-    logs: dict[str, float] = field(default_factory=dict)
-    samples: int = 0
+RecipeBase = Recipe  # the recipe interface (maskloop/train/recipe.py); old name kept for imports
 
 
 def region_prompts(batch: dict, suffix: str = "") -> tuple[torch.Tensor, int]:
@@ -58,14 +28,19 @@ def region_prompts(batch: dict, suffix: str = "") -> tuple[torch.Tensor, int]:
     return ensure_nonempty(pm, centroid_cells(batch[f"masks{suffix}"], pm.shape[-1]))
 
 
-def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Supervised referring segmentation: expression tokens -> "... [SEG]" -> mask (SPEC §2a)."""
+def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: float = 1.0,
+               shard: tuple[int, int] = (1, 0)) -> tuple[torch.Tensor, dict]:
+    """Supervised referring segmentation: expression tokens -> "... [SEG]" -> mask (docs/recipes.md, "SFT").
+
+    The question templates are drawn for the global batch (``shard`` = (world, rank), :func:`global_rows`)
+    from an ``rng`` seeded alike on every rank, so N processes ask what one process asks."""
     B = batch["pixel_values"].shape[0]
+    world, rank = shard
     out = model.segment(
         batch["pixel_values"],
         model.sam_features(batch["g_pixel_values"]),
         model.builder.expressions(batch["expression"]),
-        model.builder.seg_question(B, rng),
+        model.builder.seg_question(world * B, rng)[rank::world],
         gt_masks=batch["masks"],
     )
     loss = out["loss_mask"] + lm_weight * out["loss_lm"]
@@ -73,7 +48,7 @@ def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: 
 
 
 def caption_loss(model: GroundedMLLM, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Supervised region captioning: image + region(mask) -> caption, teacher forced (SPEC §2a)."""
+    """Supervised region captioning: image + region(mask) -> caption, teacher forced (docs/recipes.md, "SFT")."""
     pm, n_empty = region_prompts(batch)
     out = model.caption_logits(batch["pixel_values"], pm, model.builder.caption_answer(batch["caption"]))
     return out["loss_lm"], {"loss_caption": _d(out["loss_lm"]), "region_k0_fallbacks": n_empty}

@@ -1,4 +1,4 @@
-"""Recipe: Loop 1 — mask -> caption -> mask, through pseudo-tokens (SPEC §2b).
+"""Recipe: Loop 1 — mask -> caption -> mask, through pseudo-tokens (docs/recipes.md, "Loop 1").
 
 Per pair sample (image1, mask1) / (image2, mask2) — another frame of the same SA-V masklet, or the
 same image twice:
@@ -11,7 +11,7 @@ same image twice:
 6. loss = 2.0 BCE + 0.5 Dice against mask2 (+ 1.0 LM on the fixed "Sure, [SEG]." answer).
 
 Gradients flow from step 6 through forward #2, the Gumbel weights and forward #1.  Referring
-batches are interleaved with these by the engine (``refer_ratio``), trained with the supervised loss.
+batches are interleaved with these by :meth:`Loop1.draw` (``loop1.refer_ratio``), trained with the supervised loss.
 The simpler variant (``variant="generate"``) segments the teacher's caption tokens directly.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from maskloop.model.prompts import Embeds, Ragged
 from maskloop.recipes.common import (
-    RecipeBase,
+    Recipe,
     StepOutput,
     _d,
     allowed_vocab,
@@ -36,33 +36,57 @@ from maskloop.recipes.common import (
 from maskloop.train import dist
 from maskloop.train.gumbel import gumbel_topk_embed, sample_gumbel
 
-STREAMS = ("pairs", "refer")
-DEFAULTS = {"lr": 1e-5}
-
 
 class TeacherOutputError(RuntimeError):
-    """The teacher produced an empty caption (all padding) for some row."""
+    """The teacher produced an empty caption (all padding) for some row: the micro-step is skipped."""
+
+    counter = "teacher_empty"  # logged as skipped_micro/teacher_empty
 
 
-class Loop1(RecipeBase):
-    def __init__(self, model, cfg, ema, seed: int = 0):
-        self.model, self.cfg, self.ema = model, cfg, ema
-        self.rng = random.Random(seed)  # per rank: question templates of the referring batches
+class Loop1(Recipe):
+    streams = ("pairs", "refer")
+    optional_streams = ("refer",)
+    skippable = (TeacherOutputError,)
+
+    def setup(self, model, ema, seed: int) -> None:
+        from maskloop.config import ConfigError
+
+        if ema is None:
+            raise ConfigError("ema_decay=0: Loop 1's teacher is the EMA of the trained weights; set ema_decay > 0")
+        super().setup(model, ema, seed)
+        self.rng = random.Random(self.cfg.seed)  # alike on every rank: questions drawn for the global batch
         # token noise and Gumbel noise: one stream shared by every rank, drawn for the global batch and
         # sliced (``global_rows``), so N processes train exactly as one process with the same global batch
-        self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(getattr(cfg, "seed", 0))
+        self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(self.cfg.seed)
         self.allowed = allowed_vocab(model)
+
+    def draw(self, streams: dict, micro: int) -> dict:
+        """A referring batch every ``round(1 + 1 / refer_ratio)`` micro-steps (the first one included), a
+        pair batch otherwise; one batch of every other stream."""
+        names, out = set(streams), {}
+        if "refer" in names:
+            ratio = self.cfg.loop1.refer_ratio
+            period = max(1, round(1 + 1 / ratio)) if ratio > 0 else 0
+            if period > 0 and micro % period == 0:
+                out["refer"] = streams["refer"].next()
+            else:
+                out["pairs"] = streams["pairs"].next()
+            names -= {"refer", "pairs"}
+        for n in sorted(names):
+            out[n] = streams[n].next()
+        return out
 
     def step(self, batches: dict) -> StepOutput:
         if batches.get("refer") is not None:  # an interleaved referring batch
-            loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
+            loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.loop1.lm_weight,
+                                    (dist.world_size(), dist.rank()))
             return StepOutput([loss], {"loss": _d(loss), **{f"refer/{k}": v for k, v in logs.items()}},
                               batches["refer"]["pixel_values"].shape[0])
         loss, logs = self.loss(batches["pairs"])
         return StepOutput([loss], logs, batches["pairs"]["pixel_values1"].shape[0])
 
     def loss(self, b: dict) -> tuple[torch.Tensor, dict]:
-        model, c = self.model, self.cfg
+        model, c = self.model, self.cfg.loop1
         pm1, n_k0 = region_prompts(b, "1")
 
         # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
@@ -76,7 +100,7 @@ class Loop1(RecipeBase):
                                      max_new_tokens=c.caption_len, vit_feats=vit1)
         model.train(was_training)
         n_empty = int((teacher.lengths == 0).sum())
-        if n_empty:
+        if self.agree(n_empty > 0):  # every rank skips together (no rank left in a collective)
             raise TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)")
         ids, lengths = teacher.ids, teacher.lengths  # (B, T), (B,)
 

@@ -1,4 +1,4 @@
-"""Recipe: Loop 2 — caption -> mask -> caption on DAM region captions (SPEC §2c).
+"""Recipe: Loop 2 — caption -> mask -> caption on DAM region captions (docs/recipes.md, "Loop 2").
 
 A. image + caption (tokenised to fixed T, embedded) -> segmentation prompt -> predicted mask'
    (+ 1.0 LM loss on the fixed "Sure, [SEG]." answer);
@@ -14,22 +14,18 @@ import torch
 
 from maskloop.model.prompts import Ragged
 from maskloop.model.region import logits_to_prompt
-from maskloop.recipes.common import RecipeBase, StepOutput, _d, with_end
-
-STREAMS = ("dam",)
-DEFAULTS = {"lr": 1e-5}
+from maskloop.recipes.common import Recipe, StepOutput, _d, with_end
 
 
-class Loop2(RecipeBase):
-    def __init__(self, model, cfg, ema=None, seed: int = 0):
-        self.model, self.cfg = model, cfg
+class Loop2(Recipe):
+    streams = ("dam",)
 
     def step(self, batches: dict) -> StepOutput:
         loss, logs = self.loss(batches["dam"])
         return StepOutput([loss], logs, batches["dam"]["pixel_values"].shape[0])
 
     def loss(self, b: dict) -> tuple[torch.Tensor, dict]:
-        model, c = self.model, self.cfg
+        model, c = self.model, self.cfg.loop2
         T = c.caption_len
         cap = model.builder.expressions(b["caption"])
         cap = Ragged(cap.ids[:, :T], cap.lengths.clamp(max=T))

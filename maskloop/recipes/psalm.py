@@ -1,92 +1,71 @@
-"""PSALM joint segmentation training (SPEC §5), one readable file.
+"""Recipe: PSALM joint segmentation training (docs/recipes.md, "PSALM"), on the shared Trainer.
 
-The loop, top to bottom (:func:`train_psalm`):
+Top to bottom:
 
-1. **Model**: a :class:`PSALMModel` from a preset (``psalm-tiny`` for tests,
-   ``psalm-swinb-phi15`` ...), optionally initialised from a maskloop-key safetensors file
-   (``init_from``, e.g. the output of the baseline -> deformable adapter). The Swin tower
-   stays frozen unless ``train_backbone`` (PSALM's ``train_backbone=False``).
-2. **Data**: PSALM's joint mixture -- COCO panoptic, RefCOCO/+/g, COCO-Interactive (and COCO
-   instances if asked) -- each source repeated ``repeat`` times (PSALM's ``data_ratio``),
-   every batch drawn from one source (``single_task_batches``, PSALM's
-   ``UnifyDatasetSingleDatasetForBatch``) and collated per task.
-3. **Objective**: per task group, ``PSALMCriterion`` (Hungarian matching; mask BCE + dice;
-   query / class-name / region class; ``[SEG]`` LM term), weighted by the group's share of
+1. **Model** (:meth:`PSALM.build_model`): a :class:`PSALMModel` from a preset (``psalm-tiny`` for tests,
+   ``psalm-swinb-phi15`` ...), optionally initialised from a maskloop-key safetensors file (``init_from``,
+   e.g. the output of the baseline -> deformable adapter).  The Swin tower stays frozen unless
+   ``psalm.train_backbone`` (PSALM's ``train_backbone=False``).
+2. **Data** (:meth:`PSALM.build_streams`): PSALM's joint mixture -- COCO panoptic, RefCOCO/+/g,
+   COCO-Interactive (and COCO instances if asked) -- each source repeated ``repeat`` times (PSALM's
+   ``data_ratio``), every batch drawn from one source (``psalm.single_task_batches``, PSALM's
+   ``UnifyDatasetSingleDatasetForBatch``) and collated per task: one stream, ``"psalm"``.
+3. **Objective** (:meth:`PSALM.step`): per task group, ``PSALMCriterion`` (Hungarian matching; mask
+   BCE + dice; query / class-name / region class; ``[SEG]`` LM term), weighted by the group's share of
    the batch.
-4. **Step**: ``accumulation`` micro-batches, gradients averaged across ranks, non-finite
-   guard, clip, AdamW, warmup + cosine.
-5. **Bookkeeping**: tqdm bar, ``metrics.jsonl`` and TensorBoard scalars (``tb/``) in the
-   run dir, atomic checkpoints (``checkpoints/step_XXXXXXXX``) with optimizer / scheduler /
-   sampler / RNG state, resumable with ``resume: true``.
+4. **Step, checkpoints, logs**: the Trainer's (accumulation, gradients averaged across ranks,
+   non-finite guard, clip, AdamW, warmup + cosine; atomic resumable checkpoints; metrics.jsonl + tb/).
 
-Published defaults (:data:`PSALM_DEFAULTS`), from SPEC §5 and PSALM's ``scripts/train.sh``:
-lr 6e-5, AdamW (torch defaults: betas 0.9 / 0.999, eps 1e-8) with **weight decay 0**,
-3% linear warmup then cosine, 10 epochs, gradient clip 1.0 (HF Trainer default), bf16 on
-CUDA. Batch 2 per GPU with accumulation 2 (SPEC; the released script uses 4 x 1, the same
-4 samples per GPU step). PSALM runs DeepSpeed ZeRO-2; here torchrun + explicit gradient
-all-reduce (DDP's reduction), which fits Phi-1.5 + Swin-B on one 80 GB GPU per rank.
+Published defaults (``RECIPE_DEFAULTS["psalm"]`` and :class:`~maskloop.config.PsalmConfig`, from PSALM's
+``scripts/train.sh``): lr 6e-5, AdamW (betas 0.9 / 0.999) with **weight decay 0**, 3% linear warmup then
+cosine, 10 epochs, gradient clip 1.0, bf16 on CUDA, batch 2 per GPU with accumulation 2, no EMA.
 
-Launch: ``torchrun --nproc_per_node N -m maskloop.recipes.psalm --config psalm.yaml`` or
-:func:`main_train` (the CLI calls it).
+``train_psalm(dict)`` / ``main_train(argv)`` keep the flat key space of :data:`PSALM_DEFAULTS`; the CLI
+reads ``recipe: psalm`` configs like any other (``maskloop train --config configs/psalm.yaml``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from maskloop.train import dist
+from maskloop.config import ConfigError, PsalmConfig, TrainConfig, nest_flat_keys, to_dict
+from maskloop.train.recipe import Recipe, StepOutput
 
-__all__ = ["PSALM_DEFAULTS", "train_psalm", "build_psalm", "build_source", "load_trained", "main_train",
-           "load_config_file"]
+__all__ = ["PSALM", "PSALM_DEFAULTS", "train_psalm", "build_psalm", "build_source", "load_trained", "main_train",
+           "load_config_file", "psalm_train_config"]
 
-PSALM_DEFAULTS: dict = {
-    # model
-    "model": "psalm-swinb-phi15",  # a preset of maskloop.model.psalm.model.PRESETS
-    "model_overrides": {},  # PSALMConfig fields, e.g. {"deform": false}
-    "init_from": None,  # safetensors state dict in PSALMModel keys
-    "tokenizer": None,  # a local Hugging Face tokenizer folder; None: a word tokenizer (tiny preset)
-    "train_backbone": False,  # PSALM keeps the Swin tower frozen
-    "image_size": None,  # None: the preset's (1024)
-    "mask_size": None,  # target resolution; None: image_size
-    # data: list of source specs {kind, ..., repeat}; kinds in build_source
-    "data": [],
-    "single_task_batches": True,
-    "num_workers": 4,
-    # optimisation (PSALM scripts/train.sh + SPEC §5)
-    "epochs": 10,
-    "max_steps": None,  # optimizer steps; overrides epochs when set
-    "batch_size": 2,  # per GPU
-    "accumulation": 2,
-    "lr": 6e-5,
-    "weight_decay": 0.0,
-    "betas": (0.9, 0.999),
-    "warmup_ratio": 0.03,
-    "schedule": "cosine",
-    "grad_clip": 1.0,
-    "precision": "auto",  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
-    "max_nonfinite": 10,
-    # loss (Mask2Former's, as PSALM reads them)
-    "num_points": 12544,
-    "deep_supervision": True,
-    "lm_weight": 1.0,
-    # bookkeeping
-    "run_dir": "runs/psalm",
-    "seed": 0,
-    "ckpt_every": 15000,  # optimizer steps (PSALM save_steps); the last step is always saved
-    "keep_last": 1,
-    "log_every": 1,
-    "progress": True,
-    "resume": False,
-}
+_SHARED_KEYS = ("model", "init_from", "steps", "batch_size", "accumulation", "lr", "weight_decay", "betas",
+                "warmup_ratio", "schedule", "grad_clip", "precision", "max_nonfinite", "run_dir", "seed",
+                "ckpt_every", "keep_last", "log_every", "progress", "num_workers")
+
+
+def _flat_defaults() -> dict:
+    from maskloop.config import RECIPE_DEFAULTS
+
+    train = to_dict(TrainConfig.from_mapping({"recipe": "psalm", **RECIPE_DEFAULTS["psalm"]}))
+    out = {("max_steps" if k == "steps" else k): train[k] for k in _SHARED_KEYS}
+    out.update(to_dict(PsalmConfig()))
+    out["betas"] = tuple(out["betas"])
+    out["resume"] = False
+    return out
+
 
 _SHAPES_EXTRA_WORDS = ("background", "rectangle", "ellipse")
+
+
+def psalm_train_config(flat: dict) -> tuple[TrainConfig, bool]:
+    """(the TrainConfig, resume) of a flat recipe dict in the keys of :data:`PSALM_DEFAULTS`."""
+    flat = dict(flat)
+    unknown = sorted(set(flat) - set(PSALM_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown PSALM recipe key(s) {unknown}; known: {sorted(PSALM_DEFAULTS)}")
+    resume = bool(flat.pop("resume", False))
+    flat.pop("recipe", None)
+    return TrainConfig.from_mapping(nest_flat_keys({"recipe": "psalm", **flat}, warn=False)), resume
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,15 +79,6 @@ def load_config_file(path) -> dict:
     import yaml
 
     return yaml.safe_load(text) or {}
-
-
-def _merge(config: dict) -> dict:
-    unknown = set(config) - set(PSALM_DEFAULTS)
-    if unknown:
-        raise KeyError(f"unknown PSALM recipe key(s) {sorted(unknown)}; known: {sorted(PSALM_DEFAULTS)}")
-    cfg = {**PSALM_DEFAULTS, **config}
-    cfg["betas"] = tuple(cfg["betas"])
-    return cfg
 
 
 def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
@@ -135,15 +105,16 @@ def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
         return COCOInteractiveDataset(transform=tf, **spec)
     if kind == "refcoco":
         return RefCOCODataset(transform=SampleTransform(image_size=image_size, sam_size=mask_size), **spec)
-    raise KeyError(f"unknown PSALM data kind {kind!r}; one of coco_panoptic, coco_semantic, coco_instances, "
+    raise ConfigError(f"unknown PSALM data kind {kind!r}; one of coco_panoptic, coco_semantic, coco_instances, "
                    "coco_interactive, refcoco")
 
 
-def _tokenizer(cfg: dict, class_names: list[str]):
-    if cfg["tokenizer"]:
+def _tokenizer(cfg, class_names: list[str]):
+    path = cfg["tokenizer"] if isinstance(cfg, dict) else cfg.psalm.tokenizer
+    if path:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(cfg["tokenizer"], local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     from maskloop.data.psalm import INSTRUCTIONS
     from maskloop.data.sources.shapes import all_words
     from maskloop.model.prompts import build_word_tokenizer
@@ -154,36 +125,38 @@ def _tokenizer(cfg: dict, class_names: list[str]):
     return build_word_tokenizer(sorted(words))
 
 
-def build_psalm(config: dict, eval_mode: bool = False) -> dict:
-    """-> {"config", "model", "tokenizer", "collator", "dataset", "sources"} from a recipe dict."""
+def build_psalm(config: dict | TrainConfig, eval_mode: bool = False) -> dict:
+    """-> {"config", "model", "tokenizer", "collator", "dataset", "sources"} from a flat recipe dict (keys of
+    :data:`PSALM_DEFAULTS`) or a ``recipe: psalm`` :class:`TrainConfig`."""
     from maskloop.data.psalm import PSALMCollator, PSALMMixture
     from maskloop.model.psalm.model import PSALMModel, psalm_config
 
-    cfg = _merge(config)
-    overrides = dict(cfg["model_overrides"])
-    if cfg["image_size"]:
-        overrides["image_size"] = int(cfg["image_size"])
-    mcfg = psalm_config(cfg["model"], **overrides)
+    cfg = config if isinstance(config, TrainConfig) else psalm_train_config(config)[0]
+    p = cfg.psalm
+    overrides = dict(p.model_overrides)
+    if p.image_size:
+        overrides["image_size"] = int(p.image_size)
+    mcfg = psalm_config(cfg.model, **overrides)
     image_size = mcfg.image_size
-    mask_size = int(cfg["mask_size"] or image_size)
-    if not cfg["data"]:
-        raise ValueError("the PSALM recipe needs `data`: a list of source specs, e.g. "
-                         "[{kind: coco_panoptic, root: /data/coco, split: train2017}, ...]")
+    mask_size = int(p.mask_size or image_size)
+    if not p.data:
+        raise ConfigError("the PSALM recipe needs `data`: a list of source specs, e.g. "
+                          "[{kind: coco_panoptic, root: /data/coco, split: train2017}, ...]")
     sources, repeats = {}, {}
-    for i, spec in enumerate(cfg["data"]):
+    for i, spec in enumerate(p.data):
         name = spec.get("name") or f"{spec['kind']}{i}"
         s = dict(spec)
         s.setdefault("name", name)
-        sources[name] = build_source(s, image_size, mask_size, cfg["seed"])
+        sources[name] = build_source(s, image_size, mask_size, cfg.seed)
         repeats[name] = int(spec.get("repeat", 1)) if not eval_mode else 1
     class_names = sorted({n for s in sources.values() for n in getattr(s, "class_names", [])})
     tok = _tokenizer(cfg, class_names)
     if len(tok) > mcfg.base_vocab:  # the word tokenizer of the tiny preset may outgrow its base vocabulary
-        mcfg = psalm_config(cfg["model"], **overrides, base_vocab=len(tok), tokens=None)
-    torch.manual_seed(cfg["seed"])
+        mcfg = psalm_config(cfg.model, **overrides, base_vocab=len(tok), tokens=None)
+    torch.manual_seed(cfg.seed)
     model = PSALMModel(mcfg)
-    if cfg["init_from"]:
-        load_trained(model, cfg["init_from"])
+    if cfg.init_from:
+        load_trained(model, cfg.init_from)
     return {"config": cfg, "model": model, "tokenizer": tok, "sources": sources,
             "dataset": PSALMMixture(sources, repeats), "collator": PSALMCollator(mcfg, tok)}
 
@@ -210,181 +183,127 @@ def load_trained(model, path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# training
+# the recipe
 
 
-def _loss_on_batch(model, criterion, batch: dict, device, autocast) -> tuple[torch.Tensor, dict]:
-    """Sum over task groups of (group size / batch size) x the group's total loss."""
-    from maskloop.data.psalm import group_to
+class PSALMStream:
+    """The joint mixture as one endless, resumable stream of single-source batches (a Trainer stream)."""
 
-    total, logs = 0.0, {}
-    for g in batch["groups"]:
-        g = group_to(g, device)
-        share = len(g["targets"]) / batch["size"]
-        with autocast:
-            out = model(g["task"], **g["inputs"])
-        loss, terms = criterion(out, g["targets"])
-        total = total + share * loss
-        logs[f"loss/{g['task']}"] = float(loss.detach())
-        for k, v in terms.items():
-            if not k[-1].isdigit():  # final-layer terms only in the logs
-                logs[k] = logs.get(k, 0.0) + share * float(v.detach())
-    logs["loss"] = float(total.detach())
-    return total, logs
+    def __init__(self, dataset, collator, cfg: TrainConfig, rank: int, world: int):
+        from maskloop.data.psalm import SourceBatchSampler
+
+        self.dataset = dataset
+        sizes = dataset.source_sizes() if cfg.psalm.single_task_batches else [len(dataset)]
+        self.sampler = SourceBatchSampler(sizes, cfg.batch_size, seed=cfg.seed, num_replicas=world, rank=rank)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
+                                                  num_workers=cfg.num_workers)
+        self.consumed = 0  # batches of the current epoch used
+        self.skipped: dict[str, int] = dict(dataset.skip_counts())
+        self._it = None
+        self._set_epoch()
+
+    def _set_epoch(self) -> None:  # new random prompt types each epoch
+        for s in self.dataset.sources:
+            getattr(s, "set_epoch", lambda e: None)(self.sampler.epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:  # next epoch: reshuffle
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._set_epoch()
+            self.consumed, self._it = 0, iter(self.loader)
+            batch = next(self._it)
+        self.consumed += 1
+        for k, v in batch["skipped"].items():
+            self.skipped[k] = self.skipped.get(k, 0) + v
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict(self.consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self.consumed, self._it = self.sampler.skip, None
+        self._set_epoch()
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(self.skipped)
+
+
+class PSALM(Recipe):
+    streams = ("psalm",)
+
+    def build_model(self):
+        self._built = build_psalm(self.cfg)
+        return self._built["model"]
+
+    def set_trainable(self, model) -> None:
+        model.vision_tower.requires_grad_(bool(self.cfg.psalm.train_backbone))
+
+    def setup(self, model, ema, seed: int) -> None:
+        from maskloop.model.psalm.losses import LossWeights, PSALMCriterion
+
+        super().setup(model, ema, seed)
+        p = self.cfg.psalm
+        self.criterion = PSALMCriterion(LossWeights(num_points=p.num_points, deep_supervision=p.deep_supervision,
+                                                    lm_weight=p.lm_weight))
+        self.device = next(model.parameters()).device
+
+    def build_streams(self, model) -> dict:
+        from maskloop.train import dist
+
+        built = getattr(self, "_built", None) or build_psalm(self.cfg)  # a model handed in: the data still
+        return {"psalm": PSALMStream(built["dataset"], built["collator"], self.cfg, dist.rank(), dist.world_size())}
+
+    def total_steps(self, streams: dict) -> int:
+        per_epoch = max(1, len(streams["psalm"]) // self.cfg.accumulation)
+        return int(self.cfg.steps or self.cfg.psalm.epochs * per_epoch)
+
+    def step(self, batches: dict) -> StepOutput:
+        """Sum over the batch's task groups of (group size / batch size) x the group's total loss."""
+        from maskloop.data.psalm import group_to
+
+        batch = batches["psalm"]
+        total, logs = 0.0, {}
+        for g in batch["groups"]:
+            g = group_to(g, self.device)
+            share = len(g["targets"]) / batch["size"]
+            out = self.model(g["task"], **g["inputs"])  # under the Trainer's autocast
+            with torch.autocast(self.device.type, enabled=False):  # the criterion in full precision
+                loss, terms = self.criterion(out, g["targets"])
+            total = total + share * loss
+            logs[f"loss/{g['task']}"] = loss.detach()
+            for k, v in terms.items():
+                if not k[-1].isdigit():  # final-layer terms only in the logs
+                    logs[k] = logs.get(k, 0.0) + share * v.detach()
+        logs["loss"] = total.detach()
+        return StepOutput([total], logs, batch["size"])
 
 
 def train_psalm(config: dict, model=None) -> list[dict]:
-    """Train PSALM from a recipe dict (keys of :data:`PSALM_DEFAULTS`); returns the logged history."""
-    from tqdm.auto import tqdm
+    """Train PSALM from a flat recipe dict (keys of :data:`PSALM_DEFAULTS`); returns the logged history."""
+    from maskloop.train.checkpoint import latest_checkpoint
+    from maskloop.train.engine import Trainer
 
-    from maskloop.data.psalm import SourceBatchSampler
-    from maskloop.model.psalm.losses import LossWeights, PSALMCriterion
-    from maskloop.train.checkpoint import (
-        capture_rng,
-        latest_checkpoint,
-        load_checkpoint,
-        restore_rng,
-        save_checkpoint,
-    )
-    from maskloop.train.optim import NonFiniteGuard, build_optimizer, build_scheduler
-
-    # 1. model and data ---------------------------------------------------------------------------
-    info = dist.init_distributed()
-    device = info.device
-    built = build_psalm(config)
-    cfg = built["config"]
-    model = (model if model is not None else built["model"]).to(device)
-    if dist.world_size() > 1:  # rank 0's initial weights everywhere, as DDP does
-        for t in list(model.parameters()) + list(model.buffers()):
-            torch.distributed.broadcast(t.data, src=0)
-    torch.manual_seed(cfg["seed"] + dist.rank())
-    model.vision_tower.requires_grad_(bool(cfg["train_backbone"]))
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    dataset, collator = built["dataset"], built["collator"]
-    sizes = dataset.source_sizes() if cfg["single_task_batches"] else [len(dataset)]
-    sampler = SourceBatchSampler(sizes, cfg["batch_size"], seed=cfg["seed"], num_replicas=dist.world_size(),
-                                 rank=dist.rank())
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                         num_workers=cfg["num_workers"])
-    acc = int(cfg["accumulation"])
-    steps_per_epoch = max(1, len(sampler) // acc)
-    total_steps = int(cfg["max_steps"] or cfg["epochs"] * steps_per_epoch)
-
-    # 2. objective, optimizer, schedule -----------------------------------------------------------
-    criterion = PSALMCriterion(LossWeights(num_points=cfg["num_points"], deep_supervision=cfg["deep_supervision"],
-                                           lm_weight=cfg["lm_weight"]))
-    optimizer = build_optimizer(list(params.items()), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                betas=cfg["betas"])
-    scheduler = build_scheduler(optimizer, total_steps, warmup_ratio=cfg["warmup_ratio"], schedule=cfg["schedule"])
-    guard = NonFiniteGuard(max_consecutive=cfg["max_nonfinite"])
-    use_bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    run_dir = Path(cfg["run_dir"])
-    ckpt_dir = run_dir / "checkpoints"
-    step, consumed = 0, 0  # optimizer steps done; batches of the current epoch used
-    if cfg["resume"] and latest_checkpoint(ckpt_dir) is not None:
-        ck = load_checkpoint(ckpt_dir, map_location=device)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(ck["trainable"][k])
-        optimizer.load_state_dict(ck["optimizer_state"])
-        scheduler.load_state_dict(ck["scheduler_state"])
-        sampler.load_state_dict(ck["sampler_state"])
-        guard.load_state_dict(ck["extra"]["guard"])
-        restore_rng(ck["rng"])
-        step, consumed = ck["step"], sampler.skip
-    for s in dataset.sources:
-        getattr(s, "set_epoch", lambda e: None)(sampler.epoch)
-
-    def save() -> None:
-        if dist.is_main():
-            save_checkpoint(
-                ckpt_dir, step, trainable={k: v.detach() for k, v in params.items()},
-                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                sampler_state=sampler.state_dict(consumed), rng=capture_rng(),
-                extra={"guard": guard.state_dict(), "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                                               for k, v in cfg.items()}},
-                keep_last=cfg["keep_last"],
-            )
-        dist.barrier()
-
-    # 3. the loop ---------------------------------------------------------------------------------
-    run_dir.mkdir(parents=True, exist_ok=True)
-    writer = None
-    if dist.is_main():
-        (run_dir / "train_config.json").write_text(json.dumps({k: (list(v) if isinstance(v, tuple) else v)
-                                                               for k, v in cfg.items()}, indent=1))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"))
-    history: list[dict] = []
-    plist = list(params.values())
-    it = iter(loader)
-    bar = tqdm(total=total_steps, initial=step, desc="psalm", dynamic_ncols=True,
-               disable=not (cfg["progress"] and dist.is_main()))
-    skipped_data: dict[str, int] = dict(dataset.skip_counts())
-    while step < total_steps:
-        t0 = time.perf_counter()
-        logs: dict[str, float] = {}
-        samples = 0
-        for _ in range(acc):
-            try:
-                batch = next(it)
-            except StopIteration:  # next epoch: reshuffle, new random prompt types
-                sampler.set_epoch(sampler.epoch + 1)
-                for s in dataset.sources:
-                    getattr(s, "set_epoch", lambda e: None)(sampler.epoch)
-                consumed, it = 0, iter(loader)
-                batch = next(it)
-            consumed += 1
-            samples += batch["size"]
-            for k, v in batch["skipped"].items():
-                skipped_data[k] = skipped_data.get(k, 0) + v
-            loss, micro = _loss_on_batch(model, criterion, batch, device, autocast)
-            (loss / acc).backward()
-            for k, v in micro.items():
-                logs[k] = logs.get(k, 0.0) + v / acc
-        if dist.world_size() > 1:
-            dist.all_reduce_grads(plist)
-        if guard.check(torch.as_tensor(logs["loss"]), [p.grad for p in plist]):
-            optimizer.zero_grad(set_to_none=True)
-            logs["grad_norm"] = float("nan")
-        else:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(plist, cfg["grad_clip"]))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        dt = time.perf_counter() - t0
-        logs.update(step=step, epoch=sampler.epoch, lr=scheduler.get_last_lr()[0],
-                    samples_per_s=samples * dist.world_size() / max(dt, 1e-9),
-                    skipped_steps=guard.total_skipped, data_skipped=sum(skipped_data.values()))
-        logs.update({f"data_skipped/{k}": v for k, v in skipped_data.items()})
-        bar.set_postfix(loss=f"{logs['loss']:.3f}")
-        bar.update(1)
-        if step % cfg["log_every"] == 0 or step == total_steps:
-            history.append(logs)
-            if writer is not None:
-                for k, v in logs.items():
-                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                        writer.add_scalar(k, v, step)
-                with (run_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(logs) + "\n")
-        if cfg["ckpt_every"] and (step % cfg["ckpt_every"] == 0 or step == total_steps):
-            save()
-    bar.close()
-    if writer is not None:
-        writer.close()
-    return history
+    cfg, resume = psalm_train_config(config)
+    trainer = Trainer(cfg, model=model, recipe=PSALM(cfg))
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    if resume and latest_checkpoint(ckpts) is not None:
+        trainer.resume(ckpts)
+    return trainer.fit()
 
 
 def main_train(argv: list[str] | None = None) -> list[dict]:
-    """``maskloop train psalm --config psalm.yaml [key=value ...]`` (values parsed as YAML)."""
-    import yaml
+    """``python -m maskloop.recipes.psalm --config psalm.yaml [key=value ...]`` (values parsed as YAML)."""
+    from maskloop.config import apply_overrides
 
-    p = argparse.ArgumentParser(prog="maskloop train psalm", description="PSALM joint segmentation training")
+    p = argparse.ArgumentParser(prog="maskloop.recipes.psalm", description="PSALM joint segmentation training")
     p.add_argument("--config", help="JSON / YAML file with keys of PSALM_DEFAULTS")
     p.add_argument("--print-defaults", action="store_true", help="print PSALM_DEFAULTS as JSON and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 data='[{kind: ...}]'")
@@ -392,14 +311,10 @@ def main_train(argv: list[str] | None = None) -> list[dict]:
     if a.print_defaults:
         print(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in PSALM_DEFAULTS.items()}, indent=1))
         return []
-    cfg = load_config_file(a.config) if a.config else {}
-    for item in a.overrides:
-        if "=" not in item:
-            p.error(f"override {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        cfg[k] = yaml.safe_load(v)
-    return train_psalm(cfg)
+    return train_psalm(apply_overrides(load_config_file(a.config) if a.config else {}, a.overrides))
 
+
+PSALM_DEFAULTS: dict = _flat_defaults()
 
 if __name__ == "__main__":
     main_train()

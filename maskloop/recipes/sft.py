@@ -1,4 +1,4 @@
-"""Recipe: supervised fine-tuning (SPEC §2a).
+"""Recipe: supervised fine-tuning (docs/recipes.md, "SFT").
 
 Each micro-step takes one referring batch (expression -> [SEG] -> mask; LM CE + 2.0 BCE + 0.5 Dice)
 and one region-caption batch (mask -> caption; LM CE), and optimises their sum.  A run whose data has
@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import random
 
-from maskloop.recipes.common import RecipeBase, StepOutput, _d, caption_loss, refer_loss
-
-STREAMS = ("refer", "caption")
-DEFAULTS = {"lr": 4e-5, "warmup_ratio": 0.05, "schedule": "cosine"}
+from maskloop.recipes.common import Recipe, StepOutput, _d, caption_loss, refer_loss
+from maskloop.train import dist
 
 
-class SFT(RecipeBase):
-    def __init__(self, model, cfg, ema=None, seed: int = 0):
-        self.model, self.cfg = model, cfg
-        self.rng = random.Random(seed)
+class SFT(Recipe):
+    streams = ("refer", "caption")
+    optional_streams = ("refer", "caption")  # either may be absent (e.g. referring-only SFT)
+
+    def setup(self, model, ema, seed: int) -> None:
+        super().setup(model, ema, seed)
+        self.rng = random.Random(self.cfg.seed)  # alike on every rank: questions drawn for the global batch
 
     def step(self, batches: dict) -> StepOutput:
         loss, logs, n = 0.0, {}, 0
-        if "refer" in batches:  # either stream may be absent from the data (e.g. referring-only SFT)
-            loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.lm_weight)
+        if "refer" in batches:
+            loss_r, logs_r = refer_loss(self.model, batches["refer"], self.rng, self.cfg.sft.lm_weight,
+                                    (dist.world_size(), dist.rank()))
             loss, n = loss + loss_r, n + batches["refer"]["pixel_values"].shape[0]
             logs.update(logs_r)
         if "caption" in batches:

@@ -33,6 +33,8 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
+from maskloop import errors
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -50,7 +52,7 @@ TMP_PREFIX = ".tmp-"
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.CheckpointError):
     """A checkpoint exists but cannot be read (corrupt, truncated, or from an unknown format)."""
 
 

@@ -1,4 +1,4 @@
-"""EMA of the trained parameters only (SPEC §2b step 1: the Loop-1 teacher).
+"""EMA of the trained parameters only (docs/recipes.md, "Loop 1" step 1: the Loop-1 teacher).
 
 The teacher shares the frozen base with the student: only the trained parameters (LoRA,
 projectors, SAM2 decoder, new-token rows) get float32 shadow copies, so the EMA costs

@@ -1,4 +1,4 @@
-"""Straight-through Gumbel-softmax over the top-k logits, mixed into embeddings (SPEC §2b step 4).
+"""Straight-through Gumbel-softmax over the top-k logits, mixed into embeddings (docs/recipes.md, "Loop 1" step 4).
 
 The captioner's logits at the T caption positions become text embeddings for the segmenter:
 

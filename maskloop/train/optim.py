@@ -1,6 +1,6 @@
 """AdamW with decay / no-decay groups, warmup + cosine/constant schedule, non-finite step guard.
 
-Research defaults (SPEC §2d): AdamW betas (0.9, 0.999), weight decay 0.05, lr 1e-5
+Research defaults (docs/recipes.md, "Dual"): AdamW betas (0.9, 0.999), weight decay 0.05, lr 1e-5
 (SFT 4e-5), cosine with 5% warmup.
 """
 

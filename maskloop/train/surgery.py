@@ -1,4 +1,4 @@
-"""Gradient surgery for two losses (SPEC §2d).
+"""Gradient surgery for two losses (docs/recipes.md, "Dual").
 
 With g1 = ∇loss1 (Loop 1) and g2 = ∇loss2 (Loop 2) over the same trainable parameters, taken
 as one concatenated vector:
@@ -26,6 +26,8 @@ Distributed:
   the ranks that lack it (the shape comes from the other loss's gradient or from ``params``).
 * ``sharded=True``: each rank holds a disjoint shard of the (already reduced) gradients (ZeRO /
   FSDP); the dot product and squared norms are all-reduce-SUMMED, the gradients are not touched.
+  ``replicated`` (one flag per entry, with ``sharded``) marks entries every rank holds whole (FSDP's
+  ignored parameters): their partial sums are counted once, not once per rank.
 
 Everything stays on device until the stats are read (one host sync, at the end).
 """
@@ -146,6 +148,7 @@ def gradient_surgery(
     only_g1: str = "keep",
     params: Sequence[torch.Tensor] | None = None,
     process_group=None,
+    replicated: Sequence[bool] | None = None,
 ) -> tuple[list[torch.Tensor | None], dict[str, float]]:
     """Combine two gradient lists: g = g1 + β (g2 − c g1), c = (g1·g2)/‖g1‖² over all entries.
 
@@ -178,6 +181,8 @@ def gradient_surgery(
             raise ValueError(f"gradient {i}: g1 shape {tuple(a.shape)} != g2 shape {tuple(b.shape)}")
     groups = dict(groups or {})
     n = len(g1)
+    if replicated is not None and (not sharded or len(replicated) != n):
+        raise ValueError(f"replicated needs sharded=True and one flag per gradient ({n}), got {len(replicated)}")
     for name, idx in groups.items():
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
@@ -201,12 +206,25 @@ def gradient_surgery(
         parts.append(torch.stack([d, s1, s2]))
     per = torch.stack(parts) if parts else torch.zeros(0, 3, dtype=acc, device=dev)
     names = list(groups)
-    sums = torch.cat(
-        [per.sum(0)]
-        + [per[groups[k]].sum(0) if groups[k] else torch.zeros(3, dtype=acc, device=dev) for k in names]
-    )
-    if sharded:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+
+    def _group_sums(rows: torch.Tensor, width: int) -> torch.Tensor:
+        z = torch.zeros(width, dtype=acc, device=dev)
+        return torch.cat([rows.sum(0) if len(rows) else z]
+                         + [rows[groups[k]].sum(0) if groups[k] else z for k in names])
+
+    rep = (torch.tensor(list(replicated), dtype=torch.bool, device=dev) if replicated is not None
+           else torch.zeros(n, dtype=torch.bool, device=dev))
+
+    def _sum_over_shards(rows: torch.Tensor, width: int) -> torch.Tensor:
+        """Per-parameter partial sums -> totals (and per group): sharded rows summed over ranks."""
+        if not sharded:
+            return _group_sums(rows, width)
+        keep = (~rep).to(acc).reshape(-1, *([1] * (rows.dim() - 1)))
+        out = _group_sums(rows * keep, width)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=process_group)
+        return out + _group_sums(rows * (1 - keep), width)
+
+    sums = _sum_over_shards(per, 3)
     dot, n1sq, n2sq = sums[0], sums[1], sums[2]
 
     c = torch.where(n1sq > 0, dot / torch.where(n1sq > 0, n1sq, torch.ones_like(n1sq)), zero)
@@ -236,9 +254,7 @@ def gradient_surgery(
         if n
         else torch.zeros(0, dtype=acc, device=dev)
     )
-    gsums = torch.stack([gsq.sum()] + [gsq[groups[k]].sum() if groups[k] else zero for k in names])
-    if sharded:
-        dist.all_reduce(gsums, op=dist.ReduceOp.SUM, group=process_group)
+    gsums = _sum_over_shards(gsq.reshape(-1, 1), 1)
 
     def _cos(d, a2, b2):
         den = (a2 * b2).sqrt()

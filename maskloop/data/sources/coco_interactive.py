@@ -25,7 +25,7 @@ mask a Gaussian-blurred, re-thresholded copy of the object mask.
 Sample: every annotation of the image is one region (``max_regions`` caps them, in file
 order); ``region_masks`` are the chosen prompt type's masks, points thickened to discs of
 radius ``point_radius`` (10 px) and scribbles to ``scribble_radius`` (5 px) at the
-original resolution (SPEC §5); ``masks`` the objects; ``labels`` = region index.
+original resolution (docs/recipes.md, "PSALM"); ``masks`` the objects; ``labels`` = region index.
 ``prompt_type``: one of ``point / scribble / box / mask``, or ``"random"`` (a type drawn
 per sample from ``random_types`` -- PSALM trains with box / scribble / point --
 deterministically from ``(seed, epoch, index)``). A region whose prompt of that type is

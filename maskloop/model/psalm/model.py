@@ -152,7 +152,7 @@ PRESETS: dict[str, PSALMConfig] = {
     ),
     "psalm-swinb-phi15": PSALMConfig(),
     "psalm-swinl-phi15": PSALMConfig(swin_embed_dim=192, swin_heads=(6, 12, 24, 48)),
-    # SPEC §5 names 2560 as the Phi-3 width; 2560/32 layers is the Phi-2 shape (PhiForCausalLM).
+    # docs/architecture.md names 2560 as the Phi-3 width; 2560/32 layers is the Phi-2 shape (PhiForCausalLM).
     "psalm-swinb-phi2560": PSALMConfig(llm_hidden=2560, llm_layers=32, llm_heads=32, llm_intermediate=10240),
 }
 

@@ -106,7 +106,7 @@ class DeformableProjector(nn.Module):
 
     * ``pool="mean"`` (default): (B, 1, llm_dim), the masked mean over queries -- one
       ``<image_deform>`` token after the image tokens whatever the number of queries
-      (SPEC §5: "an early-fused token"), so the prompt layout does not depend on the task.
+      (docs/architecture.md: one token added after the image tokens), so the prompt layout does not depend on the task.
     * ``pool="none"``: (B, Q, llm_dim), one token per query.
 
     Layers: per-level 1x1 conv + GroupNorm to ``hidden``, a learned level embedding, a query

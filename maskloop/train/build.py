@@ -1,0 +1,68 @@
+"""Model and dataset construction from a :class:`~maskloop.config.TrainConfig` (the Sa2VA-family recipes)."""
+
+from __future__ import annotations
+
+from maskloop.config import ConfigError, TrainConfig
+
+__all__ = ["build_model", "build_source"]
+
+
+def build_model(cfg: TrainConfig):
+    from maskloop.model.checkpoints import load_pretrained, load_published_state, read_state_file
+    from maskloop.model.grounded import GroundedMLLM
+    from maskloop.model.presets import FROM_SCRATCH_PRESETS, PRESETS, get_preset
+
+    if cfg.model in PRESETS:
+        from maskloop.data.sources.shapes import all_words
+        from maskloop.model.init import init_from_scratch, init_recency_prior
+        from maskloop.model.prompts import build_word_tokenizer
+
+        if cfg.model not in FROM_SCRATCH_PRESETS:
+            raise ConfigError(
+                f"preset {cfg.model!r} needs a real tokenizer: pass the checkpoint folder as `model` instead"
+            )
+        model = GroundedMLLM(get_preset(cfg.model), build_word_tokenizer(all_words()))
+        if cfg.scratch_init and cfg.init_from is None:
+            init_from_scratch(model)
+            if cfg.recency_init:
+                init_recency_prior(model, cfg.recency_init)
+    else:
+        from pathlib import Path
+
+        if not Path(cfg.model).exists():
+            raise ConfigError(f"model checkpoint folder not found: {cfg.model} (set `model:` to a preset "
+                              f"{sorted(PRESETS)} or a Sa2VA checkpoint folder)")
+        model = load_pretrained(cfg.model)
+    if cfg.init_from:
+        load_published_state(model, read_state_file(cfg.init_from))
+    model.set_trainable(cfg.freeze)
+    return model
+
+
+def build_source(spec: dict, model):
+    """One dataset from a spec such as ``{kind: refcoco, root: ..., split: train}``."""
+    from maskloop.data import sources as S
+    from maskloop.data.sources import shapes
+    from maskloop.data.transforms import SampleTransform
+
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    spec.pop("repeat", None)
+    spec.pop("weight", None)
+    c = model.cfg
+    tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
+    kinds = {
+        "shapes_refer": shapes.ShapesReferDataset,
+        "shapes_caption": shapes.ShapesRegionCaptionDataset,
+        "shapes_pairs": shapes.ShapesPairDataset,
+        "shapes_masks": shapes.ShapesMaskOnlyDataset,
+        "refcoco": S.RefCOCODataset,
+        "dam": S.DAMDataset,
+        "sa1b": S.SA1BDataset,
+        "sav": S.SAVDataset,
+        "sav_pairs": S.SAVPairsDataset,
+        "openimages": S.OpenImagesDataset,
+    }
+    if kind not in kinds:
+        raise ConfigError(f"unknown data source kind {kind!r}; known: {sorted(kinds)}")
+    return kinds[kind](transform=tf, **spec)
