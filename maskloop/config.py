@@ -71,9 +71,13 @@ class SAM2Config:
     # trained from scratch (the demo preset) learn to pick the prompted object far sooner at 1.
     attention_downsample_rate: int = 2
     pad_point_tokens: bool = True  # Sa2VA prepends the "no point" sparse tokens to the language token
-    # SAM2's eval-time fallback from the single-mask token to the best multimask token when the single
-    # mask looks unstable.  On for published (SAM2-pretrained) decoders, as in SAM2 and Sa2VA; off for
-    # models trained from scratch, whose multimask tokens are never trained.
+    # which decoder output a language ([SEG]) prompt gets (maskloop.model.sam2_head): "best_iou" = Sa2VA's
+    # rule in training and inference (multimask tokens 1-3, the one with the highest predicted IoU; the loss
+    # is on it); "single" = token 0 (SAM2's single-mask output), for decoders trained from scratch.
+    language_mask: str = "best_iou"
+    # language_mask="single" only: SAM2's eval-time fallback from token 0 to the best multimask token when
+    # token 0's mask looks unstable (SAM2's image-predictor default; Sa2VA never reaches it, since it asks
+    # for the multimask output).  Off for models trained from scratch, whose multimask tokens never train.
     dynamic_multimask: bool = True
 
 
@@ -133,6 +137,8 @@ class ModelConfig:
             )
         if self.seg_answer not in SEG_ANSWER_STYLES:
             raise ConfigError(f"seg_answer={self.seg_answer!r}: choose one of {SEG_ANSWER_STYLES}")
+        if self.sam2.language_mask not in ("best_iou", "single"):
+            raise ConfigError(f"sam2.language_mask={self.sam2.language_mask!r}: choose 'best_iou' (Sa2VA) or 'single'")
         if self.sam2.image_size % 32:
             raise ConfigError(f"sam2.image_size={self.sam2.image_size} must be a multiple of 32")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_sizes):

@@ -68,7 +68,7 @@ class GroundedMLLM(nn.Module):
         self.internvl = InternVLForConditionalGeneration(
             internvl_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
         )
-        self.sam = SAM2Head(sam2_config(cfg), cfg.sam2.pad_point_tokens)
+        self.sam = SAM2Head(sam2_config(cfg), cfg.sam2.pad_point_tokens, cfg.sam2.language_mask)
         D, C = cfg.llm.hidden_size, cfg.sam2.prompt_dim
         self.text_hidden_fcs = nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, C), nn.Dropout(0.0))
 

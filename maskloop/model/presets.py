@@ -44,6 +44,8 @@ PRESETS: dict[str, ModelConfig] = {
             decoder_layers=2,
             decoder_mlp_dim=64,
             decoder_heads=2,
+            # trained from scratch: the IoU head gets no gradient, so it cannot rank multimask tokens
+            language_mask="single",
             dynamic_multimask=False,
         ),
         lora=LoRAConfig(r=8, alpha=16, dropout=0.0),
