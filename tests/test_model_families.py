@@ -41,16 +41,16 @@ def _model(cfg, seed=0):
 def internlm2_state(llm, V, seed=1, with_output=True):
     """InternLM2's published language-model keys (remote-code names) at the given sizes."""
     g = torch.Generator().manual_seed(seed)
-    D, H, KV, I = llm.hidden_size, llm.num_heads, llm.num_kv_heads, llm.intermediate_size
+    D, H, KV, M = llm.hidden_size, llm.num_heads, llm.num_kv_heads, llm.intermediate_size
     d = D // H
     sd = {LM + "model.tok_embeddings.weight": torch.randn(V, D, generator=g)}
     for i in range(llm.num_layers):
         p = f"{LM}model.layers.{i}."
         sd[p + "attention.wqkv.weight"] = torch.randn((H + 2 * KV) * d, D, generator=g) / math.sqrt(D)
         sd[p + "attention.wo.weight"] = torch.randn(D, H * d, generator=g) / math.sqrt(D)
-        sd[p + "feed_forward.w1.weight"] = torch.randn(I, D, generator=g) / math.sqrt(D)
-        sd[p + "feed_forward.w3.weight"] = torch.randn(I, D, generator=g) / math.sqrt(D)
-        sd[p + "feed_forward.w2.weight"] = torch.randn(D, I, generator=g) / math.sqrt(I)
+        sd[p + "feed_forward.w1.weight"] = torch.randn(M, D, generator=g) / math.sqrt(D)
+        sd[p + "feed_forward.w3.weight"] = torch.randn(M, D, generator=g) / math.sqrt(D)
+        sd[p + "feed_forward.w2.weight"] = torch.randn(D, M, generator=g) / math.sqrt(M)
         sd[p + "attention_norm.weight"] = 1 + 0.1 * torch.randn(D, generator=g)
         sd[p + "ffn_norm.weight"] = 1 + 0.1 * torch.randn(D, generator=g)
     sd[LM + "model.norm.weight"] = 1 + 0.1 * torch.randn(D, generator=g)
@@ -236,3 +236,25 @@ def test_export_folder_reloads_bit_identically_with_and_without_base(tmp_path, a
     assert all(torch.equal(sd[k], a[k].to(torch.bfloat16)) for k in a)
     b16 = C.export_state(C.load_pretrained(out), torch.bfloat16)
     assert all(torch.equal(sd[k], b16[k]) for k in sd)
+
+
+def test_cli_export_note_and_base_and_companion_template(tmp_path, capsys):
+    from maskloop.cli import main
+
+    model = _model(_cfg("Qwen2ForCausalLM"), seed=4)
+    src = C.save_published(model, tmp_path / "src")
+    assert main(["export", "sa2va", "--checkpoint", str(src), "--out", str(tmp_path / "a")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("note:") and "cannot open" in lines[-1] and "--base" in lines[-1]
+    assert main(["export", "sa2va", "-c", str(src), "--out", str(tmp_path / "b"), "--base", str(src),
+                 "--dtype", "fp16"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert {v.dtype for v in C.read_state_file(tmp_path / "b").values()} == {torch.float16}
+    # a training .pth's companion xtuner config names the template
+    pth = tmp_path / "run" / "iter_10.pth"
+    pth.parent.mkdir()
+    torch.save({"state_dict": C.export_state(model)}, pth)
+    (pth.parent / "sa2va_1b.py").write_text('path = "./pretrained/InternVL2_5-1B/"\ntemplate = "qwen_chat"\n')
+    assert C.companion_template(pth) == "qwen_chat"
+    loaded = C.load_pretrained(src, weights=pth)
+    assert loaded.cfg.template == "qwen_chat" and loaded.builder.template.stop_words == ("<|im_end|>", "<|endoftext|>")
