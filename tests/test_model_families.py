@@ -176,6 +176,9 @@ def test_bad_input_unsupported_family_missing_tokenizer_bad_fields(tmp_path):
         f = _folder(tmp_path / field, "InternLM2ForCausalLM", **{field: value})
         with pytest.raises(ConfigError, match=msg):
             C.config_from_folder(f)
+    qwen_vl = {"model_type": "sa2va_chat", "template": "qwen_chat", "vision_config": {}, "text_config": {}}
+    with pytest.raises(ConfigError, match="Qwen-VL based Sa2VA checkpoint"):
+        C.config_from_published(qwen_vl)
     f = _folder(tmp_path / "rope", "InternLM2ForCausalLM")
     c = json.loads((f / "config.json").read_text())
     c["llm_config"]["rope_scaling"] = {"type": "yarn", "factor": 4.0}

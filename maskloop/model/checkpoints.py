@@ -535,6 +535,10 @@ def config_from_published(c: dict, where: str = "config.json"):
     from maskloop.model.families import family
     from maskloop.model.prompts import template_name
 
+    if "llm_config" not in c and "text_config" in c:  # Sa2VAChatConfigQwen: a Qwen2.5-VL / Qwen3-VL model
+        raise ConfigError(f"{where}: a Qwen-VL based Sa2VA checkpoint (model_type {c.get('model_type')!r}, a "
+                          "Qwen-VL vision tower and text_config): not supported; supported are the InternVL-based "
+                          "ones (vision_config + llm_config: Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3)")
     try:
         v, t = c["vision_config"], c["llm_config"]
     except KeyError as e:
