@@ -333,8 +333,9 @@ def load_published_state(model, sd: dict[str, torch.Tensor], lora_scale: float |
     if model.cfg.llm.tie_word_embeddings:
         emb, head = native.get(_EMBED), native.get(_LM_HEAD)
         if head is not None and emb is not None and not torch.equal(head, emb):
-            raise CheckpointError("config says tie_word_embeddings: true but the checkpoint's lm_head differs from "
-                                  "its embedding matrix: set llm tie_word_embeddings to false for this checkpoint")
+            raise CheckpointError("the config says tie_word_embeddings: true but the checkpoint's lm_head differs from "
+                                  "its embedding matrix: set llm_config.tie_word_embeddings (config.json) or "
+                                  "llm.tie_word_embeddings (maskloop_config.json) to false for this checkpoint")
         if emb is not None:
             native[_LM_HEAD] = emb
     load_native_into(model, native)
