@@ -26,24 +26,34 @@ import torch
 ARCHITECTURE = "InternLM2ForCausalLM"
 
 _P = "language_model."
-_RENAMES = [  # (InternLM2 published, Llama standard), regex on the part after "language_model."
-    (r"model\.tok_embeddings\.(weight)", r"model.embed_tokens.\1"),
-    (r"output\.(weight)", r"lm_head.\1"),
-    (r"model\.layers\.(\d+)\.attention_norm\.(weight)", r"model.layers.\1.input_layernorm.\2"),
-    (r"model\.layers\.(\d+)\.ffn_norm\.(weight)", r"model.layers.\1.post_attention_layernorm.\2"),
-    (r"model\.layers\.(\d+)\.attention\.wo\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
-    (r"model\.layers\.(\d+)\.feed_forward\.w1\.(weight)", r"model.layers.\1.mlp.gate_proj.\2"),
-    (r"model\.layers\.(\d+)\.feed_forward\.w3\.(weight)", r"model.layers.\1.mlp.up_proj.\2"),
-    (r"model\.layers\.(\d+)\.feed_forward\.w2\.(weight)", r"model.layers.\1.mlp.down_proj.\2"),
+# (InternLM2 published, Llama standard) after "language_model."; {i} is a layer index, {p} weight or bias
+_RENAMES = [
+    ("model.tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("model.layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("model.layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("model.layers.{i}.attention.wo.{p}", "model.layers.{i}.self_attn.o_proj.{p}"),
+    ("model.layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("model.layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("model.layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
 ]
 _WQKV = re.compile(r"model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)")
 _QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
 
+def _regex(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)"))
+
+
+_TO_STD = [(_regex(a), b) for a, b in _RENAMES]
+_FROM_STD = [(_regex(b), a) for a, b in _RENAMES]
+
+
 def _rename(key: str, rules) -> str | None:
-    for a, b in rules:
-        if re.fullmatch(a, key):
-            return re.sub(a, b, key)
+    for pattern, target in rules:
+        m = pattern.fullmatch(key)
+        if m:
+            return target.format(**m.groupdict())
     return None
 
 
@@ -51,10 +61,12 @@ def split_wqkv(w: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor
     """wqkv weight ((heads + 2 kv_heads) * d, ...) or bias -> q (heads * d, ...), k, v (kv_heads * d, ...)."""
     groups = heads // kv_heads
     d = w.shape[0] // (heads + 2 * kv_heads)
-    g = w.reshape(kv_heads, groups + 2, d, *w.shape[1:])
-    q = g[:, :groups].reshape(heads * d, *w.shape[1:])
-    return q.contiguous(), g[:, -2].reshape(kv_heads * d, *w.shape[1:]).contiguous(), g[:, -1].reshape(
-        kv_heads * d, *w.shape[1:]).contiguous()
+    rest = w.shape[1:]
+    g = w.reshape(kv_heads, groups + 2, d, *rest)  # per kv head: its `groups` query heads, then k, then v
+    q = g[:, :groups].reshape(heads * d, *rest)
+    k = g[:, -2].reshape(kv_heads * d, *rest)
+    v = g[:, -1].reshape(kv_heads * d, *rest)
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
@@ -78,7 +90,7 @@ def to_standard(sd: dict, llm) -> dict:
             for name, part in zip("qkv", split_wqkv(value, llm.num_heads, llm.num_kv_heads)):
                 out[f"{_P}model.layers.{m.group(1)}.self_attn.{name}_proj.{m.group(2)}"] = part
             continue
-        new = _rename(rest, _RENAMES)
+        new = _rename(rest, _TO_STD)
         out[_P + new if new is not None else key] = value  # unknown names stay: reported as unknown later
     return out
 
@@ -86,7 +98,6 @@ def to_standard(sd: dict, llm) -> dict:
 def from_standard(sd: dict, llm) -> dict:
     """The inverse of :func:`to_standard` (export in InternLM2's published names)."""
     out, qkv = {}, {}
-    inverse = [(_pattern(b), _template(a)) for a, b in _RENAMES]
     for key, value in sd.items():
         if not key.startswith(_P):
             out[key] = value
@@ -96,28 +107,12 @@ def from_standard(sd: dict, llm) -> dict:
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        new = _rename(rest, inverse)
+        new = _rename(rest, _FROM_STD)
         out[_P + new if new is not None else key] = value
     for (layer, kind), p in qkv.items():
         out[f"{_P}model.layers.{layer}.attention.wqkv.{kind}"] = fuse_wqkv(p["q"], p["k"], p["v"], llm.num_heads,
                                                                           llm.num_kv_heads)
     return out
-
-
-def _pattern(std: str) -> str:
-    """A standard-name template such as ``model.layers.\\1.mlp.gate_proj.\\2`` -> a regex capturing the groups."""
-    out, last = "", 0
-    for m in re.finditer(r"\\(\d)", std):
-        out += re.escape(std[last:m.start()]) + (r"(\d+)" if m.group(1) == "1" and "layers" in std else r"(weight|bias)")
-        last = m.end()
-    return out + re.escape(std[last:])
-
-
-def _template(published: str) -> str:
-    """``model\\.layers\\.(\\d+)\\.ffn_norm\\.(weight)`` -> ``model.layers.\\1.ffn_norm.\\2``."""
-    n = iter(range(1, 10))
-    s = re.sub(r"\([^)]*\)", lambda _: f"\\{next(n)}", published)
-    return s.replace("\\.", ".")
 
 
 def text_config(t):
