@@ -6,7 +6,7 @@
     maskloop caption --checkpoint RUN_OR_FOLDER --image img.png --mask mask.png [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --text "the red circle" [--out overlay.png]
     maskloop data check --source refcoco /data/refcoco
-    maskloop export sa2va --checkpoint RUN_OR_FOLDER --out DIR
+    maskloop export sa2va --checkpoint RUN_OR_FOLDER --out DIR [--base SA2VA_FOLDER] [--dtype bf16]
     maskloop export psalm-to-deformable baseline.safetensors deformable.safetensors
 
 A missing path, a bad config or an unreadable checkpoint ends with one ``error: ...`` line naming the
@@ -230,10 +230,13 @@ def cmd_segment(args) -> int:
 
 def cmd_export_sa2va(args) -> int:
     from maskloop.inference import load_model
-    from maskloop.model.checkpoints import save_published
+    from maskloop.model.checkpoints import NO_BASE_NOTE, save_published
 
+    base = _need_file(args.base, "--base folder") if args.base else None
     model = load_model(_need_file(args.checkpoint, "checkpoint path"), ema=args.ema)
-    print(f"exported: {save_published(model, args.out)}")
+    print(f"exported: {save_published(model, args.out, base=base, dtype=args.dtype)}")
+    if base is None:
+        print(f"note: {NO_BASE_NOTE}")
     return 0
 
 
@@ -329,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     xa.add_argument("--checkpoint", "-c", required=True)
     xa.add_argument("--out", required=True)
     xa.add_argument("--ema", action="store_true", help="export the EMA weights of a training run")
+    xa.add_argument("--base", metavar="FOLDER",
+                    help="the published Sa2VA folder the model came from: copy its config.json, tokenizer, generation "
+                         "config and remote code, so Sa2VA's own loader opens the export")
+    xa.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="dtype of every written tensor (default: the base's torch_dtype, else the model's)")
     xa.set_defaults(func=cmd_export_sa2va)
     xp = xs.add_parser("psalm-to-deformable", add_help=False,
                        help="baseline PSALM checkpoint -> deformable-projector variant (see --help)")

@@ -38,12 +38,15 @@ class VisionConfig:
     norm_type: str = "layer_norm"  # "rms_norm" for InternViT-6B
     layer_scale_init: float = 0.1
     layer_norm_eps: float = 1e-6
+    # which ViT layer's output feeds mlp1 (Sa2VA / InternVL ``select_layer``; -1 = the last)
+    select_layer: int = -1
 
 
 @dataclass
 class LLMConfig:
-    """Qwen2-style decoder (frozen base + LoRA)."""
+    """The LLM (frozen base + LoRA); ``architecture`` picks its family (maskloop.model.families)."""
 
+    architecture: str = "Qwen2ForCausalLM"  # llm_config.architectures[0]: Qwen2 / InternLM2 / Llama
     vocab_size: int = 151_674
     hidden_size: int = 2048
     num_layers: int = 36
@@ -53,7 +56,9 @@ class LLMConfig:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = False  # True: lm_head is the embedding matrix (a checkpoint carries no lm_head)
+    rope_scaling: dict | None = None  # {"type": "linear" | "dynamic", "factor": f} as in the checkpoint
+    attention_bias: bool = False  # q/k/v/o biases of Llama-class families (InternLM2's ``bias``); Qwen2: q/k/v always
 
 
 @dataclass
@@ -75,9 +80,13 @@ class SAM2Config:
     # trained from scratch (the demo preset) learn to pick the prompted object far sooner at 1.
     attention_downsample_rate: int = 2
     pad_point_tokens: bool = True  # Sa2VA prepends the "no point" sparse tokens to the language token
-    # SAM2's eval-time fallback from the single-mask token to the best multimask token when the single
-    # mask looks unstable.  On for published (SAM2-pretrained) decoders, as in SAM2 and Sa2VA; off for
-    # models trained from scratch, whose multimask tokens are never trained.
+    # which decoder output a language ([SEG]) prompt gets (maskloop.model.sam2_head): "best_iou" = Sa2VA's
+    # rule in training and inference (multimask tokens 1-3, the one with the highest predicted IoU; the loss
+    # is on it); "single" = token 0 (SAM2's single-mask output), for decoders trained from scratch.
+    language_mask: str = "best_iou"
+    # language_mask="single" only: SAM2's eval-time fallback from token 0 to the best multimask token when
+    # token 0's mask looks unstable (SAM2's image-predictor default; Sa2VA never reaches it, since it asks
+    # for the multimask output).  Off for models trained from scratch, whose multimask tokens never train.
     dynamic_multimask: bool = True
 
 
@@ -99,9 +108,16 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     sam2: SAM2Config = field(default_factory=SAM2Config)
     lora: LoRAConfig | None = field(default_factory=LoRAConfig)
-    template: str = "phi3"
+    # chat template, a key of maskloop.model.prompts.TEMPLATES (a published config.json names its own)
+    template: str = "phi3_chat"
     # referring answer: "fixed" = "Sure, [SEG]." (Sa2VA); "phrase" = "Sure, <p>{expr}</p> [SEG]." (model/prompts.py)
     seg_answer: str = "fixed"
+    # InternVL dynamic tiling (config.json max/min_dynamic_patch, use_thumbnail).  ``tiles`` False: one tile
+    # (the consistency-training recipe's default); the tiling itself is implemented by the data transform.
+    tiles: bool = False
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
     # mask loss weights (docs/architecture.md, "Losses"); the LM weight is the recipe's
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -134,12 +150,33 @@ class ModelConfig:
                 f"vision: {self.patch_grid} patches per side with downsample_ratio={v.downsample_ratio} "
                 "does not give a whole token grid"
             )
+        from maskloop.model.prompts import template_name
+
+        self.template = template_name(self.template)  # unknown -> ConfigError naming the supported ones
         if self.seg_answer not in SEG_ANSWER_STYLES:
             raise ConfigError(f"seg_answer={self.seg_answer!r}: choose one of {SEG_ANSWER_STYLES}")
+        if self.sam2.language_mask not in ("best_iou", "single"):
+            raise ConfigError(f"sam2.language_mask={self.sam2.language_mask!r}: choose 'best_iou' (Sa2VA) or 'single'")
         if self.sam2.image_size % 32:
             raise ConfigError(f"sam2.image_size={self.sam2.image_size} must be a multiple of 32")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_sizes):
             raise ConfigError("sam2.hiera_stages and sam2.hiera_window_sizes must have the same length")
+        from maskloop.model.families import family
+        from maskloop.model.families.llama import ROPE_TYPES
+
+        try:
+            family(self.llm.architecture)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        rs = self.llm.rope_scaling
+        if rs and rs.get("rope_type", rs.get("type")) not in ROPE_TYPES:
+            raise ConfigError(f"llm.rope_scaling={rs}: supported types are {ROPE_TYPES}")
+        if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise ConfigError(f"min_dynamic_patch={self.min_dynamic_patch} / max_dynamic_patch={self.max_dynamic_patch}:"
+                              " need 1 <= min <= max")
+        if not -v.num_layers <= v.select_layer < v.num_layers + 1 or v.select_layer == 0:
+            raise ConfigError(f"vision.select_layer={v.select_layer}: a ViT layer index in -{v.num_layers}..-1 "
+                              f"or 1..{v.num_layers}")
         if self.llm.hidden_size % self.llm.num_heads:
             raise ConfigError("llm.hidden_size must be divisible by llm.num_heads")
         return self

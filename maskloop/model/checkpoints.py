@@ -319,20 +319,50 @@ def _report(**lists: list[str]) -> str:
 
 
 def load_published_state(model, sd: dict[str, torch.Tensor], lora_scale: float | None = None) -> dict[str, torch.Tensor]:
-    """Load a published/training state dict into ``model``; returns the kept-aside SAM2 memory weights."""
+    """Load a published/training state dict into ``model``; returns the kept-aside SAM2 memory weights.
+
+    The LLM's published names are read through its family's key map (``llm.architecture``); with
+    ``tie_word_embeddings`` a checkpoint without ``lm_head`` gets the embedding matrix (one with a distinct
+    lm_head is an error).  Nothing is copied into the model unless every key matches."""
+    from maskloop.model.families import family
+
     if lora_scale is None and model.cfg.lora is not None:
         lora_scale = model.cfg.lora.alpha / model.cfg.lora.r
-    native, extra, unknown = published_to_native(normalise_published(sd, lora_scale))
+    fam = family(model.cfg.llm.architecture)
+    std = fam.to_standard(normalise_published(sd, lora_scale), model.cfg.llm)
+    native, extra, unknown = published_to_native(std)
     if unknown:
         raise CheckpointError(_report(unknown_keys=sorted(unknown)))
+    if model.cfg.llm.tie_word_embeddings:
+        emb, head = native.get(_EMBED), native.get(_LM_HEAD)
+        if head is not None and emb is not None and not torch.equal(head, emb):
+            raise CheckpointError("the config says tie_word_embeddings: true but the checkpoint's lm_head differs from "
+                                  "its embedding matrix: set llm_config.tie_word_embeddings (config.json) or "
+                                  "llm.tie_word_embeddings (maskloop_config.json) to false for this checkpoint")
+        if emb is not None:
+            native[_LM_HEAD] = emb
     load_native_into(model, native)
     model.sam_memory_weights = extra
     return extra
 
 
-def export_state(model) -> dict[str, torch.Tensor]:
-    """The model in the published key space (LoRA merged), SAM2 memory weights included if loaded."""
-    return native_to_published(model_native_state(model), getattr(model, "sam_memory_weights", None))
+_EMBED = "internvl.model.language_model.embed_tokens.weight"
+_LM_HEAD = "internvl.lm_head.weight"
+
+
+def export_state(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model in the published key space (LoRA merged; the LLM in its family's names; no lm_head when
+    tied), SAM2 memory weights included if loaded; every tensor in ``dtype`` when given."""
+    from maskloop.model.families import family
+
+    native = model_native_state(model)
+    if model.cfg.llm.tie_word_embeddings:
+        native.pop(_LM_HEAD, None)
+    out = native_to_published(native, getattr(model, "sam_memory_weights", None))
+    out = family(model.cfg.llm.architecture).from_standard(out, model.cfg.llm)
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,15 +400,47 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def save_published(model, folder: str | Path, max_shard_bytes: int = 4 << 30) -> Path:
-    """Write ``model`` as an HF-style folder: sharded safetensors + index, tokenizer, maskloop config."""
+_WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def save_published(model, folder: str | Path, max_shard_bytes: int = 4 << 30, base: str | Path | None = None,
+                   dtype: str | torch.dtype | None = None) -> Path:
+    """Write ``model`` as an HF-style folder: sharded safetensors + index (published key space, one dtype),
+    tokenizer, ``maskloop_config.json`` and a ``config.json``.
+
+    ``base``: the published Sa2VA folder the model came from -- its ``config.json``, tokenizer, generation
+    config and remote-code files are copied (Sa2VA's ``AutoModel.from_pretrained(..., trust_remote_code=True)``
+    then opens the export), and the default dtype is its ``torch_dtype``.  Without it, a complete
+    ``config.json`` of our own is written (Sa2VA's loader cannot open that folder: no remote code).
+    ``dtype`` (``bf16`` / ``fp16`` / ``fp32``): every floating tensor is written in it (default: ``base``'s
+    dtype, else the model's)."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from maskloop.config import to_dict
 
     folder = Path(folder)
+    base_cfg = None
+    if base is not None:
+        base = Path(base)
+        if not (base / "config.json").is_file():
+            raise CheckpointError(f"--base {base}: no config.json there (pass the published Sa2VA folder)")
+        base_cfg = json.loads((base / "config.json").read_text())
+    dtype = parse_dtype(dtype) or parse_dtype((base_cfg or {}).get("torch_dtype")) or next(model.parameters()).dtype
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.contiguous() for k, v in export_state(model).items()}
+    sd = {k: v.contiguous() for k, v in export_state(model, dtype).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(sd):
@@ -399,67 +461,209 @@ def save_published(model, folder: str | Path, max_shard_bytes: int = 4 << 30) ->
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
         )
     (folder / "maskloop_config.json").write_text(json.dumps(to_dict(model.cfg), indent=1))
-    model.tokenizer.save_pretrained(str(folder))
+    dtype_name = str(dtype).replace("torch.", "")
+    if base is not None:
+        for f in sorted(base.iterdir()):  # config, tokenizer, generation config, remote code: all but weights
+            if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, folder / f.name)
+        cfg = dict(base_cfg, torch_dtype=dtype_name)
+        cfg["llm_config"] = dict(cfg["llm_config"], vocab_size=model.cfg.llm.vocab_size)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    else:
+        model.tokenizer.save_pretrained(str(folder))
+        (folder / "config.json").write_text(json.dumps(published_config(model.cfg, dtype_name), indent=2))
     return folder
+
+
+NO_BASE_NOTE = ("config.json is maskloop's own (no remote code): Sa2VA's loader, AutoModel.from_pretrained(..., "
+                "trust_remote_code=True), cannot open this folder; pass --base FOLDER (the published Sa2VA checkpoint "
+                "it came from) to copy its remote code, tokenizer and generation config")
+
+
+def published_config(cfg, dtype_name: str = "float32") -> dict:
+    """A complete Sa2VA-style ``config.json`` (Sa2VAChatConfig fields) for ``cfg``; read back by
+    :func:`config_from_folder`."""
+    v, t = cfg.vision, cfg.llm
+    llm = {
+        "architectures": [t.architecture], "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
+        "intermediate_size": t.intermediate_size, "rope_theta": t.rope_theta, "rope_scaling": t.rope_scaling,
+        "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+        "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
+    }
+    if t.architecture == "InternLM2ForCausalLM":
+        llm["bias"] = t.attention_bias
+    elif t.architecture == "LlamaForCausalLM":
+        llm["attention_bias"] = t.attention_bias
+    return {
+        "architectures": ["Sa2VAChatModel"], "model_type": "sa2va_chat", "torch_dtype": dtype_name,
+        "template": cfg.template, "downsample_ratio": v.downsample_ratio, "ps_version": "v2",
+        "select_layer": v.select_layer, "force_image_size": v.image_size, "dynamic_image_size": cfg.tiles,
+        "use_thumbnail": cfg.use_thumbnail, "min_dynamic_patch": cfg.min_dynamic_patch,
+        "max_dynamic_patch": cfg.max_dynamic_patch,
+        "vision_config": {
+            "architectures": ["InternVisionModel"], "hidden_size": v.hidden_size, "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads, "intermediate_size": v.intermediate_size, "image_size": v.image_size,
+            "patch_size": v.patch_size, "qkv_bias": v.qkv_bias, "qk_normalization": v.qk_norm,
+            "norm_type": v.norm_type, "layer_norm_eps": v.layer_norm_eps,
+        },
+        "llm_config": llm,
+    }
 
 
 def config_from_folder(folder: str | Path):
     """A :class:`ModelConfig` from ``maskloop_config.json`` or a published Sa2VA ``config.json``."""
-    from maskloop.config import ConfigError, LLMConfig, ModelConfig, VisionConfig, from_dict
+    from maskloop.config import ConfigError, ModelConfig, from_dict
 
     folder = Path(folder)
     ours = folder / "maskloop_config.json"
     if ours.exists():
-        return from_dict(ModelConfig, json.loads(ours.read_text()))
+        return from_dict(ModelConfig, json.loads(ours.read_text())).validate()
     theirs = folder / "config.json"
     if not theirs.exists():
         raise ConfigError(f"{folder} holds neither maskloop_config.json nor config.json")
-    c = json.loads(theirs.read_text())
+    cfg = config_from_published(json.loads(theirs.read_text()), str(theirs))
+    cfg.name = folder.name
+    return cfg
+
+
+def config_from_published(c: dict, where: str = "config.json"):
+    """A validated :class:`ModelConfig` from a published Sa2VA ``config.json`` (Sa2VAChatConfig) dict.
+
+    Read and honoured: the vision / LLM shapes, ``llm_config.architectures`` (the family), ``template``,
+    ``tie_word_embeddings``, ``rope_scaling``, ``select_layer``, ``downsample_ratio``, ``force_image_size``,
+    ``min/max_dynamic_patch``, ``use_thumbnail``, ``dynamic_image_size`` (-> ``tiles``).  Rejected with a
+    message: ``ps_version`` other than v2 (InternVL 1.x's transposed pixel shuffle), an activation other
+    than silu, an unsupported architecture or template."""
+    from maskloop.config import ConfigError, LLMConfig, ModelConfig, VisionConfig
+    from maskloop.model.families import family
+    from maskloop.model.prompts import template_name
+
+    if "llm_config" not in c and "text_config" in c:  # Sa2VAChatConfigQwen: a Qwen2.5-VL / Qwen3-VL model
+        raise ConfigError(f"{where}: a Qwen-VL based Sa2VA checkpoint (model_type {c.get('model_type')!r}, a "
+                          "Qwen-VL vision tower and text_config): not supported; supported are the InternVL-based "
+                          "ones (vision_config + llm_config: Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3)")
     try:
         v, t = c["vision_config"], c["llm_config"]
     except KeyError as e:
-        raise ConfigError(f"{theirs}: not a Sa2VA/InternVL config (missing {e})") from None
+        raise ConfigError(f"{where}: not a Sa2VA/InternVL config (missing {e})") from None
+    arch = (t.get("architectures") or [None])[0]
+    try:
+        family(arch)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if "template" not in c or c["template"] is None:
+        raise ConfigError(f"{where} names no chat `template` (Sa2VA's loader needs one)")
+    try:
+        template = template_name(c["template"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    ps = c.get("ps_version", "v1")  # Sa2VAChatConfig's default
+    if ps != "v2":
+        raise ConfigError(f"{where}: ps_version={ps!r} is not supported (only v2, the pixel shuffle of InternVL 2+ "
+                          "and every published Sa2VA; v1 leaves the token grid transposed)")
+    act = t.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{where}: llm_config.hidden_act={act!r} is not supported (silu only)")
+    image_size = c.get("force_image_size") or v.get("image_size", 448)
     vision = VisionConfig(
         hidden_size=v["hidden_size"],
         num_layers=v["num_hidden_layers"],
         num_heads=v["num_attention_heads"],
         intermediate_size=v["intermediate_size"],
-        image_size=v.get("image_size", 448),
+        image_size=image_size,
         patch_size=v.get("patch_size", 14),
         downsample_ratio=c.get("downsample_ratio", 0.5),
         qkv_bias=v.get("qkv_bias", True),
         qk_norm=v.get("qk_normalization", False),
         norm_type=v.get("norm_type", "layer_norm"),
         layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+        select_layer=c.get("select_layer", -1),
     )
+    bias = t.get("bias", True) if arch == "InternLM2ForCausalLM" else t.get("attention_bias", False)
     llm = LLMConfig(
+        architecture=arch,
         vocab_size=t["vocab_size"],
         hidden_size=t["hidden_size"],
         num_layers=t["num_hidden_layers"],
         num_heads=t["num_attention_heads"],
-        num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+        num_kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
         intermediate_size=t["intermediate_size"],
         rope_theta=t.get("rope_theta", 1e6),
         max_position_embeddings=t.get("max_position_embeddings", 32768),
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=t.get("tie_word_embeddings", False),
+        rope_scaling=t.get("rope_scaling"),
+        attention_bias=bool(bias) and arch != "Qwen2ForCausalLM",
     )
-    return ModelConfig(name=folder.name, vision=vision, llm=llm)
+    cfg = ModelConfig(
+        name="published", vision=vision, llm=llm, template=template,
+        tiles=bool(c.get("dynamic_image_size", False)),
+        min_dynamic_patch=c.get("min_dynamic_patch", 1),
+        max_dynamic_patch=c.get("max_dynamic_patch", 12),
+        use_thumbnail=c.get("use_thumbnail", True),
+    )
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
-def load_pretrained(folder: str | Path, cfg=None, lora: bool = True):
-    """Build the model from a checkpoint folder (tokenizer + config + weights)."""
+def companion_template(pth: str | Path) -> str | None:
+    """The ``template = "..."`` of the xtuner config ``.py`` beside a training ``.pth`` (same stem first,
+    else the only ``.py`` there), or None when there is none."""
+    import ast
+
+    pth = Path(pth)
+    cands = [pth.with_suffix(".py")] if pth.with_suffix(".py").is_file() else sorted(pth.parent.glob("*.py"))
+    if len(cands) != 1:
+        return None
+    for node in ast.parse(cands[0].read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "template" for t in node.targets):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                return node.value.value
+    return None
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer; a folder without one, or one that needs remote code, is one clear error."""
+    import os
+
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the "
+                              "tokenizer files of the checkpoint it came from into it")
+    trust = os.environ.get("MASKLOOP_TRUST_REMOTE_CODE", "") == "1"
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types here
+        code = sorted(p.name for p in folder.glob("tokenization_*.py"))
+        hint = (f" It ships its own tokenizer code ({', '.join(code)}): set MASKLOOP_TRUST_REMOTE_CODE=1 to run it."
+                if code and not trust else "")
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {type(e).__name__}: {e}.{hint}") from None
+
+
+def load_pretrained(folder: str | Path, cfg=None, lora: bool = True, weights: str | Path | None = None):
+    """Build the model from a checkpoint folder (tokenizer + config + weights).
+
+    ``weights``: a training ``.pth`` (or safetensors) to load instead of the folder's own weights; the
+    template named by the ``.pth``'s companion xtuner config, when there is one, is used.  Config,
+    tokenizer and weights are all checked before a model is returned (nothing half-loaded)."""
     from maskloop.model.grounded import GroundedMLLM
+    from maskloop.model.prompts import template_name
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     cfg = cfg or config_from_folder(folder)
+    if weights is not None and (name := companion_template(weights)) is not None:
+        cfg.template = template_name(name)
     if not lora:
         cfg.lora = None
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = load_tokenizer(folder)
+    sd = read_state_file(weights if weights is not None else folder)
     model = GroundedMLLM(cfg, tok)
-    load_published_state(model, read_state_file(folder))
+    load_published_state(model, sd)
     return model

@@ -72,6 +72,7 @@ class StaticGreedyDecoder:
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=dev)
         self.banned = torch.zeros(model.internvl.lm_head.weight.shape[0], dtype=torch.bool, device=dev)
+        self.stop = torch.tensor(model.builder.stop_ids, dtype=torch.long, device=dev)  # single-token stop words
         self.ids = None
         self.use_graph = use_graph and dev.type == "cuda"
         if compile:
@@ -120,7 +121,7 @@ class StaticGreedyDecoder:
     # -- one decode step: reads/writes only the preallocated buffers
     def _step(self) -> None:
         m, llm, B = self.model, self.llm, self.B
-        end_id, pad_id = m.builder.end_id, m.builder.pad_id
+        pad_id = m.builder.pad_id
         x = m.embed_tokens(self.tok[:, None])  # (B, 1, D)
         cos, sin = llm.rotary_emb(x, self.pos)
         self.valid.index_fill_(1, self.cur, True)
@@ -143,8 +144,9 @@ class StaticGreedyDecoder:
         nxt = m.lm_logits(llm.norm(x)[:, 0]).masked_fill(self.banned, float("-inf")).argmax(-1)  # (B,)
         nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
         self.ids.index_copy_(1, self.t, nxt[:, None])
-        self.lengths.add_((~self.done & (nxt != end_id)).long())
-        self.done.logical_or_(nxt == end_id)
+        is_stop = torch.isin(nxt, self.stop)
+        self.lengths.add_((~self.done & ~is_stop).long())
+        self.done.logical_or_(is_stop)
         self.tok.copy_(nxt)
         self.pos.add_(1)
         self.cur.add_(1)
@@ -155,8 +157,9 @@ class StaticGreedyDecoder:
         m = self.model
         nxt = m.lm_logits(hidden_last).masked_fill(self.banned, float("-inf")).argmax(-1)
         self.ids[:, 0] = nxt
-        self.lengths.copy_((nxt != m.builder.end_id).long())
-        self.done.copy_(nxt == m.builder.end_id)
+        is_stop = torch.isin(nxt, self.stop)
+        self.lengths.copy_((~is_stop).long())
+        self.done.copy_(is_stop)
         self.tok.copy_(nxt)
         self.t.fill_(1)
 

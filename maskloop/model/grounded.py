@@ -69,7 +69,7 @@ class GroundedMLLM(nn.Module):
         self.internvl = InternVLForConditionalGeneration(
             internvl_config(cfg, tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
         )
-        self.sam = SAM2Head(sam2_config(cfg), cfg.sam2.pad_point_tokens)
+        self.sam = SAM2Head(sam2_config(cfg), cfg.sam2.pad_point_tokens, cfg.sam2.language_mask)
         D, C = cfg.llm.hidden_size, cfg.sam2.prompt_dim
         self.text_hidden_fcs = nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, C), nn.Dropout(0.0))
 
@@ -79,7 +79,10 @@ class GroundedMLLM(nn.Module):
         self.register_buffer("new_token_ids", new_ids, persistent=False)
         self.register_buffer("new_token_slot", slot, persistent=False)
         self.new_embed = nn.Parameter(self.embed_matrix.detach()[new_ids].clone())
-        self.new_head = nn.Parameter(self.head_matrix.detach()[new_ids].clone())
+        if cfg.llm.tie_word_embeddings:  # lm_head is the embedding matrix: so are the new tokens' rows
+            self.new_head = self.new_embed
+        else:
+            self.new_head = nn.Parameter(self.head_matrix.detach()[new_ids].clone())
 
         if cfg.lora is not None:
             self._inject_lora()
@@ -178,7 +181,11 @@ class GroundedMLLM(nn.Module):
         frozen = not any(p.requires_grad for p in vt.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             x = pixel_values.to(vt.embeddings.patch_embeddings.projection.weight.dtype)
-            feats = vt(pixel_values=x).last_hidden_state[:, 1:]  # drop CLS: (B, P*P, Dv)
+            sel = self.cfg.vision.select_layer
+            if sel == -1:
+                feats = vt(pixel_values=x).last_hidden_state[:, 1:]  # drop CLS: (B, P*P, Dv)
+            else:  # InternVL's select_layer: hidden_states[sel] (0 = the embeddings)
+                feats = vt(pixel_values=x, output_hidden_states=True).hidden_states[sel][:, 1:]
         B, _, Dv = feats.shape
         side = self.cfg.patch_grid
         feats = self.internvl.model.pixel_shuffle(feats.reshape(B, side, side, Dv), scale_factor=self.cfg.vision.downsample_ratio)
@@ -368,6 +375,9 @@ class GroundedMLLM(nn.Module):
 
         if static is None:
             static = inputs_embeds.device.type == "cuda"
+        stop_seqs = self.builder.stop_seqs
+        if any(len(q) > 1 for q in stop_seqs):
+            static = False  # a stop word of several tokens is matched on the plain path
         if static:
             from maskloop.model.fast_decode import StaticGreedyDecoder, compile_decode_enabled
 
@@ -383,7 +393,7 @@ class GroundedMLLM(nn.Module):
 
         B = inputs_embeds.shape[0]
         dev = inputs_embeds.device
-        end_id, pad_id = self.builder.end_id, self.builder.pad_id
+        pad_id = self.builder.pad_id
         cache = DynamicCache(config=self.llm.config)
         hidden = self.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
         ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -396,8 +406,10 @@ class GroundedMLLM(nn.Module):
             nxt = (logits if banned is None else logits.masked_fill(banned, float("-inf"))).argmax(-1)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             ids[:, t] = nxt
-            lengths += (~done & (nxt != end_id)).long()
-            done = done | (nxt == end_id)
+            hit = _stop_length(ids[:, : t + 1], stop_seqs)  # (B,) length of a stop word ending at t, or 0
+            new_stop = ~done & (hit > 0)
+            lengths = torch.where(done, lengths, torch.where(new_stop, t + 1 - hit, torch.full_like(lengths, t + 1)))
+            done = done | new_stop
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             pos = pos + 1
@@ -437,6 +449,17 @@ class GroundedMLLM(nn.Module):
     def expression_embeds(self, ids: torch.Tensor, lengths: torch.Tensor) -> Embeds:
         """Token ids (B, T) -> an :class:`Embeds` part (the embedding rows, differentiable)."""
         return Embeds(self.embed_tokens(ids), lengths)
+
+
+def _stop_length(ids: torch.Tensor, stop_seqs: list[list[int]]) -> torch.Tensor:
+    """ids (B, t) generated so far -> (B,) the length of the stop sequence they end with (0: none)."""
+    out = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    for q in stop_seqs:
+        n = len(q)
+        if 0 < n <= ids.shape[1]:
+            tail = ids[:, -n:] == torch.tensor(q, device=ids.device)
+            out = torch.where(tail.all(1) & (out == 0), torch.full_like(out, n), out)
+    return out
 
 
 def _index_copy_last(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

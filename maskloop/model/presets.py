@@ -5,6 +5,8 @@
   narrowed) and the phrase-repeating referring answer; the demo.
 * ``sa2va-1b``  — InternViT-300M + Qwen2.5-0.5B (InternVL2.5-1B) + SAM2 Hiera-L, the published shapes.
 * ``sa2va-4b``  — InternViT-300M + Qwen2.5-3B (InternVL2.5-4B) + SAM2 Hiera-L, the published shapes.
+* ``sa2va-8b``  — InternViT-300M + InternLM2.5-7B (InternVL2.5-8B) + SAM2 Hiera-L, on Llama classes.
+* ``sa2va-26b`` — InternViT-6B (qk-norm, RMSNorm, no qkv bias) + InternLM2.5-20B (InternVL2.5-26B) + SAM2.
 
 Published presets are shapes only (random init); real weights come from a checkpoint folder.
 """
@@ -44,12 +46,15 @@ PRESETS: dict[str, ModelConfig] = {
             decoder_layers=2,
             decoder_mlp_dim=64,
             decoder_heads=2,
+            # trained from scratch: the IoU head gets no gradient, so it cannot rank multimask tokens
+            language_mask="single",
             dynamic_multimask=False,
         ),
         lora=LoRAConfig(r=8, alpha=16, dropout=0.0),
     ),
     "sa2va-1b": ModelConfig(
         name="sa2va-1b",
+        template="qwen_chat",
         vision=copy.deepcopy(_VIT_300M),
         llm=LLMConfig(
             vocab_size=151_680,
@@ -64,6 +69,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "sa2va-4b": ModelConfig(
         name="sa2va-4b",
+        template="phi3_chat",
         vision=copy.deepcopy(_VIT_300M),
         llm=LLMConfig(
             vocab_size=151_680,
@@ -73,6 +79,42 @@ PRESETS: dict[str, ModelConfig] = {
             num_kv_heads=2,
             intermediate_size=11008,
             tie_word_embeddings=False,
+        ),
+        sam2=copy.deepcopy(_SAM2_HIERA_L),
+    ),
+    "sa2va-8b": ModelConfig(
+        name="sa2va-8b",
+        template="internlm2_chat",
+        vision=copy.deepcopy(_VIT_300M),
+        llm=LLMConfig(  # internlm2_5-7b-chat
+            architecture="InternLM2ForCausalLM",
+            vocab_size=92_553,
+            hidden_size=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            intermediate_size=14336,
+            rms_norm_eps=1e-5,
+            rope_scaling={"type": "dynamic", "factor": 2.0},
+        ),
+        sam2=copy.deepcopy(_SAM2_HIERA_L),
+    ),
+    "sa2va-26b": ModelConfig(
+        name="sa2va-26b",
+        template="internlm2_chat",
+        vision=VisionConfig(  # InternViT-6B-448px-V2_5
+            hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
+            qkv_bias=False, qk_norm=True, norm_type="rms_norm",
+        ),
+        llm=LLMConfig(  # internlm2_5-20b-chat
+            architecture="InternLM2ForCausalLM",
+            vocab_size=92_553,
+            hidden_size=6144,
+            num_layers=48,
+            num_heads=48,
+            num_kv_heads=8,
+            intermediate_size=16384,
+            rms_norm_eps=1e-5,
         ),
         sam2=copy.deepcopy(_SAM2_HIERA_L),
     ),
@@ -106,8 +148,11 @@ def get_preset(name: str) -> ModelConfig:
 
 
 def internvl_config(cfg: ModelConfig, image_token_id: int):
-    """An ``InternVLConfig`` (vision tower + mlp1 projector + Qwen2 text model) for ``cfg``."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    """An ``InternVLConfig`` (vision tower + mlp1 projector + the family's text model) for ``cfg``."""
+    from transformers import InternVLConfig, InternVLVisionConfig
+
+    from maskloop.model.families import family
+    from maskloop.model.families.llama import fix_rope
 
     v, t = cfg.vision, cfg.llm
     vision = InternVLVisionConfig(
@@ -124,23 +169,8 @@ def internvl_config(cfg: ModelConfig, image_token_id: int):
         patch_size=[v.patch_size, v.patch_size],
         use_mean_pooling=True,  # no final norm: InternViT's last hidden state goes to mlp1 as is
     )
-    text = Qwen2Config(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings,
-        rms_norm_eps=t.rms_norm_eps,
-        rope_theta=t.rope_theta,
-        tie_word_embeddings=t.tie_word_embeddings,
-        use_sliding_window=False,
-    )
-    # rope_theta moved into rope_parameters in transformers 5; set both spellings
-    rp = getattr(text, "rope_parameters", None)
-    if isinstance(rp, dict):
-        rp["rope_theta"] = t.rope_theta
+    # the text model of the checkpoint's LLM family (Qwen2, or Llama for Llama / InternLM2)
+    text = fix_rope(family(t.architecture).text_config(t), t)
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,

@@ -28,11 +28,55 @@ NEW_TOKENS = (SEG, P_START, P_END, VP_START, VP_END)  # added by Sa2VA on top of
 IMAGE_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)  # InternVL's own
 ALL_SPECIAL = IMAGE_TOKENS + NEW_TOKENS
 
-# --- chat template "phi3" --------------------------------------------------------------------
+# --- chat templates ---------------------------------------------------------------------------
+# The entries of Sa2VA's PROMPT_TEMPLATE that its published checkpoints name in config.json ``template``
+# (Sa2VA-4B: phi3_chat; Sa2VA-1B and the InternVL3 / Qwen2.5-VL / Qwen3-VL successors: qwen_chat;
+# Sa2VA-8B / 26B: internlm2_chat).  A prompt is ``instruction`` with the user turn in ``{input}``; the
+# answer is followed by ``suffix`` (Sa2VA: SUFFIX, which serves as the end of sequence); generation stops
+# at any of ``stop_words``.  Sa2VA's prompts carry no system turn (neither its datasets nor its
+# predict_forward add one), so ``system`` is listed for completeness and not emitted.
 USER, END, ASSISTANT = "<|user|>", "<|end|>", "<|assistant|>"
-TEMPLATES = {
-    "phi3": {"prefix": f"{USER}\n", "suffix": f"{END}\n{ASSISTANT}\n", "answer_end": END},
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    system: str  # with "{system}"
+    instruction: str  # with "{input}"
+    suffix: str  # after every answer
+    stop_words: tuple[str, ...]
+
+    @property
+    def user_prefix(self) -> str:
+        return self.instruction.split("{input}")[0]
+
+    @property
+    def user_suffix(self) -> str:
+        return self.instruction.split("{input}")[1]
+
+
+_IM_INSTRUCTION = f"{IM_START}user\n{{input}}{IM_END}\n{IM_START}assistant\n"
+TEMPLATES: dict[str, ChatTemplate] = {
+    "phi3_chat": ChatTemplate(f"<|system|>\n{{system}}{END}\n", f"{USER}\n{{input}}{END}\n{ASSISTANT}\n", END, (END,)),
+    "qwen_chat": ChatTemplate(f"{IM_START}system\n{{system}}{IM_END}\n", _IM_INSTRUCTION, IM_END, (IM_END, ENDOFTEXT)),
+    "internlm2_chat": ChatTemplate(f"{IM_START}system\n{{system}}{IM_END}\n", _IM_INSTRUCTION, IM_END, (IM_END,)),
 }
+TEMPLATE_ALIASES = {"phi3": "phi3_chat"}  # maskloop's earlier name
+
+
+def template_name(name: str | None) -> str:
+    """The table key for ``name`` (Sa2VA writes ``-`` or ``_``: it replaces ``-`` by ``_``); unknown -> error."""
+    from maskloop.config import ConfigError
+
+    key = (name or "").replace("-", "_")
+    key = TEMPLATE_ALIASES.get(key, key)
+    if key not in TEMPLATES:
+        raise ConfigError(f"unknown chat template {name!r}; supported: {sorted(TEMPLATES)}")
+    return key
+
+
+def get_template(name: str | None) -> ChatTemplate:
+    return TEMPLATES[template_name(name)]
 
 REGION_CAPTION_QUESTION = (
     "There are 1 part regions in the picture: region1{region}.\n"
@@ -62,6 +106,16 @@ def add_special_tokens(tokenizer) -> list[int]:
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return [tokenizer.convert_tokens_to_ids(t) for t in NEW_TOKENS]
+
+
+def _leading_special(tokenizer) -> list[int]:
+    """The ids ``tokenizer.encode`` puts before the text by default (a BOS), [] if none."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_sp = tokenizer.encode("a", add_special_tokens=True)
+    without = tokenizer.encode("a", add_special_tokens=False)
+    return [bos] if with_sp[:1] == [bos] and without[:1] != [bos] else []
 
 
 # --- parts ------------------------------------------------------------------------------------
@@ -115,20 +169,27 @@ class PromptBuilder:
     """Tokenises the fixed pieces once; builds the parts of every prompt kind."""
 
     def __init__(self, tokenizer, num_image_tokens: int, template: str = "phi3", seg_answer: str = "fixed"):
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; known: {sorted(TEMPLATES)}")
+        t = get_template(template)
         if seg_answer not in SEG_ANSWER_STYLES:
             raise ValueError(f"unknown seg_answer {seg_answer!r}; known: {SEG_ANSWER_STYLES}")
         self.seg_answer = seg_answer
         self.tok = tokenizer
         self.n_img = num_image_tokens
-        t = TEMPLATES[template]
+        self.template = t
         ids = self.ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.img_ctx_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.seg_id = tokenizer.convert_tokens_to_ids(SEG)
-        self.end_id = ids(t["answer_end"])[-1]
-        self._user = ids(t["prefix"] + IMG_START)
+        # generation stops at any stop word; a stop word the tokenizer splits (phi3_chat's <|end|> on a
+        # Qwen2.5 tokenizer) is matched as a token sequence.  end_id: the suffix's last token.
+        self.stop_seqs = [ids(w) for w in t.stop_words]
+        self.stop_ids = sorted({q[0] for q in self.stop_seqs if len(q) == 1})
+        self.end_id = ids(t.suffix)[-1]
+        # the tokenizer's BOS when its encode() adds one (InternLM2's <s>; Qwen2's adds none): Sa2VA's
+        # predict_forward encodes with special tokens, its training (xtuner) prepends the same BOS
+        self.bos = _leading_special(tokenizer)
+        t = {"prefix": t.user_prefix, "suffix": t.user_suffix, "answer_end": t.suffix}
+        self._user = self.bos + ids(t["prefix"] + IMG_START)
         self._after_img = ids(IMG_END + "\n")
         q = REGION_CAPTION_QUESTION.split("{region}")
         self._cap_before_region = ids(q[0] + VP_START)
@@ -165,7 +226,8 @@ class PromptBuilder:
         return parts + ([answer] if answer is not None else [])
 
     def caption_answer(self, captions: list[str]) -> Ragged:
-        return Ragged.from_lists([self.ids(c) + [self.end_id] for c in captions], self.pad_id, target=True)
+        """The caption + the template's answer suffix, tokenised together as Sa2VA's training does."""
+        return Ragged.from_lists([self.ids(c + self._answer_end) for c in captions], self.pad_id, target=True)
 
     # -- referring segmentation: image + expression -> "... [SEG]"
     def seg_question(self, n: int, rng: random.Random | None = None, fixed: bool = False):
@@ -231,6 +293,7 @@ def build_word_tokenizer(words: list[str] | None = None):
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
     tok.add_special_tokens(
-        {"additional_special_tokens": [USER, END, ASSISTANT, *ALL_SPECIAL]}, replace_extra_special_tokens=False
+        {"additional_special_tokens": [USER, END, ASSISTANT, *ALL_SPECIAL, IM_START, IM_END, ENDOFTEXT]},
+        replace_extra_special_tokens=False,
     )
     return tok

@@ -3,6 +3,16 @@
 Built on transformers' ``Sam2Model`` (Hiera image encoder + FPN neck frozen; prompt encoder frozen;
 mask decoder trained).  Input is the image resized directly to the SAM size, uint8 0-255; SAM2's own
 normalisation (ImageNet mean/std on the 0-1 scale) is applied here.
+
+Which mask a language ([SEG]) prompt gets (``SAM2Config.language_mask``):
+
+* ``"best_iou"`` (Sa2VA, the default): the decoder's multimask output (tokens 1-3) and, per prompt, the
+  one with the highest predicted IoU.  Sa2VA's SAM2 config sets ``multimask_min_pt_num: 0`` and its
+  language prompt carries zero points, so ``_use_multimask`` is true and ``_forward_sam_heads`` keeps
+  ``argmax(ious)`` -- in training (the loss is on that mask) and in inference alike; token 0 is unused.
+* ``"single"``: token 0, SAM2's single-mask output; in eval mode, with ``dynamic_multimask``, SAM2's
+  fallback to the best multimask token when token 0 is unstable.  For decoders trained from scratch
+  (the tiny presets), whose IoU head receives no gradient and so never learns to rank the tokens.
 """
 
 from __future__ import annotations
@@ -29,14 +39,20 @@ class SamFeatures:
         return SamFeatures(self.embed[idx], (self.high_res[0][idx], self.high_res[1][idx]))
 
 
+LANGUAGE_MASKS = ("best_iou", "single")  # SAM2Config.language_mask
+
+
 class SAM2Head(nn.Module):
-    def __init__(self, sam2_config, pad_point_tokens: bool = True):
+    def __init__(self, sam2_config, pad_point_tokens: bool = True, language_mask: str = "best_iou"):
         super().__init__()
         from transformers import Sam2Model
 
+        if language_mask not in LANGUAGE_MASKS:
+            raise ValueError(f"language_mask={language_mask!r}: choose one of {LANGUAGE_MASKS}")
         self.sam = Sam2Model(sam2_config)
         self.image_size = sam2_config.prompt_encoder_config.image_size
         self.pad_point_tokens = pad_point_tokens
+        self.language_mask = language_mask
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -71,7 +87,8 @@ class SAM2Head(nn.Module):
         """prompt_embeds (B, n, C) language prompt tokens -> low-res mask logits (B, 4h, 4w).
 
         Sparse prompt = [empty-point tokens (if ``pad_point_tokens``), language tokens]; dense prompt =
-        the no-mask embedding; single-mask output (token 0).
+        the no-mask embedding.  The mask kept is chosen by ``language_mask`` (module doc): the best
+        predicted-IoU multimask token (Sa2VA) or token 0.
         """
         B = prompt_embeds.shape[0]
         sam = self.sam
@@ -86,15 +103,19 @@ class SAM2Head(nn.Module):
             h, w = feats.embed.shape[-2:]
             dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(B, -1, h, w)
         pos = sam.get_image_wide_positional_embeddings().to(dtype).repeat(B, 1, 1, 1)
-        masks, _, _, _ = sam.mask_decoder(
+        multimask = self.language_mask == "best_iou"
+        masks, iou, _, _ = sam.mask_decoder(
             image_embeddings=feats.embed,
             image_positional_embeddings=pos,
             sparse_prompt_embeddings=sparse.to(dtype),
             dense_prompt_embeddings=dense.to(dtype),
-            multimask_output=False,
+            multimask_output=multimask,
             high_resolution_features=list(feats.high_res),
-        )
-        return masks[:, 0, 0]  # (B, 4h, 4w)
+        )  # masks (B, 1, M, 4h, 4w), iou (B, 1, M); M = 3 (tokens 1-3) or 1
+        if not multimask:
+            return masks[:, 0, 0]  # (B, 4h, 4w)
+        best = iou[:, 0].argmax(-1)  # (B,)
+        return masks[torch.arange(B, device=masks.device), 0, best]  # (B, 4h, 4w)
 
     def upsample(self, low_res: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, h, w) -> (B, S, S) bilinear, the SAM input size by default."""
