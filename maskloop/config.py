@@ -98,6 +98,12 @@ class ModelConfig:
     template: str = "phi3"
     # referring answer: "fixed" = "Sure, [SEG]." (Sa2VA); "phrase" = "Sure, <p>{expr}</p> [SEG]." (model/prompts.py)
     seg_answer: str = "fixed"
+    # InternVL dynamic tiling (maskloop.data.tiles): 1 tile (off) is the training default; Sa2VA's image
+    # inference uses 1..max_dynamic_patch tiles by InternVL's aspect-ratio grid + a thumbnail
+    tiles: bool = False
+    max_dynamic_patch: int = 12
+    min_dynamic_patch: int = 1
+    use_thumbnail: bool = True
     # loss weights (SPEC §1)
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -133,6 +139,11 @@ class ModelConfig:
             )
         if self.seg_answer not in SEG_ANSWER_STYLES:
             raise ConfigError(f"seg_answer={self.seg_answer!r}: choose one of {SEG_ANSWER_STYLES}")
+        if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise ConfigError(
+                f"min_dynamic_patch={self.min_dynamic_patch} / max_dynamic_patch={self.max_dynamic_patch}: "
+                "need 1 <= min_dynamic_patch <= max_dynamic_patch"
+            )
         if self.sam2.image_size % 32:
             raise ConfigError(f"sam2.image_size={self.sam2.image_size} must be a multiple of 32")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_sizes):
