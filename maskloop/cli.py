@@ -129,10 +129,9 @@ def cmd_train(args) -> int:
 
 def _eval_datasets(args, model) -> tuple[dict, dict]:
     """({split: refer dataset}, {name: region-caption dataset}) from the eval arguments."""
-    from maskloop.data.transforms import SampleTransform
+    from maskloop.data.tiles import transform_for
 
-    c = model.cfg
-    tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
+    tf = transform_for(model.cfg)  # tiled when the model's config asks (cfg.tiles)
     refer, regions = {}, {}
     if args.refcoco:
         from maskloop.data.sources.refcoco import RefCOCODataset

@@ -173,3 +173,28 @@ def test_one_tile_equals_the_untiled_path():
                            num_regions=one["num_regions"])
         b = model.describe(plain["pixel_values"], plain["prompt_masks"], 6)
     assert torch.equal(a.ids, b.ids)
+
+
+def test_evaluation_reads_tiled_batches():
+    """Evaluation on a tiled transform (shapes images are square and small: one tile each) gives the
+    numbers of the single-tile transform: the tiled path is wired through refer / caption / cycle."""
+    from maskloop.data.sources.shapes import ShapesReferDataset, ShapesRegionCaptionDataset
+    from maskloop.data.tiles import transform_for
+    from maskloop.eval.cycle import evaluate_cycle
+    from maskloop.eval.refer import evaluate_refer
+
+    model = make_tiny(seed=3)
+    cfg = model.cfg
+    plain = transform_for(cfg)
+    cfg.tiles = True
+    tiled = transform_for(cfg)
+    assert isinstance(tiled, TiledTransform) and not isinstance(plain, TiledTransform)
+    a = evaluate_refer(model, ShapesReferDataset(4, seed="val", transform=tiled), batch_size=2, progress=False)
+    b = evaluate_refer(model, ShapesReferDataset(4, seed="val", transform=plain), batch_size=2, progress=False)
+    assert a == b
+    ds = ShapesRegionCaptionDataset(3, seed="val", transform=tiled)
+    assert "num_tiles" in ds[0]
+    c = evaluate_cycle(model, ds, batch_size=3, max_new_tokens=3, progress=False)
+    d = evaluate_cycle(model, ShapesRegionCaptionDataset(3, seed="val", transform=plain), batch_size=3,
+                       max_new_tokens=3, progress=False)
+    assert c["predictions"] == d["predictions"] and c["cycle"] == d["cycle"]

@@ -33,7 +33,7 @@ from PIL import Image
 
 from maskloop.data.transforms import SampleTransform
 
-__all__ = ["grid_candidates", "closest_grid", "tile_images", "TiledTransform", "tiled_inputs"]
+__all__ = ["grid_candidates", "closest_grid", "tile_images", "TiledTransform", "tiled_inputs", "transform_for"]
 
 _BICUBIC = Image.Resampling.BICUBIC
 
@@ -93,6 +93,9 @@ class TiledTransform(SampleTransform):
 
     def __init__(self, image_size: int = 448, sam_size: int = 1024, prompt_grid: int = 16, min_num: int = 1,
                  max_num: int = 12, use_thumbnail: bool = True, **kw):
+        # no JPEG draft decoding: the grid is chosen from the original size (its area breaks ties) and may
+        # need up to max_num * S pixels on a side, so a reduced decode could change the grid or upsample
+        kw["draft"] = False
         super().__init__(image_size, sam_size, prompt_grid, **kw)
         self.min_num, self.max_num, self.use_thumbnail = int(min_num), int(max_num), bool(use_thumbnail)
 
@@ -117,6 +120,15 @@ class TiledTransform(SampleTransform):
         out["pixel_values"] = torch.stack([self.normalise(t) for t in tiles])
         out["num_tiles"] = torch.tensor(len(tiles), dtype=torch.long)
         return out
+
+
+def transform_for(cfg, **kw) -> SampleTransform:
+    """The data transform a model config asks for: :class:`TiledTransform` when ``cfg.tiles``, else the
+    single-tile :class:`SampleTransform` (the training default)."""
+    if cfg.tiles:
+        return TiledTransform.from_config(cfg, **kw)
+    return SampleTransform(image_size=cfg.vision.image_size, sam_size=cfg.sam2.image_size,
+                           prompt_grid=cfg.prompt_grid, **kw)
 
 
 def tiled_inputs(image: Image.Image, cfg, masks=None, draft: bool = False) -> dict[str, torch.Tensor]:
