@@ -61,8 +61,8 @@ def segment_texts(model, batch: dict, texts: list[str] | None = None, expr=None,
     ``feats``: the batch's (SAM2 features, image tokens) when already computed (:func:`image_features`)."""
     expr = expr if expr is not None else model.builder.expressions(texts)
     sam_feats, image_feats = feats if feats is not None else (model.sam_features(batch["g_pixel_values"]), None)
-    out = model.segment(batch["pixel_values"], sam_feats, expr, image_feats=image_feats, lm_loss=False,
-                        num_tiles=batch.get("num_tiles"))
+    tiled = {"num_tiles": batch["num_tiles"]} if "num_tiles" in batch else {}  # tiled batch (data/tiles.py)
+    out = model.segment(batch["pixel_values"], sam_feats, expr, image_feats=image_feats, lm_loss=False, **tiled)
     return out["mask_logits"] > 0
 
 

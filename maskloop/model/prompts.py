@@ -156,7 +156,7 @@ class PromptBuilder:
 
     # -- pieces shared by all prompts
     def image_parts(self, n_image: torch.Tensor | None = None) -> list[Part]:
-        """``<img>`` + image context tokens + ``</img>\n``; ``n_image`` (B,) per-row token counts (tiles:
+        """``<img>`` + image context tokens + ``</img>\\n``; ``n_image`` (B,) per-row token counts (tiles:
         n_tiles * 256), one tile's worth by default."""
         n = self.n_img if n_image is None else n_image
         return [Fixed(self._user), Repeat(self.img_ctx_id, n), Fixed(self._after_img)]
@@ -176,7 +176,7 @@ class PromptBuilder:
 
     def region_list_parts(self, region_k: torch.Tensor, n_regions: torch.Tensor | None = None) -> list[Part]:
         """Sa2VA's N-region list up to the last region's cells: ``There are N part regions in the picture:
-        region1<vp>{K1 x IMG_CONTEXT}</vp>, region2<vp>...`` (the closing ``</vp>.\n`` follows).
+        region1<vp>{K1 x IMG_CONTEXT}</vp>, region2<vp>...`` (the closing ``</vp>.\\n`` follows).
 
         region_k (B, R) cells per region slot; n_regions (B,) >= 1 regions used per row (default R)."""
         B, R = region_k.shape
@@ -235,7 +235,7 @@ class PromptBuilder:
     # -- a free instruction after the image (generation: the answer is the model's)
     def question_parts(self, questions: list[str], answer: Part | None = None,
                        n_image: torch.Tensor | None = None) -> list[Part]:
-        """Image + ``\n{question}`` user turn (+ ``answer``), e.g. "Please segment the cat and the dog."."""
+        """Image + ``\\n{question}`` user turn (+ ``answer``), e.g. "Please segment the cat and the dog."."""
         q = Ragged.from_lists([self.ids(t) + self._suffix_ids for t in questions], self.pad_id)
         return self.image_parts(n_image) + [q] + ([answer] if answer is not None else [])
 
