@@ -95,6 +95,8 @@ def test_collate_concatenates_tiles_and_regions():
     assert batch["pixel_values"].shape[0] == na + nb and batch["num_tiles"].tolist() == [na, nb]
     assert batch["prompt_masks"].shape == (3, 8, 8) and batch["num_regions"].tolist() == [2, 1]
     assert batch["masks"].shape == (3, 128, 128)
+    with pytest.raises(ValueError, match="original image's size"):
+        tiled_inputs(Image.new("RGB", (64, 32)), cfg, np.ones((64, 64), bool))
 
 
 def _tiny_tiled_batch(model, shapes, seed=0):

@@ -137,6 +137,8 @@ def tiled_inputs(image: Image.Image, cfg, masks=None, draft: bool = False) -> di
     ``masks``: None, one (H, W) mask or a list of them (the regions of a region prompt, in order).
     With ``cfg.tiles`` False (or a one-tile grid) ``pixel_values`` holds the single resized tile.
     """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     if cfg.tiles:
         tf = TiledTransform.from_config(cfg, draft=draft)
     else:
@@ -146,6 +148,10 @@ def tiled_inputs(image: Image.Image, cfg, masks=None, draft: bool = False) -> di
         ms = [masks] if (isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 2) else list(masks)
         if not ms:
             raise ValueError("tiled_inputs: masks is an empty list (pass None for no region)")
+        for i, m in enumerate(ms):
+            if tuple(m.shape) != (image.height, image.width):
+                raise ValueError(f"region mask {i + 1} is {tuple(m.shape)} but the image is {image.height}x{image.width}: "
+                                 "give masks at the original image's size (H, W)")
         parts = [tf.mask(m) for m in ms]
         out["prompt_masks"] = torch.stack([p["prompt_masks"] for p in parts])
         out["masks"] = torch.stack([p["masks"] for p in parts])
