@@ -120,8 +120,9 @@ def test_segment_question_and_several_regions(exported, capsys):
                  "please segment the red circle .", "--max-new-tokens", "3", "--out", str(r / "q.png")]) == 0
     assert "mask(s)" in capsys.readouterr().err
     model = load_model(r / "ckpt")
-    with torch.no_grad():  # every answer token a [SEG]: 3 generated, the last never fed back -> 2 masks
-        model.new_head[int(model.new_token_slot[model.builder.seg_id])] *= 1e3
+    # every answer token a [SEG]: 3 generated, the last never fed back -> 2 masks
+    logits, seg = model.lm_logits, model.builder.seg_id
+    model.lm_logits = lambda h: logits(h).index_add(-1, torch.tensor([seg]), torch.full((*h.shape[:-1], 1), 1e4))
     answer, masks, pngs = segment_question(model, str(r / "img.png"), "segment it", r / "multi.png",
                                            r / "multi_mask.png", max_new_tokens=3)
     assert answer.count("[SEG]") == 3 and len(masks) == 2 and masks[0].shape == (64, 64)

@@ -200,3 +200,25 @@ def test_evaluation_reads_tiled_batches():
     d = evaluate_cycle(model, ShapesRegionCaptionDataset(3, seed="val", transform=plain), batch_size=3,
                        max_new_tokens=3, progress=False)
     assert c["predictions"] == d["predictions"] and c["cycle"] == d["cycle"]
+
+
+def test_inference_on_a_tiled_model():
+    """`segment` / `caption` single-image helpers on a model whose config asks for tiles: several tiles, two
+    regions on the thumbnail, one mask per generated [SEG] at the image's size."""
+    from maskloop.inference import caption_region, segment_question, segment_text
+
+    model = make_tiny(seed=5)
+    model.eval()
+    model.cfg.tiles = True
+    rng = np.random.default_rng(6)
+    img = Image.fromarray(rng.integers(0, 256, (60, 200, 3), dtype=np.uint8))
+    assert len(tile_images(img, 1, 12, 64, True)) > 2
+    a, b = np.zeros((60, 200), bool), np.zeros((60, 200), bool)
+    a[5:30, 10:90], b[30:55, 120:190] = True, True
+    text, _ = caption_region(model, img, [a, b], max_new_tokens=3)
+    assert isinstance(text, str)
+    logits, seg = model.lm_logits, model.builder.seg_id
+    model.lm_logits = lambda h: logits(h).index_add(-1, torch.tensor([seg]), torch.full((*h.shape[:-1], 1), 1e4))
+    answer, masks, _ = segment_question(model, img, "segment it", max_new_tokens=4)
+    assert answer.count("[SEG]") == 4 and len(masks) == 3 and masks[0].shape == (60, 200)
+    assert segment_text(model, img, "the red circle")[0].shape == (60, 200)
