@@ -64,6 +64,12 @@ def test_zero_one_three_seg_per_answer_masks_in_order():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # the three masks of row 2 differ: each [SEG] has its own hidden state
     assert not torch.allclose(out["mask_logits"][1], out["mask_logits"][2])
+    # Sa2VA's referring evaluation keeps each answer's first mask; none -> an empty prediction
+    first, present = model.first_mask_per_row(out["mask_logits"], out["seg_rows"], 3)
+    assert present.tolist() == [False, True, True] and bool((first[0] == float("-inf")).all())
+    assert torch.equal(first[1], out["mask_logits"][0]) and torch.equal(first[2], out["mask_logits"][1])
+    none, p0 = model.first_mask_per_row(out["mask_logits"][:0], out["seg_rows"][:0], 2)
+    assert none.shape == (2, *out["mask_logits"].shape[1:]) and not p0.any()
 
 
 def test_several_masks_per_sample_as_training_targets():

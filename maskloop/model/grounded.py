@@ -351,6 +351,20 @@ class GroundedMLLM(nn.Module):
                 )
         return out
 
+    @staticmethod
+    def first_mask_per_row(mask_logits: torch.Tensor, seg_rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask of each row's first [SEG] (Sa2VA's referring evaluation keeps ``prediction_masks[0]``):
+        (logits (B, G, G), -inf for a row without [SEG] — an empty prediction —, present (B,) bool)."""
+        M, dev = seg_rows.shape[0], mask_logits.device
+        first = torch.full((batch,), M, dtype=torch.long, device=dev)
+        first = first.scatter_reduce(0, seg_rows.to(dev), torch.arange(M, device=dev), "amin")
+        present = first < M
+        side = mask_logits.shape[-2:]
+        if M == 0:
+            return mask_logits.new_full((batch, *side), float("-inf")), present
+        picked = mask_logits[first.clamp(max=M - 1)]
+        return torch.where(present[:, None, None], picked, torch.full_like(picked, float("-inf"))), present
+
     def segment(
         self,
         pixel_values: torch.Tensor,
