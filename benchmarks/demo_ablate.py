@@ -95,10 +95,11 @@ def make(spec: str, steps: int, run_dir: Path):
 
         init_recency_prior(m, float(fl["rec"]), kv_groups=m.cfg.llm.num_kv_heads if "allheads" in fl else 1)
     if "bow" in fl:
-        def bow(hidden, input_ids):
+        def bow(hidden, input_ids, allowed=None):  # one prompt a row: (prompts (B, C), rows (B,))
             isw = torch.isin(input_ids, words.to(input_ids.device)).float()
             e = m.embed_tokens(input_ids) * isw[..., None]
-            return m.text_hidden_fcs(e.sum(1) / isw.sum(1, keepdim=True).clamp(min=1))
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            return m.text_hidden_fcs(e.sum(1) / isw.sum(1, keepdim=True).clamp(min=1)), rows
 
         m.seg_prompt_embeds = bow
     return tr, V, fl

@@ -3,8 +3,9 @@
     maskloop demo [--run-dir runs/demo] [--quick]
     maskloop train --config configs/sft.yaml [--set steps=2000 --set lr=1e-5] [--resume auto|DIR]
     maskloop eval --checkpoint RUN_OR_FOLDER [--refcoco ROOT --splits val testA testB] [--out results.json]
-    maskloop caption --checkpoint RUN_OR_FOLDER --image img.png --mask mask.png [--out overlay.png]
+    maskloop caption --checkpoint RUN_OR_FOLDER --image img.png --mask mask.png [mask2.png ...] [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --text "the red circle" [--out overlay.png]
+    maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --question "Please segment the cat and the dog."
     maskloop data check --source refcoco /data/refcoco
     maskloop export sa2va --checkpoint RUN_OR_FOLDER --out DIR [--base SA2VA_FOLDER] [--dtype bf16]
     maskloop export psalm-to-deformable baseline.safetensors deformable.safetensors
@@ -115,10 +116,9 @@ def _dry_run(cfg, world_size: int | None) -> int:
 
 def _eval_datasets(args, model) -> tuple[dict, dict]:
     """({split: refer dataset}, {name: region-caption dataset}) from the eval arguments."""
-    from maskloop.data.transforms import SampleTransform
+    from maskloop.data.tiles import transform_for
 
-    c = model.cfg
-    tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
+    tf = transform_for(model.cfg)  # tiled when the model's config asks (cfg.tiles)
     refer, regions = {}, {}
     if args.refcoco:
         from maskloop.data.sources.refcoco import RefCOCODataset
@@ -199,11 +199,13 @@ def cmd_caption(args) -> int:
 
     ckpt = _need_file(args.checkpoint, "checkpoint path")
     _need_file(args.image, "image")
-    _need_file(args.mask, "mask")
+    for m in args.mask:
+        _need_file(m, "mask")
     _set_threads(args.threads)
     model = load_model(ckpt, args.device)
     try:
-        text, png = caption_region(model, args.image, args.mask, args.out, args.max_new_tokens)
+        masks = args.mask if len(args.mask) > 1 else args.mask[0]  # several: Sa2VA's N-region prompt
+        text, png = caption_region(model, args.image, masks, args.out, args.max_new_tokens)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(text)
@@ -219,6 +221,19 @@ def cmd_segment(args) -> int:
     _need_file(args.image, "image")
     _set_threads(args.threads)
     model = load_model(ckpt, args.device)
+    if args.question is not None:  # free generation: one mask / overlay per [SEG] of the answer
+        from maskloop.inference import segment_question
+
+        try:
+            answer, masks, pngs = segment_question(model, args.image, args.question, args.out, args.mask_out,
+                                                   args.max_new_tokens)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print(answer)
+        print(f"{len(masks)} mask(s) ([SEG] in the answer)"
+              + "".join(f"; mask {i + 1}: {int(m.sum())} of {m.size} pixels" for i, m in enumerate(masks))
+              + "".join(f"; overlay: {p}" for p in pngs), file=sys.stderr)
+        return 0
     try:
         mask, png = segment_text(model, args.image, args.text, args.out, args.mask_out)
     except ValueError as e:
@@ -309,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="describe a masked region of an image")
     common(c)
     c.add_argument("--image", required=True)
-    c.add_argument("--mask", required=True, help="binary mask image (non-zero = region) or .npy")
+    c.add_argument("--mask", required=True, nargs="+",
+                   help="binary mask image (non-zero = region) or .npy; several: region1, region2, ... of one prompt")
     c.add_argument("--out", default="caption_overlay.png", help="overlay PNG of the region")
     c.add_argument("--max-new-tokens", type=int, default=32)
     c.set_defaults(func=cmd_caption)
@@ -317,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment a referring expression in an image")
     common(s)
     s.add_argument("--image", required=True)
-    s.add_argument("--text", required=True)
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a referring expression (answer teacher forced: 'Sure, [SEG].')")
+    what.add_argument("--question", help="an instruction the model answers freely, e.g. 'Please segment the cat "
+                      "and the dog.': one mask per [SEG] it generates (overlays numbered _1, _2, ...)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (--question)")
     s.add_argument("--out", default="segment_overlay.png", help="overlay PNG of the predicted mask")
     s.add_argument("--mask-out", help="also write the binary mask PNG here")
     s.set_defaults(func=cmd_segment)

@@ -157,6 +157,11 @@ class ModelConfig:
             raise ConfigError(f"seg_answer={self.seg_answer!r}: choose one of {SEG_ANSWER_STYLES}")
         if self.sam2.language_mask not in ("best_iou", "single"):
             raise ConfigError(f"sam2.language_mask={self.sam2.language_mask!r}: choose 'best_iou' (Sa2VA) or 'single'")
+        if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise ConfigError(
+                f"min_dynamic_patch={self.min_dynamic_patch} / max_dynamic_patch={self.max_dynamic_patch}: "
+                "need 1 <= min_dynamic_patch <= max_dynamic_patch"
+            )
         if self.sam2.image_size % 32:
             raise ConfigError(f"sam2.image_size={self.sam2.image_size} must be a multiple of 32")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_sizes):

@@ -122,21 +122,15 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     return m
 
 
-def _transform(model):
-    from maskloop.data.transforms import SampleTransform
-
-    c = model.cfg
-    return SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
-
-
-def _batch(model, image: Image.Image, mask: np.ndarray | None) -> dict:
+def _batch(model, image: Image.Image, masks=None) -> dict:
+    """One image's model inputs (tiled when ``model.cfg.tiles``: :func:`maskloop.data.tiles.tiled_inputs`),
+    collated to a batch of one on the model's device; ``masks``: None or a list of (H, W) regions."""
     from maskloop.data.mixture import collate
+    from maskloop.data.tiles import tiled_inputs
 
-    if mask is None:
-        mask = np.ones((image.height, image.width), bool)  # placeholder target, unused
-    item = _transform(model)(image, mask)
+    item = tiled_inputs(image, model.cfg, masks)
     dev = next(model.parameters()).device
-    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in collate([dict(item)]).items()}
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in collate([item]).items()}
 
 
 def save_overlay(image: Image.Image, mask: np.ndarray, out: str | Path, color, min_side: int = 256) -> Path:
@@ -153,19 +147,41 @@ def save_overlay(image: Image.Image, mask: np.ndarray, out: str | Path, color, m
     return out
 
 
-def caption_region(model, image, mask, out: str | Path | None = None, max_new_tokens: int = 32) -> tuple[str, Path | None]:
-    """Describe the masked region of ``image`` (paths or PIL / array); optional overlay PNG of the mask."""
-    from maskloop.eval.caption import describe_batch
-    from maskloop.eval.refer import eval_mode
+def _region_prompts(model, b: dict) -> torch.Tensor:
+    """The batch's region slots (1, R, g, g), each region's empty cell set set to its mask's centroid."""
+    from maskloop.model.region import centroid_cells, ensure_nonempty, region_slots
 
-    img = image if isinstance(image, Image.Image) else read_image(image)
-    m = read_mask(mask, img.size) if isinstance(mask, (str, Path)) else np.asarray(mask, bool)
-    with eval_mode(model):
-        _, texts = describe_batch(model, _batch(model, img, m), max_new_tokens)
+    pm, _ = ensure_nonempty(b["prompt_masks"], centroid_cells(b["masks"], b["prompt_masks"].shape[-1]))
+    return region_slots(pm, b["num_regions"])
+
+
+def caption_region(model, image, mask, out: str | Path | None = None, max_new_tokens: int = 32) -> tuple[str, Path | None]:
+    """Describe the masked region(s) of ``image`` (paths or PIL / array); optional overlay PNG of the mask(s).
+
+    ``mask``: one mask, or a list of them — Sa2VA's N-region prompt ("There are N part regions in the
+    picture: region1<vp>...</vp>, region2<vp>...</vp>."), the regions numbered in the order given."""
+    from maskloop.eval.refer import eval_mode
     from maskloop.eval.report import GT_COLOR
 
-    png = save_overlay(img, m, out, GT_COLOR) if out else None
-    return texts[0], png
+    img = image if isinstance(image, Image.Image) else read_image(image)
+    many = isinstance(mask, (list, tuple))
+    ms = [read_mask(m, img.size) if isinstance(m, (str, Path)) else np.asarray(m, bool) for m in (mask if many else [mask])]
+    if not ms:
+        raise ValueError("no region mask given")
+    with eval_mode(model):
+        b = _batch(model, img, ms)
+        gen = model.describe(b["pixel_values"], _region_prompts(model, b), max_new_tokens,
+                             num_tiles=b["num_tiles"], num_regions=b["num_regions"])
+        text = model.builder.decode(gen.ids, gen.lengths)[0]
+    png = save_overlay(img, np.logical_or.reduce(ms), out, GT_COLOR) if out else None
+    return text, png
+
+
+def _to_image_size(logits: torch.Tensor, img: Image.Image) -> np.ndarray:
+    """Mask logits (M, G, G) -> (M, H, W) bool at the image's size (bilinear on logits, then > 0)."""
+    up = torch.nn.functional.interpolate(logits[:, None].float(), size=(img.height, img.width), mode="bilinear",
+                                         align_corners=False)[:, 0]
+    return (up > 0).cpu().numpy()
 
 
 def segment_text(model, image, text: str, out: str | Path | None = None,
@@ -178,13 +194,11 @@ def segment_text(model, image, text: str, out: str | Path | None = None,
         raise ValueError("the text to segment is empty")
     img = image if isinstance(image, Image.Image) else read_image(image)
     with eval_mode(model):
-        b = _batch(model, img, None)
+        b = _batch(model, img)
         logits = model.segment(b["pixel_values"], model.sam_features(b["g_pixel_values"]),
-                               model.builder.expressions([text.strip()]), lm_loss=False)["mask_logits"]
-    # back to the original size (bilinear on logits, then threshold)
-    up = torch.nn.functional.interpolate(logits[:, None].float(), size=(img.height, img.width), mode="bilinear",
-                                         align_corners=False)[0, 0]
-    m = (up > 0).cpu().numpy()
+                               model.builder.expressions([text.strip()]), lm_loss=False,
+                               num_tiles=b["num_tiles"])["mask_logits"]
+    m = _to_image_size(logits, img)[0]
     if mask_out:
         Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(m.astype(np.uint8) * 255).save(mask_out)
@@ -192,4 +206,41 @@ def segment_text(model, image, text: str, out: str | Path | None = None,
     return m, png
 
 
-__all__ = ["caption_region", "load_model", "read_image", "read_mask", "save_overlay", "segment_text"]
+def numbered(path: str | Path | None, i: int, n: int) -> Path | None:
+    """``out.png`` -> ``out_1.png``, ``out_2.png``... when there are several (n > 1); unchanged for one."""
+    if path is None:
+        return None
+    p = Path(path)
+    return p if n == 1 else p.with_name(f"{p.stem}_{i + 1}{p.suffix}")
+
+
+def segment_question(model, image, question: str, out: str | Path | None = None, mask_out: str | Path | None = None,
+                     max_new_tokens: int = 64) -> tuple[str, list[np.ndarray], list[Path]]:
+    """Free generation as Sa2VA's image chat: the model answers ``question`` (e.g. "Please segment the cat
+    and the dog.") and every [SEG] of its answer gives one mask, in order.
+
+    Returns (answer text, masks (H, W) bool at the image's size, overlay PNG paths): overlays and mask PNGs
+    are written as ``out`` / ``mask_out``, numbered ``_1``, ``_2``... when the answer holds several [SEG]."""
+    from maskloop.eval.refer import eval_mode
+    from maskloop.eval.report import PRED_COLOR
+
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+    img = image if isinstance(image, Image.Image) else read_image(image)
+    with eval_mode(model):
+        b = _batch(model, img)
+        r = model.generate_segment(b["pixel_values"], model.sam_features(b["g_pixel_values"]), [question.strip()],
+                                   max_new_tokens, num_tiles=b["num_tiles"])
+    masks = list(_to_image_size(r["mask_logits"], img)) if r["mask_logits"].shape[0] else []
+    pngs = []
+    for i, m in enumerate(masks):
+        if mask_out:
+            mp = numbered(mask_out, i, len(masks))
+            mp.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.astype(np.uint8) * 255).save(mp)
+        if out:
+            pngs.append(save_overlay(img, m, numbered(out, i, len(masks)), PRED_COLOR))
+    return r["texts"][0], masks, pngs
+
+
+__all__ = ["caption_region", "load_model", "read_image", "read_mask", "save_overlay", "segment_question", "segment_text"]

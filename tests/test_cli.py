@@ -110,6 +110,28 @@ def test_caption_and_segment_write_overlays(exported, capsys):
     assert Image.open(r / "pred.png").size == (64, 64)  # the mask at the input image's size
 
 
+def test_segment_question_and_several_regions(exported, capsys):
+    """`segment --question`: free generation, one overlay per generated [SEG] (numbered); `caption` with two masks
+    (Sa2VA's N-region prompt)."""
+    from maskloop.inference import load_model, segment_question
+
+    r = exported
+    assert main(["segment", "-c", str(r / "ckpt"), "--image", str(r / "img.png"), "--question",
+                 "please segment the red circle .", "--max-new-tokens", "3", "--out", str(r / "q.png")]) == 0
+    assert "mask(s)" in capsys.readouterr().err
+    model = load_model(r / "ckpt")
+    # every answer token a [SEG]: 3 generated, the last never fed back -> 2 masks
+    logits, seg = model.lm_logits, model.builder.seg_id
+    model.lm_logits = lambda h: logits(h).index_add(-1, torch.tensor([seg]), torch.full((*h.shape[:-1], 1), 1e4))
+    answer, masks, pngs = segment_question(model, str(r / "img.png"), "segment it", r / "multi.png",
+                                           r / "multi_mask.png", max_new_tokens=3)
+    assert answer.count("[SEG]") == 3 and len(masks) == 2 and masks[0].shape == (64, 64)
+    assert [p.name for p in pngs] == ["multi_1.png", "multi_2.png"] and (r / "multi_mask_2.png").is_file()
+    Image.fromarray(np.eye(64, dtype=np.uint8) * 255).save(r / "mask2.png")
+    assert main(["caption", "-c", str(r / "ckpt"), "--image", str(r / "img.png"), "--mask", str(r / "mask.png"),
+                 str(r / "mask2.png"), "--out", str(r / "cap2.png"), "--max-new-tokens", "3"]) == 0
+
+
 def test_caption_rejects_empty_mask_and_missing_image(exported, capsys):
     r = exported
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(r / "empty.png")

@@ -66,8 +66,15 @@ def test_masks_are_nearest_resizes():
     out = t.mask(m)
     pil = Image.fromarray(m.astype(np.uint8) * 255)
     assert np.array_equal(out["masks"].numpy() > 0, np.asarray(pil.resize((G, G), Image.Resampling.NEAREST)) > 0)
-    assert np.array_equal(out["prompt_masks"].numpy() > 0,
+    # prompt cells as Sa2VA resizes them (torch nearest): cell (i, j) samples pixel (floor(i*H/g), floor(j*W/g))
+    H, W = m.shape
+    rows = [min(int(np.floor(i * np.float32(H / GRID))), H - 1) for i in range(GRID)]
+    cols = [min(int(np.floor(j * np.float32(W / GRID))), W - 1) for j in range(GRID)]
+    assert np.array_equal(out["prompt_masks"].numpy() > 0, m[np.ix_(rows, cols)] > 0)
+    old = SampleTransform(S, G, GRID, prompt_resize="pil").mask(m)
+    assert np.array_equal(old["prompt_masks"].numpy() > 0,
                           np.asarray(pil.resize((GRID, GRID), Image.Resampling.NEAREST)) > 0)
+    assert not np.array_equal(old["prompt_masks"].numpy(), out["prompt_masks"].numpy())  # the rules differ here
 
 
 def _jpeg_file(img):

@@ -135,13 +135,16 @@ def test_batched_generation_equals_stepwise_greedy_without_cache():
         assert gen.lengths[b].item() == len([t for t in r if t != end])
 
 
-def test_exactly_one_seg_token_is_required():
+def test_answer_without_seg_gives_no_mask_and_targets_must_match():
+    """An answer may hold no [SEG] (issue 13): no mask; targets that do not match the [SEG] count: a clear error."""
     model = make_tiny()
-    pv, gp, _ = tiny_batch(model, B=1)
+    pv, gp, masks = tiny_batch(model, B=1)
     expr = model.builder.expressions(["red"])
     bad = [(model.builder.seg_question(1, fixed=True)[0][0], model.builder._suffix_ids, model.builder.ids("no mask"))]
+    out = model.segment(pv, model.sam_features(gp), expr, bad)
+    assert out["mask_logits"].shape[0] == 0 and out["seg_counts"].tolist() == [0]
     try:
-        model.segment(pv, model.sam_features(gp), expr, bad)
+        model.segment(pv, model.sam_features(gp), expr, bad, gt_masks=masks)
     except ValueError as e:
         assert "[SEG]" in str(e)
     else:

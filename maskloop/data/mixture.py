@@ -242,18 +242,38 @@ class LengthGroupedSampler(MixtureSampler):
         return np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if chunks else idx
 
 
+# a sample carrying a count (key) holds a variable number of rows in these keys: they are concatenated
+# (flat, sample-major), not stacked; the counts (B,) say which rows are whose
+FLAT_KEYS = {"num_tiles": ("pixel_values",), "num_regions": ("prompt_masks", "masks"), "num_masks": ("masks",)}
+
+
+def _flat_keys(keys: list[str]) -> set[str]:
+    out = set()
+    for count, flat in FLAT_KEYS.items():
+        for sfx in ("", "1", "2"):
+            if count + sfx in keys:
+                out |= {f + sfx for f in flat}
+    return out
+
+
 def collate(samples: list[dict]) -> dict:
-    """Batch sample dicts: tensors stacked, other values listed, ``skipped`` summed."""
+    """Batch sample dicts: tensors stacked, other values listed, ``skipped`` summed.
+
+    Keys of :data:`FLAT_KEYS` (tiles, regions, several target masks) are concatenated along dim 0
+    when their count key is present."""
     if not samples:
         return {}
     keys: list[str] = []
     for s in samples:
         keys += [k for k in s if k not in keys]
+    flat = _flat_keys(keys)
     batch: dict = {}
     for k in keys:
         vals = [s.get(k) for s in samples]
         if k == "skipped":
             batch[k] = merge_skip_counts(*(Counter(v or []) for v in vals))
+        elif k in flat and all(isinstance(v, torch.Tensor) for v in vals):
+            batch[k] = torch.cat(vals)
         elif any(isinstance(v, torch.Tensor) for v in vals):
             if not all(isinstance(v, torch.Tensor) for v in vals):
                 names = sorted({str(s.get("dataset")) for s in samples if not isinstance(s.get(k), torch.Tensor)})

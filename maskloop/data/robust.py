@@ -202,7 +202,7 @@ class RobustDataset(Dataset):
         sample.setdefault("dataset", self.name)
         sample.setdefault("caption", None)
         if self.as_pair and "pixel_values" in sample:
-            for k in ("pixel_values", "g_pixel_values", "prompt_masks", "masks"):
+            for k in ("pixel_values", "g_pixel_values", "prompt_masks", "masks") + (("num_tiles",) if "num_tiles" in sample else ()):
                 v = sample.pop(k)
                 sample[k + "1"] = v
                 sample[k + "2"] = v

@@ -8,7 +8,8 @@ key                shape / dtype                 made how
 ``g_pixel_values`` (3, G, G) uint8 0..255        original -> bicubic resize to G x G
                                                  (SAM2 input; SAM2 normalises itself)
 ``prompt_masks``   (grid, grid) uint8 {0, 1}     original mask -> nearest resize (region
-                                                 prompt cells, 16 x 16 by default)
+                                                 prompt cells, 16 x 16 by default), by
+                                                 Sa2VA's rule (see ``prompt_resize``)
 ``masks``          (G, G) float32 {0, 1}         original mask -> nearest resize (target)
 =================  ===========================  ==========================================
 
@@ -16,7 +17,10 @@ S = ``image_size`` (448), G = ``sam_size`` (1024). Both image tensors are direct
 the decoded original: the 1024 image is never made from the 448 tensor and nothing is
 ever un-normalised. Resizing is direct (no aspect-preserving padding), as in Sa2VA, with
 PIL's **bicubic** filter for images (``Image.Resampling.BICUBIC``) and **nearest** for
-masks.
+masks.  The region prompt cells follow Sa2VA's data and inference code, which resize the
+original mask with ``torch.nn.functional.interpolate(mode="nearest")`` — cell i samples
+source row ``floor(i * H / grid)`` — not PIL's centre-sampled nearest
+(``prompt_resize="pil"`` keeps that older rule).
 
 JPEG draft mode: when ``draft=True`` and the image given is a not-yet-decoded PIL JPEG,
 :meth:`SampleTransform.prepare` calls ``img.draft('RGB', (D, D))`` with
@@ -56,7 +60,11 @@ class SampleTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         draft: bool = True,
+        prompt_resize: str = "sa2va",
     ):
+        if prompt_resize not in ("sa2va", "pil"):
+            raise ValueError(f"prompt_resize={prompt_resize!r}: choose 'sa2va' (torch nearest) or 'pil'")
+        self.prompt_resize = prompt_resize
         self.image_size = int(image_size)
         self.sam_size = int(sam_size)
         self.prompt_grid = int(prompt_grid)
@@ -105,7 +113,11 @@ class SampleTransform:
             raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
         pil = Image.fromarray((m > 0).astype(np.uint8) * 255)  # mode "L"
         grid, g = self.prompt_grid, self.sam_size
-        prompt = np.asarray(pil.resize((grid, grid), _NEAREST)) > 127
+        if self.prompt_resize == "sa2va":
+            src = torch.from_numpy((m > 0).astype(np.float32))[None, None]
+            prompt = torch.nn.functional.interpolate(src, size=(grid, grid), mode="nearest")[0, 0].numpy() > 0.5
+        else:
+            prompt = np.asarray(pil.resize((grid, grid), _NEAREST)) > 127
         full = np.asarray(pil.resize((g, g), _NEAREST)) > 127
         return {
             "prompt_masks": torch.from_numpy(prompt.astype(np.uint8)),

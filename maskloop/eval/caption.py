@@ -18,7 +18,8 @@ def describe_batch(model, batch: dict, max_new_tokens: int = 32):
     from maskloop.recipes.common import region_prompts
 
     pm, _ = region_prompts(batch)
-    gen = model.describe(batch["pixel_values"], pm, max_new_tokens=max_new_tokens)
+    tiled = {"num_tiles": batch["num_tiles"]} if "num_tiles" in batch else {}  # tiled batch (data/tiles.py)
+    gen = model.describe(batch["pixel_values"], pm, max_new_tokens=max_new_tokens, **tiled)
     return gen, model.builder.decode(gen.ids, gen.lengths)
 
 

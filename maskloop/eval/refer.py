@@ -61,12 +61,14 @@ def segment_texts(model, batch: dict, texts: list[str] | None = None, expr=None,
     ``feats``: the batch's (SAM2 features, image tokens) when already computed (:func:`image_features`)."""
     expr = expr if expr is not None else model.builder.expressions(texts)
     sam_feats, image_feats = feats if feats is not None else (model.sam_features(batch["g_pixel_values"]), None)
-    out = model.segment(batch["pixel_values"], sam_feats, expr, image_feats=image_feats, lm_loss=False)
+    tiled = {"num_tiles": batch["num_tiles"]} if "num_tiles" in batch else {}  # tiled batch (data/tiles.py)
+    out = model.segment(batch["pixel_values"], sam_feats, expr, image_feats=image_feats, lm_loss=False, **tiled)
     return out["mask_logits"] > 0
 
 
 def image_features(model, batch: dict):
-    """(SAM2 features, projected image tokens) of a batch, to segment several texts on the same images."""
+    """(SAM2 features, projected image tokens (per tile when the batch is tiled)) of a batch, to segment
+    several texts on the same images."""
     return model.sam_features(batch["g_pixel_values"]), model.image_tokens(batch["pixel_values"])
 
 

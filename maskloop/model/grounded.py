@@ -41,7 +41,7 @@ from maskloop.model.prompts import (
     Ragged,
     add_special_tokens,
 )
-from maskloop.model.region import inject_visual_tokens
+from maskloop.model.region import inject_visual_tokens, region_slots
 from maskloop.model.sam2_head import SAM2Head, SamFeatures
 from maskloop.model.sequence import Assembled, assemble
 
@@ -255,9 +255,13 @@ class GroundedMLLM(nn.Module):
 
     # ------------------------------------------------------------------ sequence building
     def build_inputs(
-        self, parts: list[Part], image_feats: torch.Tensor, prompt_masks: torch.Tensor | None = None
+        self, parts: list[Part], image_feats: torch.Tensor, prompt_masks: torch.Tensor | None = None,
+        n_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Assembled]:
-        """Assemble parts for a batch; returns inputs_embeds (B, L, D) and the layout."""
+        """Assemble parts for a batch; returns inputs_embeds (B, L, D) and the layout.
+
+        image_feats (B, N, D) (row b's first ``n_image[b]`` when tiled, :meth:`pack_tiles`); prompt_masks
+        (B, g, g) or (B, R, g, g) region slots (see :func:`~maskloop.model.region.inject_visual_tokens`)."""
         B = image_feats.shape[0]
         asm = assemble(parts, B, self.builder.pad_id, image_feats.device)
         emb = self.embed_tokens(asm.input_ids)
@@ -265,8 +269,35 @@ class GroundedMLLM(nn.Module):
             pos, valid = asm.positions[i]
             rows = torch.arange(B, device=emb.device)[:, None].expand_as(pos)
             emb = emb.index_put((rows[valid], pos[valid]), part.embeds[valid].to(emb.dtype))
-        emb = inject_visual_tokens(emb, asm.input_ids, self.builder.img_ctx_id, image_feats, prompt_masks)
+        emb = inject_visual_tokens(emb, asm.input_ids, self.builder.img_ctx_id, image_feats, prompt_masks, n_image)
         return emb, asm
+
+    # ------------------------------------------------------------------ tiles (InternVL dynamic tiling)
+    @staticmethod
+    def pack_tiles(tile_feats: torch.Tensor, num_tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tile image tokens (T, N, D), tiles of a batch flat (sample-major, :mod:`maskloop.data.tiles`),
+        num_tiles (B,) -> per-row tokens (B, max n * N, D) (zero padded after a row's own) and their counts
+        n_image (B,) = num_tiles * N."""
+        T, N, D = tile_feats.shape
+        num_tiles = num_tiles.to(tile_feats.device).long()
+        if int(num_tiles.sum()) != T:
+            raise ValueError(f"num_tiles {num_tiles.tolist()} sum to {int(num_tiles.sum())} but {T} tiles were given")
+        B, most = num_tiles.shape[0], int(num_tiles.max())
+        rows = torch.repeat_interleave(torch.arange(B, device=tile_feats.device), num_tiles)
+        slot = torch.arange(T, device=tile_feats.device) - (torch.cumsum(num_tiles, 0) - num_tiles)[rows]
+        out = tile_feats.new_zeros(B, most, N, D).index_put((rows, slot), tile_feats)
+        return out.reshape(B, most * N, D), num_tiles * N
+
+    def image_inputs(self, pixel_values, image_feats=None, num_tiles=None):
+        """(image_feats (B, N', D), n_image (B,) or None) for the prompt builders and :meth:`build_inputs`.
+
+        Without ``num_tiles``: one tile a row, pixel_values (B, 3, S, S) / image_feats (B, N, D).  With it:
+        pixel_values (T, 3, S, S) / image_feats (T, N, D) are the batch's tiles, packed per row."""
+        if image_feats is None:
+            image_feats = self.image_tokens(pixel_values)
+        if num_tiles is None:
+            return image_feats, None
+        return self.pack_tiles(image_feats, num_tiles)
 
     def run_llm(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
@@ -278,13 +309,71 @@ class GroundedMLLM(nn.Module):
         return losses.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
 
     # ------------------------------------------------------------------ (a)/(b) referring segmentation
-    def seg_prompt_embeds(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden state at each row's single [SEG] -> text_hidden_fcs -> (B, C)."""
+    def seg_prompt_embeds(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                          allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden state at every [SEG] -> text_hidden_fcs: prompts (M, C) and their rows (M,), in order
+        (row-major, then position).  A row may hold any number of [SEG], 0 included.  ``allowed`` (B, L)
+        bool restricts the positions searched (e.g. to a generated answer)."""
         is_seg = input_ids == self.builder.seg_id
-        counts = is_seg.sum(1)
-        if not bool((counts == 1).all()):
-            raise ValueError(f"every prompt must hold exactly one [SEG] in its answer; counts per row: {counts.tolist()}")
-        return self.text_hidden_fcs(hidden[is_seg])
+        if allowed is not None:
+            is_seg = is_seg & allowed
+        rows = is_seg.nonzero()[:, 0]
+        return self.text_hidden_fcs(hidden[is_seg]), rows
+
+    def decode_seg(self, hidden: torch.Tensor, input_ids: torch.Tensor, sam_feats: SamFeatures,
+                   gt_masks: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One mask per [SEG] of the batch: ``mask_logits`` (M, G, G), ``low_res``, ``seg_rows`` (M,) (the
+        row of each), ``seg_counts`` (B,); given ``gt_masks`` (M, G, G) — the targets of the [SEG]s in the
+        same order — the mask losses (mean over the M masks; 0 with a graph when M = 0)."""
+        B = input_ids.shape[0]
+        prompt, rows = self.seg_prompt_embeds(hidden, input_ids, allowed)  # (M, C), (M,)
+        M = rows.shape[0]
+        counts = torch.bincount(rows, minlength=B)
+        one_each = M == B and bool((counts == 1).all())
+        feats = sam_feats if one_each else sam_feats.index(rows)
+        if M:
+            low = self.sam.decode(feats, prompt[:, None])
+        else:
+            side = sam_feats.embed.shape[-1] * 4
+            low = prompt.new_zeros(0, side, side) + 0.0 * prompt.sum()
+        out = {"low_res": low, "mask_logits": self.sam.upsample(low), "seg_rows": rows, "seg_counts": counts}
+        if gt_masks is not None:
+            if gt_masks.shape[0] != M:
+                raise ValueError(
+                    f"{gt_masks.shape[0]} target masks for {M} [SEG] tokens (per row: {counts.tolist()}): give one "
+                    "target mask per [SEG], in order (several masks of a sample: flat, with num_masks)"
+                )
+            c = self.cfg
+            if M == 0:
+                zero = low.sum() * 0.0 + sum(p.sum() * 0.0 for p in self.text_hidden_fcs.parameters())
+                out.update({"loss_bce": zero, "loss_dice": zero, "loss_mask": zero})
+            else:
+                out.update(
+                    losses.mask_losses(
+                        low,
+                        gt_masks,
+                        c.bce_weight,
+                        c.dice_weight,
+                        num_points=c.num_points if c.point_sample_loss else None,
+                        oversample_ratio=c.oversample_ratio,
+                        importance_ratio=c.importance_sample_ratio,
+                    )
+                )
+        return out
+
+    @staticmethod
+    def first_mask_per_row(mask_logits: torch.Tensor, seg_rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask of each row's first [SEG] (Sa2VA's referring evaluation keeps ``prediction_masks[0]``):
+        (logits (B, G, G), -inf for a row without [SEG] — an empty prediction —, present (B,) bool)."""
+        M, dev = seg_rows.shape[0], mask_logits.device
+        first = torch.full((batch,), M, dtype=torch.long, device=dev)
+        first = first.scatter_reduce(0, seg_rows.to(dev), torch.arange(M, device=dev), "amin")
+        present = first < M
+        side = mask_logits.shape[-2:]
+        if M == 0:
+            return mask_logits.new_full((batch, *side), float("-inf")), present
+        picked = mask_logits[first.clamp(max=M - 1)]
+        return torch.where(present[:, None, None], picked, torch.full_like(picked, float("-inf"))), present
 
     def segment(
         self,
@@ -295,57 +384,126 @@ class GroundedMLLM(nn.Module):
         gt_masks: torch.Tensor | None = None,
         image_feats: torch.Tensor | None = None,
         lm_loss: bool = True,
+        num_tiles: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Referring segmentation; ``expr`` is :class:`Ragged` token ids (path a) or :class:`Embeds` (path b).
 
-        ``questions`` are per-row (prefix, suffix, answer) ids (default: the fixed "Sure, [SEG]." prompt).
-        Returns ``mask_logits`` (B, G, G) at SAM input size, ``low_res`` logits, and, given ``gt_masks``
-        (B, G, G), ``loss_mask``/``loss_bce``/``loss_dice``; ``loss_lm`` on the answer tokens.
+        ``questions`` are per-row (prefix, suffix, answer) ids (default: the fixed "Sure, [SEG]." prompt);
+        an answer may hold any number of [SEG] (0 included): one mask each, see :meth:`decode_seg`.
+        ``num_tiles`` (B,): pixel_values / image_feats are the batch's tiles (:meth:`image_inputs`).
+        Returns ``mask_logits`` (M, G, G) at SAM input size (M = B with one [SEG] a row), ``low_res``
+        logits, ``seg_rows``/``seg_counts`` and, given ``gt_masks`` (M, G, G), ``loss_mask``/``loss_bce``/
+        ``loss_dice``; ``loss_lm`` on the answer tokens.
         """
-        B = pixel_values.shape[0]
-        if image_feats is None:
-            image_feats = self.image_tokens(pixel_values)
+        B = sam_feats.embed.shape[0]
+        image_feats, n_image = self.image_inputs(pixel_values, image_feats, num_tiles)
         questions = questions or self.builder.seg_question(B, fixed=True)
-        emb, asm = self.build_inputs(self.builder.seg_parts(expr, questions), image_feats)
+        emb, asm = self.build_inputs(self.builder.seg_parts(expr, questions, n_image=n_image), image_feats,
+                                     n_image=n_image)
         hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
-        prompt = self.seg_prompt_embeds(hidden, asm.input_ids)  # (B, C)
-        low = self.sam.decode(sam_feats, prompt[:, None])
-        out = {"low_res": low, "mask_logits": self.sam.upsample(low)}
+        out = self.decode_seg(hidden, asm.input_ids, sam_feats, gt_masks)
         if lm_loss:
             out["loss_lm"] = self._lm_loss(hidden, asm.labels)
-        if gt_masks is not None:
-            c = self.cfg
-            out.update(
-                losses.mask_losses(
-                    low,
-                    gt_masks,
-                    c.bce_weight,
-                    c.dice_weight,
-                    num_points=c.num_points if c.point_sample_loss else None,
-                    oversample_ratio=c.oversample_ratio,
-                    importance_ratio=c.importance_sample_ratio,
-                )
-            )
+        return out
+
+    def segment_answer(
+        self,
+        pixel_values: torch.Tensor,
+        sam_feats: SamFeatures,
+        questions: list[str],
+        answers: Ragged,
+        gt_masks: torch.Tensor | None = None,
+        image_feats: torch.Tensor | None = None,
+        num_tiles: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forced image + free question + answer (any number of [SEG] per row, e.g. Sa2VA's grounded
+        captions ``<p>a man</p> [SEG] on <p>a horse</p> [SEG]``): one mask per [SEG], the mask losses against
+        ``gt_masks`` (M, G, G) (targets flat, sample-major, in [SEG] order) and ``loss_lm`` on the answers
+        (``answers``: :meth:`PromptBuilder.answers`)."""
+        image_feats, n_image = self.image_inputs(pixel_values, image_feats, num_tiles)
+        parts = self.builder.question_parts(questions, answers, n_image)
+        emb, asm = self.build_inputs(parts, image_feats, n_image=n_image)
+        hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
+        out = self.decode_seg(hidden, asm.input_ids, sam_feats, gt_masks)
+        out["loss_lm"] = self._lm_loss(hidden, asm.labels)
+        return out
+
+    @torch.no_grad()
+    def generate_segment(
+        self,
+        pixel_values: torch.Tensor,
+        sam_feats: SamFeatures,
+        questions: list[str],
+        max_new_tokens: int = 64,
+        image_feats: torch.Tensor | None = None,
+        num_tiles: torch.Tensor | None = None,
+        static: bool | None = None,
+    ) -> dict:
+        """Free generation as Sa2VA's ``predict_forward``: image + question -> a greedy answer, then one mask
+        per generated [SEG], in order (0 when the answer holds none).
+
+        The [SEG] prompt is the last hidden state at the [SEG] token's own position, as in Sa2VA (which reads
+        it from the hidden states of the generated tokens fed back; the last generated token is never fed
+        back, so a [SEG] produced as the final token of an answer cut at ``max_new_tokens`` gets no mask).
+        Here the prompt + answer is run once more, teacher forced, to read those hidden states (the same
+        values; it works with either decoder of :meth:`generate`).
+
+        Returns ``ids`` (B, T), ``lengths``, ``finished``, ``texts`` (decoded, special tokens kept), and
+        :meth:`decode_seg`'s ``mask_logits`` (M, G, G), ``seg_rows`` (M,), ``seg_counts`` (B,).
+        """
+        image_feats, n_image = self.image_inputs(pixel_values, image_feats, num_tiles)
+        parts = self.builder.question_parts(questions, n_image=n_image)
+        emb, asm = self.build_inputs(parts, image_feats, n_image=n_image)
+        ban = torch.zeros(self.internvl.lm_head.weight.shape[0], dtype=torch.bool, device=emb.device)
+        ban[self.builder.img_ctx_id] = True  # an image-context id in an answer has no visual token to take
+        gen = self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static, banned=ban)
+        fed = gen.lengths - (~gen.finished).long()  # tokens fed back (Sa2VA: all generated but the last)
+        answer = Ragged(gen.ids, fed)
+        emb2, asm2 = self.build_inputs(parts + [answer], image_feats, n_image=n_image)
+        hidden = self.run_llm(emb2, asm2.attention_mask, asm2.position_ids)
+        pos, valid = asm2.positions[-1]
+        allowed = torch.zeros_like(asm2.input_ids, dtype=torch.bool)
+        allowed[torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[valid], pos[valid]] = True
+        out = self.decode_seg(hidden, asm2.input_ids, sam_feats, allowed=allowed)
+        texts = [self.tokenizer.decode(r[: int(n)].tolist(), skip_special_tokens=False).strip()
+                 for r, n in zip(gen.ids, gen.lengths)]
+        out.update({"ids": gen.ids, "lengths": gen.lengths, "finished": gen.finished, "texts": texts})
         return out
 
     # ------------------------------------------------------------------ (c) region caption, teacher forced
+    def region_prompt(self, prompt_masks: torch.Tensor, num_regions: torch.Tensor | None = None):
+        """(prompt masks for :meth:`build_inputs`, cells per region for the builder).
+
+        prompt_masks (B, g, g): one region a row -> k (B,); (B, R, g, g) region slots, or flat
+        (sum R_b, g, g) with ``num_regions`` (B,) (collated N-region samples) -> k (B, R)."""
+        if num_regions is not None:
+            if prompt_masks.dim() == 3:
+                prompt_masks = region_slots(prompt_masks, num_regions)
+            return prompt_masks, prompt_masks.flatten(2).sum(2).long()
+        if prompt_masks.dim() == 4:
+            return prompt_masks, prompt_masks.flatten(2).sum(2).long()
+        return prompt_masks, prompt_masks.flatten(1).sum(1).long()
+
     def caption_logits(
         self,
         pixel_values: torch.Tensor,
         prompt_masks: torch.Tensor,
         answer: Ragged,
         image_feats: torch.Tensor | None = None,
+        num_tiles: torch.Tensor | None = None,
+        num_regions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Teacher-forced caption: logits (B, T, V) where logits[:, t] predicts answer token t.
 
-        prompt_masks (B, g, g) must have K >= 1 per row (see :func:`maskloop.model.region.ensure_nonempty`).
+        prompt_masks (B, g, g) must have K >= 1 per row (see :func:`maskloop.model.region.ensure_nonempty`);
+        N regions a row: (B, R, g, g) or flat with ``num_regions`` (:meth:`region_prompt`), K >= 1 for each
+        region used.  ``num_tiles``: tiled images (:meth:`image_inputs`); regions sit on the last tile.
         Also returns ``loss_lm`` (CE over the answer tokens incl. the end token) and ``valid`` (B, T).
         """
-        if image_feats is None:
-            image_feats = self.image_tokens(pixel_values)
-        k = prompt_masks.flatten(1).sum(1).long()
-        parts = self.builder.caption_parts(k, answer)
-        emb, asm = self.build_inputs(parts, image_feats, prompt_masks)
+        image_feats, n_image = self.image_inputs(pixel_values, image_feats, num_tiles)
+        prompt_masks, k = self.region_prompt(prompt_masks, num_regions)
+        parts = self.builder.caption_parts(k, answer, n_image, num_regions)
+        emb, asm = self.build_inputs(parts, image_feats, prompt_masks, n_image)
         hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
         pos, valid = asm.positions[-1]  # (B, T) positions of the answer tokens
         pred_pos = (pos - 1).clamp(min=0)  # the position predicting each answer token
@@ -420,16 +578,19 @@ class GroundedMLLM(nn.Module):
     @torch.no_grad()
     def describe(
         self, pixel_values: torch.Tensor | None, prompt_masks: torch.Tensor, max_new_tokens: int = 64,
-        static: bool | None = None, vit_feats: torch.Tensor | None = None,
+        static: bool | None = None, vit_feats: torch.Tensor | None = None, num_tiles: torch.Tensor | None = None,
+        num_regions: torch.Tensor | None = None,
     ) -> Generated:
-        """Region caption by greedy decoding: image + region(prompt_masks) -> caption ids (B, T).
+        """Region caption by greedy decoding: image + region(s)(prompt_masks) -> caption ids (B, T).
 
+        ``num_tiles`` / ``num_regions``: tiled images and N regions a row, as in :meth:`caption_logits`.
         A caption is words: the image / region / grounding tokens and padding are never generated (an
         undertrained model picks them at times, and a caption is fed back as a prompt by the cycle
         evaluation and Loop 1, where an extra <IMG_CONTEXT> or [SEG] breaks the prompt's layout)."""
-        image_feats = self.image_tokens(pixel_values, vit_feats)
-        k = prompt_masks.flatten(1).sum(1).long()
-        emb, asm = self.build_inputs(self.builder.caption_parts(k), image_feats, prompt_masks)
+        image_feats, n_image = self.image_inputs(pixel_values, self.image_tokens(pixel_values, vit_feats), num_tiles)
+        prompt_masks, k = self.region_prompt(prompt_masks, num_regions)
+        emb, asm = self.build_inputs(self.builder.caption_parts(k, None, n_image, num_regions), image_feats,
+                                     prompt_masks, n_image)
         return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static,
                              banned=self.caption_banned(emb.device))
 

@@ -82,6 +82,10 @@ REGION_CAPTION_QUESTION = (
     "There are 1 part regions in the picture: region1{region}.\n"
     "Please generate a detailed description for the given image region."
 )
+# N regions (Sa2VA's predict_forward / Osprey data): "There are N part regions in the picture: "
+# region1<vp>..</vp>, region2<vp>..</vp>, ... regionN<vp>..</vp>.\n  — the pieces around each region's cells:
+REGIONS_OPEN = "There are {n} part regions in the picture: region1"  # + <vp>
+REGION_NEXT = ", region{i}"  # </vp> + this + <vp>, before region i (i >= 2)
 
 SEG_QUESTIONS = (
     "Can you segment the {expr} in this image?",
@@ -212,18 +216,52 @@ class PromptBuilder:
         return self.tok.encode(text, add_special_tokens=False) if text else []
 
     # -- pieces shared by all prompts
-    def image_parts(self) -> list[Part]:
-        return [Fixed(self._user), Repeat(self.img_ctx_id, self.n_img), Fixed(self._after_img)]
+    def image_parts(self, n_image: torch.Tensor | None = None) -> list[Part]:
+        """``<img>`` + image context tokens + ``</img>\\n``; ``n_image`` (B,) per-row token counts (tiles:
+        n_tiles * 256), one tile's worth by default."""
+        n = self.n_img if n_image is None else n_image
+        return [Fixed(self._user), Repeat(self.img_ctx_id, n), Fixed(self._after_img)]
 
     # -- region caption: image + region(mask) -> caption
-    def caption_parts(self, region_k: torch.Tensor, answer: Part | None = None) -> list[Part]:
-        """``region_k`` (B,) number of region tokens; ``answer`` teacher-forced caption (target)."""
-        parts = self.image_parts() + [
-            Fixed(self._cap_before_region),
-            Repeat(self.img_ctx_id, region_k),
-            Fixed(self._cap_after_region),
-        ]
+    def caption_parts(self, region_k: torch.Tensor, answer: Part | None = None, n_image: torch.Tensor | None = None,
+                      n_regions: torch.Tensor | None = None) -> list[Part]:
+        """``region_k`` (B,) number of region tokens of one region a row, or (B, R) of R region slots
+        (row b uses its first ``n_regions[b]``, all R by default); ``answer`` teacher-forced caption
+        (target); ``n_image`` see :meth:`image_parts`."""
+        if region_k.dim() == 1:
+            regions = [Fixed(self._cap_before_region), Repeat(self.img_ctx_id, region_k)]
+        else:
+            regions = self.region_list_parts(region_k, n_regions)
+        parts = self.image_parts(n_image) + regions + [Fixed(self._cap_after_region)]
         return parts + ([answer] if answer is not None else [])
+
+    def region_list_parts(self, region_k: torch.Tensor, n_regions: torch.Tensor | None = None) -> list[Part]:
+        """Sa2VA's N-region list up to the last region's cells: ``There are N part regions in the picture:
+        region1<vp>{K1 x IMG_CONTEXT}</vp>, region2<vp>...`` (the closing ``</vp>.\\n`` follows).
+
+        region_k (B, R) cells per region slot; n_regions (B,) >= 1 regions used per row (default R)."""
+        B, R = region_k.shape
+        n_reg = torch.full((B,), R, dtype=torch.long) if n_regions is None else n_regions.long().cpu()
+        if R == 0 or bool((n_reg < 1).any()) or bool((n_reg > R).any()):
+            raise ValueError(f"each row needs 1..{R} regions, got {n_reg.tolist()}")
+        cache = self.__dict__.setdefault("_region_ids", {})
+
+        def piece(key, text):
+            if key not in cache:
+                cache[key] = self.ids(text)
+            return cache[key]
+
+        counts = n_reg.tolist()
+        used = torch.arange(R)[None] < n_reg[:, None]  # (B, R)
+        k = region_k * used.to(region_k.device)
+        parts: list[Part] = [
+            Ragged.from_lists([piece(("open", n), REGIONS_OPEN.format(n=n) + VP_START) for n in counts], self.pad_id),
+            Repeat(self.img_ctx_id, k[:, 0]),
+        ]
+        for i in range(1, R):
+            nxt = piece(("next", i + 1), VP_END + REGION_NEXT.format(i=i + 1) + VP_START)
+            parts += [Ragged.from_lists([nxt if i < n else [] for n in counts], self.pad_id), Repeat(self.img_ctx_id, k[:, i])]
+        return parts
 
     def caption_answer(self, captions: list[str]) -> Ragged:
         """The caption + the template's answer suffix, tokenised together as Sa2VA's training does."""
@@ -240,13 +278,14 @@ class PromptBuilder:
             rows.append((pre, suf + self._suffix_ids, ans))
         return rows
 
-    def seg_parts(self, expr: Part, questions: list[tuple[list[int], list[int], list[int]]], with_answer=True):
+    def seg_parts(self, expr: Part, questions: list[tuple[list[int], list[int], list[int]]], with_answer=True,
+                  n_image: torch.Tensor | None = None):
         """Image + question around ``expr`` (+ the answer).  With ``seg_answer="phrase"`` the answer is
         :data:`PHRASE_SEG_ANSWER` with ``expr`` repeated inside it (token ids: LM targets; embeddings: not),
-        and the answer ids in ``questions`` are not used."""
+        and the answer ids in ``questions`` are not used.  An answer may hold any number of [SEG]."""
         pre = Ragged.from_lists([q[0] for q in questions], self.pad_id)
         suf = Ragged.from_lists([q[1] for q in questions], self.pad_id)
-        parts = self.image_parts() + [pre, expr, suf]
+        parts = self.image_parts(n_image) + [pre, expr, suf]
         if not with_answer:
             return parts
         if self.seg_answer == "phrase":
@@ -254,6 +293,17 @@ class PromptBuilder:
             before, after = self._phrase_answer
             return parts + [Fixed(before, target=True), copy, Fixed(after, target=True)]
         return parts + [Ragged.from_lists([q[2] for q in questions], self.pad_id, target=True)]
+
+    # -- a free instruction after the image (generation: the answer is the model's)
+    def question_parts(self, questions: list[str], answer: Part | None = None,
+                       n_image: torch.Tensor | None = None) -> list[Part]:
+        """Image + ``\\n{question}`` user turn (+ ``answer``), e.g. "Please segment the cat and the dog."."""
+        q = Ragged.from_lists([self.ids(t) + self._suffix_ids for t in questions], self.pad_id)
+        return self.image_parts(n_image) + [q] + ([answer] if answer is not None else [])
+
+    def answers(self, texts: list[str]) -> Ragged:
+        """Answer texts (any number of [SEG] each) + the end token, as LM targets."""
+        return Ragged.from_lists([self.ids(t) + [self.end_id] for t in texts], self.pad_id, target=True)
 
     def expressions(self, texts: list[str]) -> Ragged:
         return Ragged.from_lists([self.ids(t) for t in texts], self.pad_id)

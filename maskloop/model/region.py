@@ -50,35 +50,56 @@ def logits_to_prompt(mask_logits: torch.Tensor, grid: int) -> tuple[torch.Tensor
         return ensure_nonempty(prompt, prob.flatten(1).argmax(1))
 
 
+def region_slots(flat: torch.Tensor, num_regions: torch.Tensor) -> torch.Tensor:
+    """Regions of a batch, flat (sum R_b, g, g) sample-major, -> slots (B, max R_b, g, g).
+
+    Unused slots of rows with fewer regions are all-zero masks (they hold no cell)."""
+    num_regions = num_regions.to(flat.device)
+    B, R = num_regions.shape[0], int(num_regions.max()) if num_regions.numel() else 0
+    rows = torch.repeat_interleave(torch.arange(B, device=flat.device), num_regions)
+    slot = torch.arange(flat.shape[0], device=flat.device) - (torch.cumsum(num_regions, 0) - num_regions)[rows]
+    out = flat.new_zeros((B, R, *flat.shape[1:]))
+    out[rows, slot] = flat
+    return out
+
+
 def inject_visual_tokens(
     inputs_embeds: torch.Tensor,
     input_ids: torch.Tensor,
     img_ctx_id: int,
     image_feats: torch.Tensor,
     prompt_masks: torch.Tensor | None = None,
+    n_image: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill every ``<IMG_CONTEXT>`` position with its visual token, for the whole batch at once.
 
-    inputs_embeds (B, L, D); input_ids (B, L); image_feats (B, N, D) projected image tokens;
-    prompt_masks (B, g, g) with g*g == N, or None when the prompt holds no region.
-    In row b the first N context positions take image_feats[b] in order; the following K_b take the
-    features of the masked cells of prompt_masks[b] in raster order.
+    inputs_embeds (B, L, D); input_ids (B, L); image_feats (B, N, D) projected image tokens, of which row
+    b uses its first ``n_image[b]`` (all N by default: one tile; with tiles, n_tiles[b] * g*g);
+    prompt_masks (B, g, g) — one region a row — or (B, R, g, g) — R region slots, all-zero for a row's
+    unused ones — or None when the prompt holds no region.
+    In row b the first n_image[b] context positions take image_feats[b] in order; the following ones take,
+    region after region, the features of each region's masked cells in raster order, gathered from the
+    row's *last* g*g image tokens (the last tile: the thumbnail, or the only tile — the whole image).
     """
     B, N, D = image_feats.shape
     ctx = input_ids == img_ctx_id  # (B, L)
     rank = torch.cumsum(ctx.long(), 1) - 1  # (B, L) index among the row's context positions
+    n_img = torch.full((B,), N, device=ctx.device, dtype=torch.long) if n_image is None else n_image.to(ctx.device)
     if prompt_masks is not None:
-        sel = prompt_masks.reshape(B, -1).bool()  # (B, N)
-        if sel.shape[1] != N:
-            raise ValueError(f"prompt mask has {sel.shape[1]} cells but the image has {N} tokens")
-        ar = torch.arange(N, device=sel.device)
-        order = torch.argsort(torch.where(sel, ar, ar + N), dim=1)  # (B, N) selected cells first, in order
-        region_rank = (rank - N).clamp(0, N - 1)
-        cell = torch.where(rank < N, rank.clamp(0, N - 1), torch.gather(order, 1, region_rank))
-        n_expected = N + sel.sum(1)
+        g2 = prompt_masks.shape[-1] * prompt_masks.shape[-2]
+        sel = prompt_masks.reshape(B, -1).bool().to(ctx.device)  # (B, R*g2) region-major
+        if (n_image is None and g2 != N) or g2 > N:
+            raise ValueError(f"prompt mask has {g2} cells but the image has {N} tokens")
+        RT = sel.shape[1]
+        ar = torch.arange(RT, device=sel.device)
+        order = torch.argsort(torch.where(sel, ar, ar + RT), dim=1)  # (B, R*g2) selected cells first, in order
+        region_rank = (rank - n_img[:, None]).clamp(0, RT - 1)
+        region_cell = torch.gather(order, 1, region_rank) % g2 + (n_img - g2)[:, None]
+        cell = torch.where(rank < n_img[:, None], rank.clamp(0, N - 1), region_cell)
+        n_expected = n_img + sel.sum(1)
     else:
         cell = rank.clamp(0, N - 1)
-        n_expected = torch.full((B,), N, device=ctx.device)
+        n_expected = n_img
     if not torch.equal(ctx.sum(1), n_expected.to(ctx.device)):
         raise ValueError(
             f"<IMG_CONTEXT> count per row {ctx.sum(1).tolist()} does not match image tokens + region cells "
