@@ -55,7 +55,8 @@ def test_refseg_meter_hand_computed():
 def test_refseg_meter_empty_conventions():
     m = RefSegMeter()
     m.update(_m(Z), _m(Z))
-    assert m.compute()["gIoU"] == 1.0 and m.compute()["cIoU"] == 1.0  # only empty-empty: perfect
+    # only empty-empty: gIoU perfect; cIoU 0/(0+1e-10) = 0 as Sa2VA's evaluation computes it
+    assert m.compute()["gIoU"] == 1.0 and m.compute()["cIoU"] == 0.0
     m.update(_m(Z), _m(TL))
     r = m.compute()
     assert r["gIoU"] == pytest.approx(0.5) and r["cIoU"] == 0.0  # empty pred vs 4 px GT -> 0/4
