@@ -79,9 +79,16 @@ class EvalSplit(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        ds = self.dataset
         if not 0 <= i < self.n:
             raise IndexError(f"{self.name}: index {i} out of range for {self.n} samples")
+        ds, i, wraps = _locate(self.dataset, i)
+        item = self._read(ds, i)
+        if SKIP not in item:
+            for w in reversed(wraps):
+                item = w(item)
+        return item
+
+    def _read(self, ds, i: int) -> dict:
         if isinstance(ds, RobustDataset):
             for k in ds.item_keys(i):  # a file already known bad (e.g. another sentence of a missing image)
                 if k in ds._bad:
@@ -98,8 +105,8 @@ class EvalSplit(torch.utils.data.Dataset):
                 ds._bad_indices.add(i)
                 ds._new_skips = []
                 return {SKIP: classify(e), "key": key}
-            sample.setdefault("dataset", self.name)
-            sample.pop("skipped", None)
+            sample.setdefault("dataset", getattr(ds, "name", self.name))
+            sample["skipped"] = []
             return sample
         try:
             return ds[i]
@@ -107,6 +114,26 @@ class EvalSplit(torch.utils.data.Dataset):
             raise
         except Exception as e:  # noqa: BLE001
             return {SKIP: classify(e), "key": f"{self.name}[{i}]"}
+
+
+def _locate(ds, i: int):
+    """(reader, index in it, [sample wrappers]) through ConcatDataset / Subset and views that declare
+    ``wrap_sample`` over a ``dataset`` (e.g. PSALM's referring view), so the reader itself is asked."""
+    import bisect
+
+    wraps = []
+    while True:
+        if isinstance(ds, torch.utils.data.ConcatDataset):
+            k = bisect.bisect_right(ds.cumulative_sizes, i)
+            i = i - (ds.cumulative_sizes[k - 1] if k else 0)
+            ds = ds.datasets[k]
+        elif isinstance(ds, torch.utils.data.Subset):
+            ds, i = ds.dataset, int(ds.indices[i])
+        elif hasattr(ds, "wrap_sample") and hasattr(ds, "dataset"):
+            wraps.append(ds.wrap_sample)
+            ds = ds.dataset
+        else:
+            return ds, i, wraps
 
 
 def eval_collate(samples: list[dict]) -> dict:
@@ -126,6 +153,22 @@ def eval_collate(samples: list[dict]) -> dict:
         else:
             batch[k] = vals
     return batch
+
+
+class SkippingCollate:
+    """Wraps a collator of its own (e.g. PSALM's): skip markers are dropped and counted in
+    ``batch["eval_skipped"]`` ({reason: n}); ``batch["eval_n"]`` valid samples (the collator is not called
+    when there are none)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples: list[dict]) -> dict:
+        valid = [s for s in samples if SKIP not in s]
+        out = self.collate(valid) if valid else {}
+        out["eval_skipped"] = dict(Counter(s[SKIP] for s in samples if SKIP in s))
+        out["eval_n"] = len(valid)
+        return out
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int = 0, max_samples: int | None = None):
@@ -157,5 +200,5 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-__all__ = ["EvalSplit", "EvalTransform", "SKIP", "SkipCounts", "eval_collate", "eval_loader", "eval_transform",
+__all__ = ["EvalSplit", "EvalTransform", "SKIP", "SkipCounts", "SkippingCollate", "eval_collate", "eval_loader", "eval_transform",
            "to_device"]
