@@ -212,3 +212,48 @@ def test_cli_eval_on_the_refcoco_fixture_prints_the_papers_table(tmp_path, capsy
 def test_to_device_keeps_lists():
     b = to_device({"a": torch.zeros(1), "gt_mask": [torch.zeros(2, 3)]}, "cpu")
     assert isinstance(b["gt_mask"], list)
+
+
+# ------------------------------------------------------------------ small conventions
+def test_degenerate_polygon_keeps_its_sample_in_evaluation(tmp_path):
+    """A polygon pycocotools decodes (collinear points: an empty mask) keeps its sample for evaluation; the
+    training reader still skips the empty one; one pycocotools refuses (4 numbers) is a bad_rle."""
+    import pickle
+
+    from maskloop.data.fixtures import write_refcoco
+    from maskloop.data.io import decode_segmentation
+    from maskloop.data.sources.refcoco import RefCOCODataset
+
+    from maskloop.data.robust import SampleError
+
+    with pytest.raises(SampleError, match="pycocotools"):
+        decode_segmentation([[10, 10, 20, 20]], 48, 64)
+    assert decode_segmentation([[5, 5, 10, 10, 15, 15]], 48, 64).sum() == 0  # decodes (to nothing)
+    info = write_refcoco(tmp_path, num_images=4, refs_per_image=1, sentences_per_ref=1, size=(48, 64))
+    inst = json.loads((tmp_path / "refcoco" / "instances.json").read_text())
+    refs = pickle.loads((tmp_path / "refcoco" / "refs(unc).p").read_bytes())
+    ann = next(a for a in inst["annotations"] if a["id"] == refs[0]["ann_id"])
+    ann["segmentation"] = [[5.0, 5.0, 10.0, 10.0, 15.0, 15.0]]  # three collinear points
+    (tmp_path / "refcoco" / "instances.json").write_text(json.dumps(inst))
+    model = make_tiny()
+    ev = RefCOCODataset(info["root"], split="train", transform=eval_transform(model.cfg))
+    r = evaluate_refer(model, {"t": ev}, batch_size=3, progress=False, protocol="teacher_forced")["t"]
+    assert r["n_scored"] == 3 and r["n_skipped"] == 0 and r["empty_gt_frac"] == pytest.approx(1 / 3)
+    from maskloop.data.transforms import SampleTransform
+
+    tr = RefCOCODataset(info["root"], split="train", transform=SampleTransform(32, 32, 4))
+    tr[0]
+    assert tr.skip_counts() == {"refcoco/empty_mask": 1}
+
+
+def test_all_empty_split_gives_one_cIoU_in_every_meter():
+    from maskloop.eval.metrics import CycleMeter
+    from maskloop.eval.psalm_metrics import refer_iou
+
+    z = torch.zeros(3, 5, 7, dtype=torch.bool)
+    r, c = RefSegMeter(), CycleMeter()
+    r.update(z, z)
+    c.update(z, z)
+    vals = {r.compute()["cIoU"], c.compute()["cycle_cIoU"], refer_iou(list(z), list(z))["ciou"]}
+    assert vals == {0.0}  # Sa2VA: sum I / (sum U + 1e-10)
+    assert r.compute()["gIoU"] == 1.0  # ... while every both-empty sample is a perfect gIoU

@@ -48,6 +48,8 @@ class EvalTransform(SampleTransform):
     :func:`maskloop.eval.refer.mllm_image_inputs`, the one place the model reads them.
     """
 
+    keep_empty = True  # a sample whose decoded mask is empty is scored, not skipped (see data.sources.common)
+
     def __call__(self, image, mask):
         out = super().__call__(image, mask)
         m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
