@@ -222,9 +222,8 @@ def test_degenerate_polygon_keeps_its_sample_in_evaluation(tmp_path):
 
     from maskloop.data.fixtures import write_refcoco
     from maskloop.data.io import decode_segmentation
-    from maskloop.data.sources.refcoco import RefCOCODataset
-
     from maskloop.data.robust import SampleError
+    from maskloop.data.sources.refcoco import RefCOCODataset
 
     with pytest.raises(SampleError, match="pycocotools"):
         decode_segmentation([[10, 10, 20, 20]], 48, 64)
