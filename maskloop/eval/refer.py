@@ -238,7 +238,7 @@ def evaluate_refer(
     results: dict[str, dict[str, float]] = {}
     with eval_mode(model):
         for name, ds in splits.items():
-            meter, skips, at = RefSegMeter(), SkipCounts(), "sam"
+            meter, skips, at = RefSegMeter(), SkipCounts(), None  # where it scored: "original" | "sam"
             dl = loader(ds, batch_size, num_workers, max_samples)
             bar = Progress(dl, f"eval refer {name}", progress)
             for batch in dl:
