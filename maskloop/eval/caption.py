@@ -2,7 +2,9 @@
 
 Batched greedy decoding (:meth:`GroundedMLLM.describe`, KV cache) from the mask's prompt cells
 (16x16 / the preset's grid; an empty cell set falls back to the mask's centroid cell).  Scores are
-:func:`maskloop.eval.caption_metrics.caption_scores` (BLEU, ROUGE-L, CIDEr, METEOR-nosyn, chrF).
+:func:`maskloop.eval.caption_metrics.caption_scores`: the COCO-caption pipeline (PTB tokens; BLEU,
+ROUGE-L, CIDEr-D; METEOR 1.5 when Java is present) plus METEOR-nosyn and chrF under their own names.
+Unreadable samples are skipped and counted (``n_scored``, ``n_skipped``), never replaced.
 """
 
 from __future__ import annotations
