@@ -2,7 +2,7 @@
 
     maskloop demo [--run-dir runs/demo] [--quick]
     maskloop train --config configs/sft.yaml [--set steps=2000 --set lr=1e-5] [--resume auto|DIR]
-    maskloop eval --checkpoint RUN_OR_FOLDER [--refcoco ROOT --splits val testA testB] [--out results.json]
+    maskloop eval --checkpoint RUN_OR_FOLDER [--refcoco ROOT --refcoco-dataset refcoco refcoco+ refcocog] [--out results.json]
     maskloop caption --checkpoint RUN_OR_FOLDER --image img.png --mask mask.png [mask2.png ...] [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --text "the red circle" [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --question "Please segment the cat and the dog."
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -114,78 +113,18 @@ def _dry_run(cfg, world_size: int | None) -> int:
     return 0
 
 
-def _eval_datasets(args, model) -> tuple[dict, dict]:
-    """({split: refer dataset}, {name: region-caption dataset}) from the eval arguments."""
-    from maskloop.data.tiles import transform_for
-
-    tf = transform_for(model.cfg)  # tiled when the model's config asks (cfg.tiles)
-    refer, regions = {}, {}
-    if args.refcoco:
-        from maskloop.data.sources.refcoco import RefCOCODataset
-
-        root = _need_file(args.refcoco, "RefCOCO root")
-        for split in args.splits:
-            ds = RefCOCODataset(root, dataset=args.refcoco_dataset, split=split, transform=tf,
-                                image_dir=args.image_dir)
-            refer[f"{args.refcoco_dataset}_{split}"] = ds
-    if args.dam:
-        from maskloop.data.sources.dam import DAMDataset
-
-        regions["dam"] = DAMDataset(_need_file(args.dam, "DAM root"), splits=args.dam_splits, transform=tf)
-    if args.shapes or not (refer or regions):
-        from maskloop.data.sources.shapes import ShapesReferDataset, ShapesRegionCaptionDataset
-
-        n = args.shapes or 200
-        refer["shapes_val"] = ShapesReferDataset(n, seed="val", transform=tf)
-        regions["shapes_val"] = ShapesRegionCaptionDataset(n, seed="val", transform=tf)
-    return refer, regions
-
-
-def run_eval(model, refer: dict, regions: dict, batch_size: int = 16, max_samples: int | None = None,
-             max_new_tokens: int = 32, cycle: bool = True, progress: bool = True) -> dict:
-    """The evaluation suite: referring cIoU/gIoU per split; caption metrics and cycle IoU per region set."""
-    from maskloop.eval.caption import evaluate_captions
-    from maskloop.eval.cycle import evaluate_cycle
-    from maskloop.eval.refer import evaluate_refer
-
-    out: dict = {"refer": evaluate_refer(model, refer, batch_size, max_samples, progress) if refer else {}}
-    out["caption"], out["cycle"] = {}, {}
-    for name, ds in regions.items():
-        if cycle:
-            r = evaluate_cycle(model, ds, batch_size, max_new_tokens, max_samples, progress=progress)
-            out["cycle"][name], out["caption"][name] = r["cycle"], r["caption"]
-        else:
-            out["caption"][name] = evaluate_captions(model, ds, batch_size, max_new_tokens, max_samples, progress)
-    return out
-
-
-def format_table(results: dict) -> str:
-    """A plain-text table of an eval result dict ({section: {split: {metric: value}}})."""
-    keys = {"refer": ("cIoU", "gIoU", "P@0.5", "n"), "cycle": ("cycle_mIoU", "cycle_cIoU", "empty_reseg_frac", "n"),
-            "caption": ("CIDEr", "BLEU-4", "METEOR-nosyn", "ROUGE-L", "n")}
-    lines = []
-    for section, per_split in results.items():
-        for split, m in per_split.items():
-            cols = [k for k in keys.get(section, tuple(m)) if k in m]
-            vals = "  ".join(f"{k}={_fmt(m[k])}" for k in cols)
-            lines.append(f"{section:<8} {split:<22} {vals}")
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "n/a" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
-
-
 def cmd_eval(args) -> int:
+    """Thin: load, build the eval datasets, run the suite (:mod:`maskloop.eval.suite`), print, write JSON."""
+    from maskloop.eval.suite import eval_datasets, format_table, run_eval
     from maskloop.inference import load_model
 
     _set_threads(args.threads)
     model = load_model(_need_file(args.checkpoint, "checkpoint path"), args.device, ema=args.ema)
-    refer, regions = _eval_datasets(args, model)
+    refer, regions = eval_datasets(model, args.refcoco, args.refcoco_dataset, args.splits, args.image_dir,
+                                   args.dam, args.dam_splits, args.shapes)
     res = run_eval(model, refer, regions, args.batch_size, args.max_samples, args.max_new_tokens,
-                   cycle=not args.no_cycle, progress=not args.no_progress)
+                   cycle=not args.no_cycle, progress=not args.no_progress, protocol=args.protocol,
+                   no_seg=args.no_seg, num_workers=args.num_workers)
     print(format_table(res))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -306,8 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="referring cIoU/gIoU, region-caption metrics, cycle IoU")
     common(e)
     e.add_argument("--refcoco", metavar="ROOT", help="refer-toolkit root (refcoco/refs(unc).p, instances.json)")
-    e.add_argument("--refcoco-dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog"])
-    e.add_argument("--splits", nargs="+", default=["val"], help="RefCOCO splits (val testA testB; refcocog: val test)")
+    e.add_argument("--refcoco-dataset", nargs="+", default=["refcoco"], choices=["refcoco", "refcoco+", "refcocog"],
+                   help="one or more of refcoco refcoco+ refcocog (refcocog: the umd splits)")
+    e.add_argument("--splits", nargs="+", default=None,
+                   help="RefCOCO splits (default: val testA testB; refcocog: val test)")
+    e.add_argument("--protocol", default="generate", choices=["generate", "teacher_forced"],
+                   help="generate: Sa2VA's (free answer, mask only with [SEG]); teacher_forced: 'Sure, [SEG].'")
+    e.add_argument("--no-seg", default="sa2va", choices=["sa2va", "empty"],
+                   help="an answer without [SEG]: sa2va = IoU 0 in gIoU, out of the cIoU sums (Sa2VA's code); "
+                        "empty = an empty mask")
+    e.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     e.add_argument("--image-dir", help="COCO train2014 images (default ROOT/images/train2014)")
     e.add_argument("--dam", metavar="ROOT", help="DAM-format region captions for caption metrics / cycle IoU")
     e.add_argument("--dam-splits", nargs="+", default=None)

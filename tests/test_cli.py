@@ -146,9 +146,12 @@ def test_eval_writes_json_and_table(exported, capsys):
     assert main(["eval", "-c", str(r / "ckpt"), "--shapes", "6", "--batch-size", "4", "--max-new-tokens", "4",
                  "--out", str(r / "res.json"), "--no-progress"]) == 0
     table = capsys.readouterr().out
-    assert "cIoU=" in table and "cycle_mIoU=" in table
+    assert "refcoco+" in table and "refcocog (umd)" in table and "testA" in table  # the papers' layout
+    assert "no-[SEG] %" in table and "cycle_mIoU=" in table
     res = json.loads((r / "res.json").read_text())
     assert res["refer"]["shapes_val"]["n"] == 6 and res["cycle"]["shapes_val"]["n"] == 6
+    assert res["refer"]["shapes_val"]["n_scored"] == 6 and res["refer"]["shapes_val"]["n_skipped"] == 0
+    assert res["counts"]["refer/shapes_val"] == {"n_scored": 6, "n_skipped": 0}
     assert "CIDEr" in res["caption"]["shapes_val"]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskloop.eval.caption_metrics import ALL_METRICS, caption_scores, tokenize
+from maskloop.eval.caption_metrics import caption_scores, default_metrics, tokenize
 from maskloop.eval.metrics import PRECISION_THRESHOLDS, CycleMeter, RefSegMeter, mask_iou
 from maskloop.eval.report import example_grid, overlay, save_curves, write_report
 
@@ -55,7 +55,8 @@ def test_refseg_meter_hand_computed():
 def test_refseg_meter_empty_conventions():
     m = RefSegMeter()
     m.update(_m(Z), _m(Z))
-    assert m.compute()["gIoU"] == 1.0 and m.compute()["cIoU"] == 1.0  # only empty-empty: perfect
+    # only empty-empty: gIoU perfect; cIoU 0/(0+1e-10) = 0 as Sa2VA's evaluation computes it
+    assert m.compute()["gIoU"] == 1.0 and m.compute()["cIoU"] == 0.0
     m.update(_m(Z), _m(TL))
     r = m.compute()
     assert r["gIoU"] == pytest.approx(0.5) and r["cIoU"] == 0.0  # empty pred vs 4 px GT -> 0/4
@@ -122,13 +123,13 @@ REFS = {
 
 def test_tokenize_ptb_like():
     assert tokenize("A man's dog (brown) doesn't run... well-known, 3.5 m!") == [
-        "a", "man", "'s", "dog", "brown", "does", "n't", "run", "well-known", "3.5", "m"
-    ]
+        "a", "man", "'s", "dog", "-lrb-", "brown", "-rrb-", "does", "n't", "run", "well-known", "3.5", "m"
+    ]  # PTB's brackets survive pycocoevalcap's strip (its list holds the upper-case -LRB-)
 
 
 def test_caption_scores_identical_is_max():
     s = caption_scores({i: r[0] for i, r in REFS.items()}, REFS)
-    assert list(s) == list(ALL_METRICS)
+    assert list(s) == list(default_metrics())
     for n in range(1, 5):
         assert s[f"BLEU-{n}"] == pytest.approx(1.0, abs=1e-6)
     assert s["ROUGE-L"] == pytest.approx(1.0)
@@ -152,7 +153,7 @@ def test_caption_scores_ordering():
              for i, r in REFS.items()}  # one word wrong per caption
     far = {i: " ".join(r[0].split()[:3]) for i, r in REFS.items()}  # "a small red"
     s_close, s_far = caption_scores(close, REFS), caption_scores(far, REFS)
-    for k in ALL_METRICS:
+    for k in default_metrics():
         assert 0 < s_far[k] < s_close[k], k
     # stems count for METEOR-nosyn ("circles" ~ "circle"), synonyms do not ("little" vs "small")
     stem = caption_scores({0: "a small red circles in the top left"}, {0: [REFS[0][0]]}, metrics=["METEOR-nosyn"])

@@ -71,18 +71,28 @@ CLASS_TASKS = ("panoptic", "semantic", "instance")
 
 
 class PSALMTransform:
-    """Original image -> ``pixel_values`` (3, S, S); masks / id maps -> (M, M) nearest."""
+    """Original image -> ``pixel_values`` (3, S, S); masks / id maps -> (M, M) nearest.
 
-    def __init__(self, image_size: int = 1024, mask_size: int | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, draft: bool = True):
+    ``mask_size="original"`` (or ``original=True``; what evaluation uses, see
+    :func:`maskloop.eval.psalm_eval.evaluate_psalm`): masks and id maps keep the image's own size, so
+    that predictions are scored there as Mask2Former / PSALM do (COCO area ranges in original pixels, no
+    object lost to a resize).  The model's *inputs* stay at the model size: the collator resizes the
+    region prompts (``region_masks``) to S x S with the same nearest rule.
+    """
+
+    def __init__(self, image_size: int = 1024, mask_size: int | str | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, draft: bool = True,
+                 original: bool = False):
         self.image_size = int(image_size)
-        self.mask_size = int(mask_size or image_size)
+        self.original = bool(original) or mask_size == "original"
+        self.mask_size = self.image_size if (mask_size is None or mask_size == "original") else int(mask_size)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
         self.std = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
         self.draft = bool(draft)
 
     def __repr__(self) -> str:
-        return f"PSALMTransform(image_size={self.image_size}, mask_size={self.mask_size})"
+        m = "'original'" if self.original else self.mask_size
+        return f"PSALMTransform(image_size={self.image_size}, mask_size={m})"
 
     @property
     def draft_size(self) -> int | None:
@@ -98,7 +108,9 @@ class PSALMTransform:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
     def masks(self, masks: np.ndarray) -> torch.Tensor:
-        """(N, H, W) bool -> (N, M, M) float32."""
+        """(N, H, W) bool -> (N, M, M) float32 ((N, H, W) when ``original``)."""
+        if self.original:
+            return torch.from_numpy(np.asarray(masks, dtype=bool).astype(np.float32))
         m = self.mask_size
         out = np.zeros((len(masks), m, m), dtype=np.float32)
         for i, mk in enumerate(masks):
@@ -107,7 +119,9 @@ class PSALMTransform:
         return torch.from_numpy(out)
 
     def label_map(self, ids: np.ndarray) -> torch.Tensor:
-        """(H, W) integer map -> (M, M) int64 (nearest)."""
+        """(H, W) integer map -> (M, M) int64 (nearest; as is when ``original``)."""
+        if self.original:
+            return torch.from_numpy(np.asarray(ids).astype(np.int64))
         m = self.mask_size
         pil = Image.fromarray(np.asarray(ids, dtype=np.int32), mode="I")
         return torch.from_numpy(np.asarray(pil.resize((m, m), _NEAREST)).astype(np.int64))
@@ -117,10 +131,12 @@ def referring_sample(sample: dict) -> dict:
     """A :class:`~maskloop.data.sources.refcoco.RefCOCODataset` sample -> a PSALM referring sample.
 
     Build the RefCOCO reader with ``SampleTransform(image_size=S, sam_size=M)``; its
-    ``pixel_values`` (S) and ``masks`` (M) are used as they are.
+    ``pixel_values`` (S) and ``masks`` (M) are used as they are; a sample that carries the original-size
+    ``gt_mask`` (the evaluation transform) gives that as the target instead.
     """
+    target = sample["gt_mask"] if "gt_mask" in sample else sample["masks"]
     return {
-        "task": "referring", "pixel_values": sample["pixel_values"], "masks": sample["masks"][None].float(),
+        "task": "referring", "pixel_values": sample["pixel_values"], "masks": target[None].float(),
         "labels": torch.zeros(1, dtype=torch.long), "expression": sample["expression"],
         "dataset": sample.get("dataset"), "skipped": sample.get("skipped", []),
     }
@@ -128,6 +144,8 @@ def referring_sample(sample: dict) -> dict:
 
 class _ReferringView(torch.utils.data.Dataset):
     """Wraps a RefCOCO-style dataset (expression + mask) as PSALM referring samples."""
+
+    wrap_sample = staticmethod(referring_sample)  # evaluation reads the inner reader and wraps (no substitution)
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -252,6 +270,8 @@ class PSALMCollator:
         self.pad_id = pad_id if pad_id is not None else int(getattr(tokenizer, "pad_token_id", None) or 0)
         self.n_image = n_image_tokens(config)
         self._cache: dict[str, list[int]] = {}
+        #: resize ``region_masks`` (model inputs) to this size; set while evaluating at the original size
+        self.region_size: int | None = None
 
     def encode(self, text: str) -> list[int]:
         if text not in self._cache:
@@ -319,12 +339,15 @@ class PSALMCollator:
             inputs.update(class_name_ids=cid, class_name_mask=cmask, class_valid=valid)
         elif task in ("region", "cross_image"):
             R = max(int(s["region_masks"].shape[0]) for s in samples)
-            hw = samples[0]["region_masks"].shape[-2:]
+            regions = [s["region_masks"] for s in samples]
+            if self.region_size:  # original-size prompts (evaluation) -> the size the model is fed
+                regions = [_nearest(x, self.region_size) for x in regions]
+            hw = regions[0].shape[-2:]
             rm = torch.zeros(B, R, *hw)
             rv = torch.zeros(B, R, dtype=torch.bool)
-            for b, s in enumerate(samples):
-                r = s["region_masks"].shape[0]
-                rm[b, :r] = s["region_masks"]
+            for b, x in enumerate(regions):
+                r = x.shape[0]
+                rm[b, :r] = x
                 rv[b, :r] = True
             inputs.update(region_masks=rm, region_valid=rv)
             if task == "cross_image":
@@ -335,6 +358,13 @@ class PSALMCollator:
         meta = [{k: s[k] for k in self.META_KEYS if k in s} for s in samples]
         return {"task": task, "inputs": inputs, "targets": targets, "meta": meta,
                 "index": list(index) if index is not None else list(range(B))}
+
+
+def _nearest(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """(R, H, W) {0, 1} -> (R, size, size) by pixel-centre nearest sampling (PIL's NEAREST rule)."""
+    if masks.shape[-2:] == (size, size):
+        return masks
+    return torch.nn.functional.interpolate(masks[None].float(), size=(size, size), mode="nearest-exact")[0]
 
 
 def group_to(group: dict, device, dtype: torch.dtype | None = None) -> dict:

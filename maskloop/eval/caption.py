@@ -2,7 +2,9 @@
 
 Batched greedy decoding (:meth:`GroundedMLLM.describe`, KV cache) from the mask's prompt cells
 (16x16 / the preset's grid; an empty cell set falls back to the mask's centroid cell).  Scores are
-:func:`maskloop.eval.caption_metrics.caption_scores` (BLEU, ROUGE-L, CIDEr, METEOR-nosyn, chrF).
+:func:`maskloop.eval.caption_metrics.caption_scores`: the COCO-caption pipeline (PTB tokens; BLEU,
+ROUGE-L, CIDEr-D; METEOR 1.5 when Java is present) plus METEOR-nosyn and chrF under their own names.
+Unreadable samples are skipped and counted (``n_scored``, ``n_skipped``), never replaced.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from maskloop.eval.caption_metrics import caption_scores
-from maskloop.eval.refer import eval_mode, loader, model_device, to_device
+from maskloop.eval.data import SkipCounts
+from maskloop.eval.refer import Progress, eval_mode, loader, model_device, to_device
 
 
 def describe_batch(model, batch: dict, max_new_tokens: int = 32):
@@ -43,22 +46,29 @@ def evaluate_captions(
 
     Returns {metric: score, ..., 'n', 'empty_frac', 'mean_len'} plus ``predictions`` (list of str).
     """
-    from tqdm.auto import tqdm
-
     dev = model_device(model)
     preds: dict[int, str] = {}
     refs: dict[int, list[str]] = {}
     lengths: list[int] = []
+    skips = SkipCounts()
     with eval_mode(model):
-        for batch in tqdm(loader(dataset, batch_size, num_workers, max_samples), desc="eval caption",
-                          disable=not progress, dynamic_ncols=True, leave=False):
+        dl = loader(dataset, batch_size, num_workers, max_samples)
+        bar = Progress(dl, "eval caption", progress)
+        for batch in dl:
+            skips.add(batch)
+            bar.step(batch["n"] + sum(batch["skipped"].values()))
+            if not batch["n"]:
+                continue
             batch = to_device(batch, dev)
             gen, texts = describe_batch(model, batch, max_new_tokens)
             for text, ref, n in zip(texts, batch["caption"], gen.lengths.tolist()):
                 i = len(preds)
                 preds[i], refs[i] = text, reference_list(ref)
                 lengths.append(n)
-    return score_captions(preds, refs, lengths)
+        seconds = bar.close()
+    out = score_captions(preds, refs, lengths)
+    out.update(n_scored=out["n"], **skips.as_dict(), seconds=seconds)
+    return out
 
 
 def score_captions(preds: dict, refs: dict, lengths: list[int]) -> dict:

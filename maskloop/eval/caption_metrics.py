@@ -1,60 +1,76 @@
-"""Region-caption metrics against reference captions, with no Java and no downloads.
+"""Region-caption metrics: the COCO-caption pipeline (pycocoevalcap), METEOR 1.5 through Java.
 
-Packages and why
-----------------
-* ``pycocoevalcap`` (the COCO caption evaluation code, PyPI) for **BLEU-1..4**,
-  **ROUGE-L** and **CIDEr** — these three scorers are pure Python and are the
-  implementations region-captioning papers report (its ``Cider`` class is CIDEr-D:
-  clipped n-gram counts and the Gaussian length penalty, sigma 6, x10). We do *not*
-  use its ``PTBTokenizer``, ``Meteor`` or ``Spice``: they shell out to Java. We tokenize
-  in Python instead (:func:`tokenize`: lower-case, split words and punctuation, drop
-  the punctuation tokens PTBTokenizer drops), which matches the Java tokenizer on plain
-  captions; on punctuation-heavy text numbers may differ slightly from published ones.
-* ``sacrebleu`` (maintained, pure Python) for **chrF** (character n-gram F-score,
-  corpus level, its own standard tokenization on the raw strings).
-* ``nltk`` (maintained, pure Python) for **METEOR** — with a limit: real METEOR needs
-  WordNet synonyms (Java METEOR 1.5 also its paraphrase table). The WordNet data is a
-  separate download (``nltk.download('wordnet')``), which this project never does, so
-  we run nltk's METEOR with exact + Porter-stem matching only (an empty synonym
-  source). That score is reported as ``METEOR-nosyn``: it is systematically a little
-  lower than METEOR with synonyms and **not comparable to published METEOR numbers**;
-  use it to compare our own runs. (If you need the published number, run the Java
-  METEOR of pycocoevalcap yourself on the same token streams.)
+The pipeline (as ``pycocoevalcap.eval.COCOEvalCap`` runs it)
+-----------------------------------------------------------
+1. **PTB tokenization** of every prediction and reference: :func:`maskloop.eval.ptb.ptb_tokenize`,
+   Stanford PTBTokenizer's rules in Python + pycocoevalcap's punctuation strip (checked token for
+   token against the Java tokenizer in the tests).  An empty prediction is a zero-length caption
+   (``""``), exactly what pycocoevalcap scores for one.
+2. **BLEU-1..4, ROUGE-L, CIDEr(-D)**: pycocoevalcap's own pure-Python scorers on those token
+   streams (its ``Cider`` is CIDEr-D: clipped counts, Gaussian length penalty sigma 6, x10).
+3. **METEOR** (1.5): pycocoevalcap's ``Meteor``, i.e. ``meteor-1.5.jar -l en -norm`` with its
+   exact / stem / synonym / paraphrase modules, run whenever ``java`` is on the PATH
+   (Debian/Ubuntu: ``apt-get install default-jre-headless``).  Without Java there is no ``METEOR``
+   key (never a stand-in under that name).
+
+Other scores, under their own names
+-----------------------------------
+* ``METEOR-nosyn``: nltk's METEOR with exact + Porter-stem matching only (no WordNet, no
+  paraphrase table; nothing downloaded), on the same PTB tokens.  It is **not** METEOR 1.5 and
+  is not comparable with published METEOR: its fragmentation penalty and parameters differ
+  (nltk: alpha 0.9, beta 3, gamma 0.5; METEOR 1.5 ``en``: alpha 0.85, beta 0.2, gamma 0.6, delta 0.75
+  with function-word weighting), and it reads **higher** than METEOR 1.5 on the same captions:
+  measured **+0.29** on average (nosyn − METEOR: +0.30 with 30% words substituted, +0.31 with 30%
+  dropped, +0.25 for another scene's caption; 300 captions each) by ``benchmarks/meteor_offset.py``
+  on shapes-world captions.  The offset depends on the data: use it only to compare our own runs.
+* ``chrF`` (sacrebleu; character n-gram F-score on the raw strings).
 
 Notes
 -----
-* CIDEr's IDF weights come from the reference captions of the evaluated set, so it is
-  only meaningful over a corpus (tens of samples or more); a single sample scores 0.
-* An empty prediction is scored as a caption that matches nothing (0 for that sample).
-* All scores are the packages' native scales: BLEU/ROUGE-L/METEOR in [0, 1], CIDEr
-  in [0, 10] (x10 as in the COCO toolkit), chrF in [0, 100].
+* CIDEr's IDF weights come from the references of the evaluated set: a corpus-level number.
+* Scales: BLEU / ROUGE-L / METEOR in [0, 1], CIDEr in [0, 10] (x10 as in the COCO toolkit),
+  chrF in [0, 100].
 """
 
 from __future__ import annotations
 
-import re
+import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
-# PTBTokenizer (pycocoevalcap) drops these tokens after tokenizing.
-_PTB_PUNCTUATION = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-)
-_BRACKETS = frozenset("(){}[]")  # PTB turns these into -LRB- etc.; we drop them as punctuation
-# words (with inner apostrophes / hyphens / dots in numbers), clitics, or single symbols
-_TOKEN_RE = re.compile(r"\.\.\.|--|n't|'[a-z]+|[a-z0-9]+(?:[-.][a-z0-9]+)*|[^\sa-z0-9]")
-# Stand-ins for an empty prediction / reference (the tokenizer never produces "<"+word+">")
-_EMPTY = "<empty>"
-_NOREF = "<noref>"
+from maskloop.eval.ptb import java_available, ptb_tokenize
 
-ALL_METRICS: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR-nosyn", "chrF")
+#: Every metric name; ``METEOR`` needs Java (:func:`default_metrics` leaves it out without it).
+ALL_METRICS: tuple[str, ...] = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR", "METEOR-nosyn",
+                                "chrF")
+
+
+def default_metrics() -> tuple[str, ...]:
+    """:data:`ALL_METRICS`, without ``METEOR`` when no Java runtime is on the PATH or the environment sets
+    ``MASKLOOP_METEOR=off`` (the JVM and METEOR's paraphrase table take 5-45 s to start, once per process)."""
+    if java_available() and os.environ.get("MASKLOOP_METEOR", "on").lower() not in ("off", "0", "no"):
+        return ALL_METRICS
+    return tuple(m for m in ALL_METRICS if m != "METEOR")
 
 
 def tokenize(text: str) -> list[str]:
-    """PTB-style tokens of a caption, lower-cased, punctuation removed (as COCO eval does)."""
-    text = text.lower()
-    # split "don't" -> "do n't" the PTB way before matching
-    text = re.sub(r"([a-z])n't\b", r"\1 n't", text)
-    return [t for t in _TOKEN_RE.findall(text) if t not in _PTB_PUNCTUATION and t not in _BRACKETS]
+    """The tokens pycocoevalcap scores (:func:`maskloop.eval.ptb.ptb_tokenize`)."""
+    return ptb_tokenize(text)
+
+
+def meteor_java(refs: Mapping[Hashable, Sequence[str]], hyps: Mapping[Hashable, Sequence[str]]) -> tuple[float, list]:
+    """pycocoevalcap's METEOR 1.5 (Java) on tokenized ``{id: [ref, ...]}`` / ``{id: [hyp]}``."""
+    if not java_available():
+        raise RuntimeError("METEOR 1.5 needs a Java runtime on the PATH (apt-get install default-jre-headless)")
+    global _METEOR
+    if _METEOR is None:  # one JVM per process (start-up and the paraphrase table take seconds)
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    score, scores = _METEOR.compute_score(dict(refs), dict(hyps))
+    return float(score), [float(x) for x in scores]
+
+
+_METEOR = None
 
 
 class _NoSynonyms:
@@ -91,14 +107,15 @@ def _check_inputs(
 def caption_scores(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
-    metrics: Iterable[str] = ALL_METRICS,
+    metrics: Iterable[str] | None = None,
 ) -> dict[str, float]:
     """Corpus-level caption metrics.
 
     predictions: id -> generated caption; references: id -> list of reference captions
-    (the same ids). ``metrics``: a subset of :data:`ALL_METRICS`. Returns name -> score.
+    (the same ids). ``metrics``: a subset of :data:`ALL_METRICS` (default :func:`default_metrics`:
+    all, METEOR when Java is present). Returns name -> score.
     """
-    metrics = list(metrics)
+    metrics = list(default_metrics() if metrics is None else metrics)
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
         raise ValueError(f"unknown caption metric(s) {unknown}; choose from {list(ALL_METRICS)}")
@@ -108,9 +125,8 @@ def caption_scores(
     hyp_tok = {}
     ref_tok = {}
     for k, i in enumerate(ids):
-        h = tokenize(predictions[i])
-        hyp_tok[k] = [" ".join(h) if h else _EMPTY]
-        ref_tok[k] = [" ".join(tokenize(r)) or _NOREF for r in references[i]]
+        hyp_tok[k] = [" ".join(ptb_tokenize(predictions[i]))]  # "" for an empty caption, as pycocoevalcap
+        ref_tok[k] = [" ".join(ptb_tokenize(r)) for r in references[i]]
 
     out: dict[str, float] = {}
     if any(m.startswith("BLEU") for m in metrics):
@@ -130,6 +146,8 @@ def caption_scores(
 
         cider, _ = Cider().compute_score(ref_tok, hyp_tok)
         out["CIDEr"] = float(cider)
+    if "METEOR" in metrics:
+        out["METEOR"] = meteor_java(ref_tok, hyp_tok)[0]  # pycocoevalcap's Meteor, as COCOEvalCap calls it
     if "METEOR-nosyn" in metrics:
         from nltk.translate.meteor_score import meteor_score
 
@@ -137,8 +155,8 @@ def caption_scores(
         scores = []
         for k in hyp_tok:
             h = hyp_tok[k][0].split()
-            refs = [r.split() for r in ref_tok[k]]
-            scores.append(0.0 if h == [_EMPTY] else float(meteor_score(refs, h, wordnet=wn)))
+            refs = [r.split() for r in ref_tok[k] if r]
+            scores.append(float(meteor_score(refs, h, wordnet=wn)) if h and any(refs) else 0.0)
         out["METEOR-nosyn"] = sum(scores) / len(scores)
     if "chrF" in metrics:
         from sacrebleu.metrics import CHRF
@@ -152,4 +170,4 @@ def caption_scores(
     return {m: out[m] for m in metrics}
 
 
-__all__ = ["ALL_METRICS", "caption_scores", "tokenize"]
+__all__ = ["ALL_METRICS", "caption_scores", "default_metrics", "meteor_java", "tokenize"]

@@ -15,8 +15,9 @@ against the dataset's reference captions when it has them, so one pass gives bot
 from __future__ import annotations
 
 from maskloop.eval.caption import describe_batch, reference_list, score_captions
+from maskloop.eval.data import SkipCounts
 from maskloop.eval.metrics import CycleMeter
-from maskloop.eval.refer import eval_mode, loader, model_device, segment_texts, to_device
+from maskloop.eval.refer import Progress, eval_mode, loader, model_device, segment_texts, to_device
 from maskloop.model.prompts import Ragged
 
 
@@ -30,17 +31,21 @@ def evaluate_cycle(
     progress: bool = True,
     num_workers: int = 0,
 ) -> dict:
-    from tqdm.auto import tqdm
-
     dev = model_device(model)
+    skips = SkipCounts()
     meter = CycleMeter()
     preds: dict[int, str] = {}
     refs: dict[int, list[str]] = {}
     lengths: list[int] = []
     examples: list[dict] = []
     with eval_mode(model):
-        for batch in tqdm(loader(dataset, batch_size, num_workers, max_samples), desc="eval cycle",
-                          disable=not progress, dynamic_ncols=True, leave=False):
+        dl = loader(dataset, batch_size, num_workers, max_samples)
+        bar = Progress(dl, "eval cycle", progress)
+        for batch in dl:
+            skips.add(batch)
+            bar.step(batch["n"] + sum(batch["skipped"].values()))
+            if not batch["n"]:
+                continue
             batch = to_device(batch, dev)
             gen, texts = describe_batch(model, batch, max_new_tokens)
             # the caption's own tokens (before the end token) as the referring expression
@@ -58,8 +63,12 @@ def evaluate_cycle(
                         "pred_mask": reseg[b].cpu(), "reference": refs[i][0] if refs[i] else None,
                         "title": f"#{i}\ncycle IoU {float(iou[b]):.2f}",
                     })
-    return {"cycle": meter.compute(), "caption": score_captions(preds, refs, lengths), "examples": examples,
-            "predictions": [preds[i] for i in range(len(preds))]}
+        seconds = bar.close()
+    counts = skips.as_dict()
+    cyc, cap = meter.compute(), score_captions(preds, refs, lengths)
+    cyc.update(n_scored=cyc["n"], **counts, seconds=seconds)
+    cap.update(n_scored=cap["n"], **counts)
+    return {"cycle": cyc, "caption": cap, "examples": examples, "predictions": [preds[i] for i in range(len(preds))]}
 
 
 __all__ = ["evaluate_cycle"]

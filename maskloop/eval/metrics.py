@@ -11,7 +11,9 @@ Conventions (the same for every meter in this module):
   expressions); an empty prediction against a non-empty ground truth has IoU = 0.
 * **cIoU** = Σ_i |P_i ∩ G_i| / Σ_i |P_i ∪ G_i| over the whole split (cumulative IoU, the
   number RefCOCO papers report as "cIoU" / "oIoU"). A both-empty sample adds 0 to both
-  sums, so it does not move cIoU (a split made only of both-empty samples reports 1.0).
+  sums, so it does not move cIoU.  A split whose unions are all empty reports cIoU 0.0, as
+  Sa2VA's evaluation computes it (Σ I / (Σ U + 1e-10)), in every meter here and in
+  :func:`maskloop.eval.psalm_metrics.refer_iou`.
 * **gIoU** = mean over samples of the per-sample IoU (a.k.a. mIoU in LAVT-style code).
 * **P@t** = fraction of samples with per-sample IoU >= t, t in {0.5, 0.6, 0.7, 0.8, 0.9}.
 * All numbers are fractions in [0, 1] (multiply by 100 for paper-style percentages).
@@ -137,8 +139,24 @@ class RefSegMeter(_SumMeter):
 
     FIELDS = (
         "inter", "union", "iou_sum", "n", "n_empty_pred", "n_empty_gt",
-        *(f"hit@{t}" for t in PRECISION_THRESHOLDS),
+        *(f"hit@{t}" for t in PRECISION_THRESHOLDS), "n_no_seg",
     )
+
+    @torch.no_grad()
+    def add_no_seg(self, gt: torch.Tensor, policy: str = "sa2va") -> None:
+        """Count samples whose answer held no ``[SEG]`` (so no mask), ``gt`` (B, H, W) or (H, W).
+
+        ``policy="sa2va"`` (Sa2VA's ``RESDataset.evaluate``): the sample counts in ``n`` with IoU 0 (gIoU,
+        P@k) and adds nothing to the cIoU sums.  ``policy="empty"``: scored as an empty predicted mask.
+        """
+        g = _as_batched_bool(gt, "gt")
+        if policy == "empty":
+            self.update(torch.zeros_like(g), g)
+        elif policy == "sa2va":
+            self._add(n=g.shape[0], n_empty_pred=g.shape[0], n_empty_gt=(~g.flatten(1).any(1)).sum())
+        else:
+            raise ValueError(f"unknown no-[SEG] policy {policy!r}; choose 'sa2va' or 'empty'")
+        self._add(n_no_seg=g.shape[0])
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -164,8 +182,8 @@ class RefSegMeter(_SumMeter):
         union = self._get("union")
         nan = float("nan")
         out = {
-            # A split made only of both-empty samples has 0/0 sums: report 1.0 as gIoU does.
-            "cIoU": (self._get("inter") / union) if union > 0 else (1.0 if n > 0 else nan),
+            # All unions empty: 0.0 as Sa2VA's evaluation (Σ I / (Σ U + 1e-10)).
+            "cIoU": (self._get("inter") / union) if union > 0 else (0.0 if n > 0 else nan),
             "gIoU": self._get("iou_sum") / n if n > 0 else nan,
         }
         for t in PRECISION_THRESHOLDS:
@@ -173,6 +191,7 @@ class RefSegMeter(_SumMeter):
         out["n"] = int(n)
         out["empty_pred_frac"] = self._get("n_empty_pred") / n if n > 0 else nan
         out["empty_gt_frac"] = self._get("n_empty_gt") / n if n > 0 else nan
+        out["no_seg_frac"] = self._get("n_no_seg") / n if n > 0 else nan
         return out
 
 
@@ -208,7 +227,7 @@ class CycleMeter(_SumMeter):
         nan = float("nan")
         return {
             "cycle_mIoU": self._get("iou_sum") / n if n > 0 else nan,
-            "cycle_cIoU": (self._get("inter") / union) if union > 0 else (1.0 if n > 0 else nan),
+            "cycle_cIoU": (self._get("inter") / union) if union > 0 else (0.0 if n > 0 else nan),
             "empty_reseg_frac": self._get("n_empty_reseg") / n if n > 0 else nan,
             "n": int(n),
         }

@@ -16,7 +16,15 @@ referring      cIoU, gIoU
 region         mIoU (over regions), also per prompt type ``mIoU_<type>``
 =============  =========================================================================
 
-Every key also gets ``.../n`` (samples evaluated). :func:`format_table` renders the dict.
+Every key also gets ``.../n`` (samples evaluated).  Scoring is at the **original image size**
+(``original_size=True``, the default, as Mask2Former's and PSALM's evaluations do): for the run, the
+readers' :class:`~maskloop.data.psalm.PSALMTransform` keeps masks and id maps at each image's own size
+(RefCOCO readers get the eval transform's ``gt_mask``), the model still sees its S x S inputs, and the
+post-processing resizes the predictions to the ground truth; so COCO's area ranges (APs < 32², APl >
+96²) apply to original pixels and no small object is lost to a resize.  mIoU averages the classes that
+have ground-truth pixels (detectron2's ``SemSegEvaluator``).  Unreadable samples are skipped and counted
+(``eval/n_scored``, ``eval/n_skipped``, ``eval/skipped/<reason>``), never replaced.
+:func:`format_table` renders the dict.
 Command line: :func:`main_eval` (``maskloop eval psalm ...`` once the CLI wires it).
 """
 
@@ -24,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
-from contextlib import nullcontext
+from collections import Counter, defaultdict
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -119,6 +127,48 @@ class _Task:
         return r
 
 
+def _readers(ds):
+    """Every dataset object reachable from ``ds`` (through ConcatDataset / Subset / views)."""
+    seen, todo = [], [ds]
+    while todo:
+        d = todo.pop()
+        if any(d is x for x in seen):
+            continue
+        seen.append(d)
+        todo += list(getattr(d, "datasets", []) or []) + list(getattr(d, "sources", []) or [])
+        if getattr(d, "dataset", None) is not None:
+            todo.append(d.dataset)
+    return seen
+
+
+@contextmanager
+def original_size_targets(dataset, collator=None):
+    """For the block: targets at each image's original size (see the module docstring); restored after.
+    The collator resizes the region prompts back to the readers' mask size, so the model's inputs do
+    not change."""
+    from maskloop.data.psalm import PSALMTransform
+    from maskloop.data.transforms import SampleTransform
+    from maskloop.eval.data import EvalTransform
+
+    undo = []
+    for d in _readers(dataset):
+        t = getattr(d, "transform", None)
+        if isinstance(t, PSALMTransform) and not t.original:
+            t.original = True
+            undo.append(lambda t=t: setattr(t, "original", False))
+            if collator is not None and getattr(collator, "region_size", 0) is None:
+                collator.region_size = t.mask_size
+                undo.append(lambda: setattr(collator, "region_size", None))
+        elif isinstance(t, SampleTransform) and not isinstance(t, EvalTransform):
+            d.transform = EvalTransform(t.image_size, t.sam_size, t.prompt_grid, draft=t.draft)
+            undo.append(lambda d=d, t=t: setattr(d, "transform", t))
+    try:
+        yield
+    finally:
+        for u in undo:
+            u()
+
+
 @torch.no_grad()
 def evaluate_psalm(
     model,
@@ -132,8 +182,12 @@ def evaluate_psalm(
     postprocess: dict | None = None,
     print_table: bool = True,
     progress: bool = False,
+    original_size: bool = True,
 ) -> dict:
-    """Run ``model`` over ``dataset``; returns ``{"{task}/{dataset}/{metric}": value}``.
+    """Run ``model`` over ``dataset``; returns ``{"{task}/{dataset}/{metric}": value}`` plus
+    ``eval/n_scored``, ``eval/n_skipped`` and ``eval/skipped/<reason>``.
+
+    ``original_size``: score at each image's own size (default; False: at the readers' ``mask_size``).
 
     ``postprocess``: per-task keyword overrides, e.g. ``{"panoptic": {"object_mask_threshold":
     0.5}, "instance": {"topk": 50}, "referring": {"by": "class"}}``.
@@ -145,34 +199,49 @@ def evaluate_psalm(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
-                                         num_workers=num_workers)
+    from maskloop.eval.data import EvalSplit, SkippingCollate
+
+    loader = torch.utils.data.DataLoader(EvalSplit(dataset), batch_size=batch_size, shuffle=False,
+                                         collate_fn=SkippingCollate(collator), num_workers=num_workers)
     acc: dict[tuple[str, str], _Task] = {}
     post = postprocess or {}
-    for i, batch in enumerate(tqdm(loader, desc="psalm eval", disable=not progress, dynamic_ncols=True)):
-        if max_batches is not None and i >= max_batches:
-            break
-        for g in batch["groups"]:
-            g = group_to(g, device)
-            with autocast:
-                out = model(g["task"], **g["inputs"])
-            for b, meta in enumerate(g["meta"]):
-                key = (g["task"], str(meta.get("dataset") or "data"))
-                acc.setdefault(key, _Task(g["task"])).add(out, b, meta, post)
+    skipped: Counter = Counter()
+    n_scored = 0
+    with original_size_targets(dataset, collator) if original_size else nullcontext():
+        for i, batch in enumerate(tqdm(loader, desc="psalm eval", disable=not progress, dynamic_ncols=True)):
+            if max_batches is not None and i >= max_batches:
+                break
+            skipped.update(batch["eval_skipped"])
+            n_scored += batch["eval_n"]
+            _run_batch(model, batch, acc, post, device, autocast)
     if was_training:
         model.train()
     results = {}
     for (task, name), a in sorted(acc.items()):
         for k, v in a.compute().items():
             results[f"{task}/{name}/{k}"] = v
+    results["eval/n_scored"], results["eval/n_skipped"] = n_scored, int(sum(skipped.values()))
+    for reason, n in sorted(skipped.items()):
+        results[f"eval/skipped/{reason}"] = n
     if print_table:
         print(format_table(results))
     return results
 
 
+def _run_batch(model, batch, acc, post, device, autocast) -> None:
+    """One collated batch: the model per task group, each sample into its (task, dataset) accumulator."""
+    for g in batch.get("groups", []):
+        g = group_to(g, device)
+        with autocast:
+            out = model(g["task"], **g["inputs"])
+        for b, meta in enumerate(g["meta"]):
+            key = (g["task"], str(meta.get("dataset") or "data"))
+            acc.setdefault(key, _Task(g["task"])).add(out, b, meta, post)
+
+
 def format_table(results: dict) -> str:
     """A plain-text table: task | dataset | metric | value (fractions shown as %)."""
-    rows = [k.split("/", 2) + [v] for k, v in results.items()]
+    rows = [(k.split("/", 2) + ["", ""])[:3] + [v] for k, v in results.items()]
     head = ("task", "dataset", "metric", "value")
     cells = [head] + [(t, d, m, (f"{100 * v:.2f}" if m not in ("n", "regions") and isinstance(v, float)
                                  else str(v))) for t, d, m, v in rows]

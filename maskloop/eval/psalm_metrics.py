@@ -125,13 +125,16 @@ class SemanticConfusion:
         self.matrix += np.bincount(gt * self.n + pred, minlength=self.n * self.n).reshape(self.n, self.n)
 
     def compute(self) -> dict:
+        """detectron2's ``SemSegEvaluator``: mIoU over the classes with ground-truth pixels (a class only
+        predicted lowers the IoU of the classes it was predicted on, but is not averaged itself)."""
         tp = np.diag(self.matrix).astype(np.float64)
-        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
-        valid = union > 0
+        pos_gt = self.matrix.sum(1)
+        union = pos_gt + self.matrix.sum(0) - tp
+        valid = (pos_gt > 0) & (union > 0)
         iou = np.where(valid, tp / np.maximum(union, 1), np.nan)
         total = self.matrix.sum()
         return {
-            "miou": float(np.nanmean(iou)) if valid.any() else 0.0,
+            "miou": float(np.mean(iou[valid])) if valid.any() else 0.0,
             "per_class_iou": iou.tolist(),
             "pixel_acc": float(tp.sum() / total) if total else 0.0,
         }

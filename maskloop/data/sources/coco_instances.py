@@ -129,12 +129,13 @@ class COCOInstancesDataset(RobustDataset):
         if size != (w, h):
             raise SampleError("corrupt_image", key=path, detail=f"image is {size[1]}x{size[0]}, json says {h}x{w}")
         t = self.transform
-        tm = t.masks(np.stack(masks)) if masks else torch.zeros(0, t.mask_size, t.mask_size)
+        none = np.zeros((0, h, w), dtype=bool)
+        tm = t.masks(np.stack(masks) if masks else none)
         keep = tm.flatten(1).any(1)  # objects that vanished in the resize cannot be targets
         return {
             "task": "instance", "pixel_values": t.image(image), "masks": tm[keep],
             "labels": torch.tensor(labels, dtype=torch.long)[keep],
-            "crowd_masks": t.masks(np.stack(crowd)) if crowd else torch.zeros(0, t.mask_size, t.mask_size),
+            "crowd_masks": t.masks(np.stack(crowd) if crowd else none),
             "crowd_labels": torch.tensor(crowd_labels, dtype=torch.long),
             "class_names": list(self.class_names), "isthing": list(self.isthing),
             "category_ids": list(self.category_ids), "image_id": int(info["id"]), "caption": None,
