@@ -123,6 +123,7 @@ def referring_sample(sample: dict) -> dict:
         "task": "referring", "pixel_values": sample["pixel_values"], "masks": sample["masks"][None].float(),
         "labels": torch.zeros(1, dtype=torch.long), "expression": sample["expression"],
         "dataset": sample.get("dataset"), "skipped": sample.get("skipped", []),
+        "skipped_keys": sample.get("skipped_keys", []),
     }
 
 
@@ -271,7 +272,9 @@ class PSALMCollator:
             order.setdefault(s["task"], []).append(i)
         groups = [self.group(task, [samples[i] for i in idx], idx) for task, idx in order.items()]
         skipped = merge_skip_counts(*({k: 1} for s in samples for k in s.get("skipped", [])))
-        return {"groups": groups, "size": len(samples), "skipped": skipped}
+        keys = {f"{sr.split('/', 1)[0]}\t{key}": sr for s in samples
+                for sr, key in zip(s.get("skipped") or [], s.get("skipped_keys") or [])}
+        return {"groups": groups, "size": len(samples), "skipped": skipped, "skipped_keys": keys}
 
     def group(self, task: str, samples: list[dict], index: list[int] | None = None) -> dict:
         from maskloop.model.psalm.model import build_prompt_ids
