@@ -240,12 +240,17 @@ class SAVDataset(RobustDataset):
         """(frames, objects) foreground areas, every RLE validated (never handed to pycocotools
         unchecked); a bad RLE is counted ``bad_rle`` and its frame is not used (area 0)."""
         areas = np.zeros((len(masklet), len(ids)), np.int64)
+        bad: list[tuple[str, str]] = []
         for k, frame in enumerate(masklet):
             for j, rle in enumerate(frame):
                 try:
                     areas[k, j] = rle_area(rle)
                 except SampleError as e:
-                    self.record_bad("bad_rle", f"{json_path}#masklet{ids[j]}/frame{k}", e.detail)
+                    bad.append((f"{json_path}#masklet{ids[j]}/frame{k}", e.detail))
+        if bad and len(bad) == areas.size:  # nothing usable: one bad file, not one item per RLE
+            raise SampleError("bad_rle", key=json_path, detail=f"every RLE is malformed, e.g. {bad[0][0]}: {bad[0][1]}")
+        for key, detail in bad:
+            self.record_bad("bad_rle", key, detail)
         return areas
 
     def __len__(self) -> int:
