@@ -444,7 +444,10 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
     ``dam``, ``sav``, ``sav_pairs``. One damage per chosen unit, cycling through ``modes``
     (default: every damage the format can suffer, see ``_MODES``). Returns the manifest
     ``[{"unit", "reason", "key"}]``; ``reason`` is the skip reason a reader must count
-    (``missing_mask`` is reported as ``missing_file``).
+    (``missing_mask`` is reported as ``missing_file``). Extra RLE damage for ``sa1b``,
+    ``dam``, ``sav``, ``sav_pairs`` (reported as ``bad_rle``, see :func:`_bad_counts`):
+    ``rle_truncated`` (a last character with the continuation bit) and ``rle_short`` (runs
+    summing to less than h*w).
     """
     if kind not in _MODES:
         raise ValueError(f"kind must be one of {sorted(_MODES)}")

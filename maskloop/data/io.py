@@ -5,11 +5,14 @@
   A pickle can name any importable callable and have the loader call it; this one only
   admits plain builtin containers and scalars, so a hostile file raises
   :class:`UnsafePickleError` before anything runs.
-* COCO RLE helpers: :func:`rle_counts` parses the compressed ``counts`` string (the
-  5-bits-per-character, delta-coded format of ``pycocotools``) in pure Python so that an
-  RLE can be *validated* (runs non-negative, summing to ``h*w``) before it reaches the C
-  decoder, which does no bounds checking. :func:`decode_segmentation` turns a COCO
-  segmentation (compressed or uncompressed RLE dict, or a polygon list) into a bool mask.
+* COCO RLE helpers: :func:`parse_rle_counts` parses the compressed ``counts`` string (the
+  5-bits-per-character, delta-coded format of ``pycocotools``) itself (NumPy, vectorised)
+  so that :func:`check_rle` can *validate* every RLE (well-formed string, no run left open
+  by a final continuation bit, runs non-negative and summing to ``h*w``, size equal to the
+  image's) before it reaches pycocotools' C code, which does no bounds checking.
+  :func:`decode_segmentation` (the only path from file data to ``pycocotools.mask.decode``)
+  turns a COCO segmentation (compressed or uncompressed RLE dict, or a polygon list) into
+  a bool mask; :func:`rle_area` counts foreground pixels without decoding.
 * :func:`open_image` opens an image from a path or bytes, optionally with PIL's JPEG
   draft mode (decode at a reduced DCT scale that is still at least the requested size),
   and returns it with the *original* stored size, which is what masks are annotated at.
