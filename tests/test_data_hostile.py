@@ -415,3 +415,30 @@ def test_caption_mask_size_mismatch(tmp_path, caplog):
     assert ds.skip_counts() == {"openimages/mask_size": 1}
     (key, reason, detail), = ds.bad_items()
     assert key == names[2] and "aspect ratio" in detail
+
+
+def test_pycocotools_is_reached_only_through_the_validator():
+    """Static guard: outside ``maskloop/data/io.py`` nothing in the package hands data to
+    pycocotools' parsing/decoding routines; the other modules only *encode* masks they made
+    themselves (fixtures, the shapes world, PSALM's AP of predicted masks)."""
+    import ast
+
+    import maskloop
+
+    pkg = Path(maskloop.__file__).parent
+    parsing = {"decode", "frPyObjects", "merge", "area", "toBbox", "iou", "_frString", "frString"}
+    own_masks_only = {"data/fixtures.py": {"encode"}, "data/sources/shapes.py": {"encode"},
+                      "eval/psalm_metrics.py": {"encode", "area", "toBbox"}}
+    found: dict[str, set] = {}
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg).as_posix()
+        tree = ast.parse(f.read_text())
+        aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   and (n.module or "").startswith("pycocotools") for a in n.names}
+        if not aliases or rel == "data/io.py":
+            continue
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id in aliases}
+        found[rel] = used
+        assert not (used & parsing) - own_masks_only.get(rel, set()), (rel, used)
+    assert set(found) == set(own_masks_only)  # a new user of pycocotools must be reviewed here

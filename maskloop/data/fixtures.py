@@ -636,9 +636,9 @@ def _tar_names(path: Path) -> list[str]:
 
 
 def _rle_area(rle: dict) -> int:
-    from pycocotools import mask as mask_util
+    from .io import rle_area
 
-    return int(mask_util.area([rle])[0])
+    return rle_area(rle)
 
 
 def count_reasons(manifest: list[dict]) -> dict[str, int]:

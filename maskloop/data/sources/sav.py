@@ -60,7 +60,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from ..io import decode_segmentation, open_image, read_json, rle_area
+from ..io import check_rle, decode_segmentation, open_image, read_json, rle_area
 from ..robust import RobustDataset, SampleError, check_mask
 from ..transforms import SampleTransform
 from .common import SmallCache, check_image_mask, default_transform
@@ -326,12 +326,8 @@ def _encode_jpeg(img: Image.Image, quality: int) -> np.ndarray:
 
 
 def _rle_string(rle: dict) -> str:
-    counts = rle["counts"]
-    if isinstance(counts, (list, tuple)):  # uncompressed -> compressed
-        from pycocotools import mask as mask_util
-
-        h, w = rle["size"]
-        counts = mask_util.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)["counts"]
+    """Compressed counts string of a (validated) RLE; an uncompressed one is compressed."""
+    counts = check_rle(rle)[0]["counts"]
     return counts.decode("ascii") if isinstance(counts, bytes) else str(counts)
 
 
