@@ -297,6 +297,26 @@ def test_skip_counter_exact_with_workers_and_across_restore(tmp_path, workers):
     assert restored.log_dict()["data_skipped"] == sum(want.values())
 
 
+def test_skip_counter_unit():
+    c = SkipCounter(max_keys=3)
+    b1 = collate([{"x": torch.zeros(1), "skipped": ["sa1b/bad_rle", "sa1b/corrupt_image"],
+                   "skipped_keys": ["a.json#1", "a.jpg"]}, {"x": torch.zeros(1)}])
+    assert b1["skipped"] == {"sa1b/bad_rle": 1, "sa1b/corrupt_image": 1}
+    assert c.update(b1) == 2 and c.update(b1) == 0  # the same items again (another worker): not recounted
+    assert c.update({"x": torch.zeros(2), "caption": ["a", "b"]}) == 0  # a batch without skip fields
+    assert c.update({"skipped": {"dam/empty_mask": 2}}) == 2  # counts without keys: added as they are
+    c.add("dam/bad_rle", "r1")
+    c.add("dam/bad_rle", "r2")  # beyond max_keys: counted, no longer de-duplicated
+    assert c.counts() == {"dam/bad_rle": 2, "dam/empty_mask": 2, "sa1b/bad_rle": 1, "sa1b/corrupt_image": 1}
+    assert c.add("sa1b/corrupt_image", "a.jpg") is False  # a kept key still de-duplicates
+    d = SkipCounter()
+    d.load_state_dict(json.loads(json.dumps(c.state_dict())))
+    assert d.counts() == c.counts() and d.total() == c.total() == 6
+    assert c.reduce() == c.counts()  # no process group: the local counts
+    with pytest.raises(ValueError, match="version"):
+        d.load_state_dict({"version": 9})
+
+
 def _gloo_worker(rank: int, world: int, port: int, out: str):
     import torch.distributed as tdist
 

@@ -355,18 +355,16 @@ class SkipCounter:
         return True
 
     def update(self, what: Any) -> int:
-        """Add a collated batch (``skipped_keys`` / ``skipped``), a dataset's bad items, or a
-        ``{"source\tkey": "source/reason"}`` mapping. Returns the number of new items."""
-        if isinstance(what, Mapping) and ("skipped_keys" in what or "skipped" in what):
+        """Add a collated batch (its ``skipped_keys``, else its ``skipped`` counts; a batch
+        with neither adds nothing) or a dataset's bad items. Returns the number of new items."""
+        if isinstance(what, Mapping):
             if "skipped_keys" in what:
-                return self._add_idents(what["skipped_keys"] or {})
+                return self.add_items(what["skipped_keys"] or {})
             n = 0
-            for sr, c in (what["skipped"] or {}).items():
+            for sr, c in (what.get("skipped") or {}).items():
                 for _ in range(int(c)):
                     n += self.add(sr)
             return n
-        if isinstance(what, Mapping):
-            return self._add_idents(what)
         sources = getattr(what, "sources", None)
         if sources is not None:
             return sum(self.update(s) for s in sources)
@@ -376,7 +374,8 @@ class SkipCounter:
         name = getattr(what, "name", "dataset")
         return sum(self.add(f"{name}/{reason}", key) for key, reason, _ in bad_items())
 
-    def _add_idents(self, idents: Mapping[str, str]) -> int:
+    def add_items(self, idents: Mapping[str, str]) -> int:
+        """Add ``{"source\tkey": "source/reason"}`` (a batch's ``skipped_keys``)."""
         n = 0
         for ident, sr in idents.items():
             source, _, key = str(ident).partition("\t")
