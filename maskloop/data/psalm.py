@@ -46,7 +46,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 from torch.utils.data import ConcatDataset, Sampler
 
-from .robust import merge_skip_counts
+from .robust import merge_skip_counts, worker_errors
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -137,11 +137,15 @@ class _ReferringView(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    @worker_errors()
     def __getitem__(self, i):
         return referring_sample(self.dataset[i])
 
     def skip_counts(self):
         return getattr(self.dataset, "skip_counts", dict)()
+
+    def bad_items(self):
+        return getattr(self.dataset, "bad_items", list)()
 
 
 class PSALMMixture(ConcatDataset):
@@ -266,6 +270,7 @@ class PSALMCollator:
             self._cache[text] = ids
         return self._cache[text]
 
+    @worker_errors("collate")
     def __call__(self, samples: list[dict]) -> dict:
         order: dict[str, list[int]] = {}
         for i, s in enumerate(samples):
