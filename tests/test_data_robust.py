@@ -181,7 +181,7 @@ def test_collate_merges_and_rejects_mixed(tmp_path):
     assert b["pixel_values"].shape == (2, 3, 56, 56) and b["caption"] == [None, None]
     assert b["dataset"] == ["sa1b", "sa1b"] and b["skipped"] == {}
     pair = SA1BDataset(tmp_path / "a", transform=T, as_pair=True)[0]
-    with pytest.raises(ValueError, match="as_pair"):
+    with pytest.raises(DataError, match="as_pair"):
         collate([ds[0], pair])
     b = collate([{"x": torch.zeros(2), "skipped": ["s/r"]}, {"x": torch.ones(2), "skipped": ["s/r", "s/q"]}])
     assert b["skipped"] == {"s/r": 2, "s/q": 1}

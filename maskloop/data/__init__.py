@@ -4,7 +4,8 @@
   normalised, 1024 uint8, 16x16 prompt mask, 1024 mask).
 * :mod:`maskloop.data.sources` -- SA-V (mp4 + json, and our npz pairs), SA-1B, RefCOCO/+/g,
   Open Images V7, DAM.
-* :mod:`maskloop.data.robust` -- skip-and-count of bad samples, :class:`DataError`.
+* :mod:`maskloop.data.robust` -- skip-and-count of bad samples, :class:`DataError`, and the
+  run's :class:`SkipCounter` (exact over workers, checkpointable, reduced over ranks).
 * :mod:`maskloop.data.mixture` -- repeats/weights, distributed resumable samplers, collate.
 * :mod:`maskloop.data.fixtures` -- tiny datasets in each released layout, and corruption.
 * :mod:`maskloop.data.check` -- ``maskloop data check`` / ``maskloop data write-sav-pairs``.
@@ -12,7 +13,7 @@
 
 from .io import UnsafePickleError, safe_load_pickle
 from .mixture import LengthGroupedSampler, MixtureDataset, MixtureSampler, collate
-from .robust import REASONS, DataError, RobustDataset, SampleError, merge_skip_counts
+from .robust import REASONS, DataError, RobustDataset, SampleError, SkipCounter, merge_skip_counts
 from .sources import (
     DAMDataset,
     OpenImagesDataset,
@@ -27,6 +28,6 @@ from .transforms import SampleTransform
 __all__ = [
     "SampleTransform", "SAVDataset", "SAVPairsDataset", "write_sav_pairs", "SA1BDataset", "RefCOCODataset",
     "OpenImagesDataset", "DAMDataset", "MixtureDataset", "MixtureSampler", "LengthGroupedSampler", "collate",
-    "DataError", "SampleError", "RobustDataset", "REASONS", "merge_skip_counts", "safe_load_pickle",
+    "DataError", "SampleError", "RobustDataset", "REASONS", "SkipCounter", "merge_skip_counts", "safe_load_pickle",
     "UnsafePickleError",
 ]

@@ -377,8 +377,41 @@ def _truncate(data: bytes) -> bytes:
     return data[: max(16, len(data) // 2)]
 
 
-def _bad_counts(counts: str) -> str:
-    return counts + "55"  # two extra positive runs: the runs no longer sum to h*w
+def _bad_counts(counts: str, mode: str = "bad_rle") -> str:
+    """A damaged compressed ``counts`` string (all are skipped as ``bad_rle``):
+
+    * ``bad_rle``: two extra positive runs, the runs sum to more than h*w;
+    * ``rle_truncated``: a last character that still carries the continuation bit (0x20),
+      the string ends inside a run (pycocotools' C parser would read past its end);
+    * ``rle_short``: the last run one pixel shorter (or dropped), the runs sum to less than
+      h*w (pycocotools would leave pixels uninitialised).
+    """
+    if mode == "rle_truncated":
+        return counts + chr(48 + 0x20)
+    if mode == "rle_short":
+        from .io import rle_counts
+
+        runs = rle_counts(counts)
+        runs = runs[:-1] + [runs[-1] - 1] if runs[-1] > 1 else runs[:-1]
+        return encode_counts(runs)
+    return counts + "55"
+
+
+def encode_counts(runs: Sequence[int]) -> str:
+    """Run lengths -> compressed COCO ``counts`` string (the format pycocotools writes):
+    from the fourth run on the difference to the run two before, each value in 5-bit
+    groups, least significant first, ``0x20`` on all but the last, the sign in ``0x10``."""
+    out = []
+    for i, r in enumerate(runs):
+        x = int(r) - (int(runs[i - 2]) if i > 2 else 0)
+        while True:
+            g = x & 0x1F
+            x >>= 5
+            last = (x == -1) if (g & 0x10) else (x == 0)
+            out.append(chr(48 + (g if last else g | 0x20)))
+            if last:
+                break
+    return "".join(out)
 
 
 def _empty_rle(rle: dict) -> dict:
@@ -411,7 +444,10 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
     ``dam``, ``sav``, ``sav_pairs``. One damage per chosen unit, cycling through ``modes``
     (default: every damage the format can suffer, see ``_MODES``). Returns the manifest
     ``[{"unit", "reason", "key"}]``; ``reason`` is the skip reason a reader must count
-    (``missing_mask`` is reported as ``missing_file``).
+    (``missing_mask`` is reported as ``missing_file``). Extra RLE damage for ``sa1b``,
+    ``dam``, ``sav``, ``sav_pairs`` (reported as ``bad_rle``, see :func:`_bad_counts`):
+    ``rle_truncated`` (a last character with the continuation bit) and ``rle_short`` (runs
+    summing to less than h*w).
     """
     if kind not in _MODES:
         raise ValueError(f"kind must be one of {sorted(_MODES)}")
@@ -420,7 +456,8 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
     out: list[dict] = []
 
     def note(unit, mode, key):
-        out.append({"unit": str(unit), "reason": "missing_file" if mode == "missing_mask" else mode, "key": str(key)})
+        reason = {"missing_mask": "missing_file", "rle_truncated": "bad_rle", "rle_short": "bad_rle"}.get(mode, mode)
+        out.append({"unit": str(unit), "reason": reason, "key": str(key)})
 
     if kind == "sa1b":
         tars = sorted(root.rglob("sa_*.tar"))
@@ -435,11 +472,11 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
                 if name == stem + ".json":
                     if mode == "bad_json":
                         return b'{"image": {"width": 3, garbage'
-                    if mode in ("bad_rle", "empty_mask"):
+                    if mode in ("bad_rle", "rle_truncated", "rle_short", "empty_mask"):
                         d = json.loads(data)
                         seg = d["annotations"][0]["segmentation"]
-                        if mode == "bad_rle":
-                            seg["counts"] = _bad_counts(seg["counts"])
+                        if mode != "empty_mask":
+                            seg["counts"] = _bad_counts(seg["counts"], mode)
                         else:
                             d["annotations"][0]["segmentation"] = _empty_rle(seg)
                         return json.dumps(d).encode()
@@ -545,8 +582,8 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
                 r0 = regions[0]
                 if mode in ("corrupt_image", "missing_file"):
                     tar_edits.setdefault(r0["tar_file"], {})[f"{img_id}.jpg"] = mode
-                elif mode == "bad_rle":
-                    r0["mask_rle"]["counts"] = _bad_counts(r0["mask_rle"]["counts"])
+                elif mode in ("bad_rle", "rle_truncated", "rle_short"):
+                    r0["mask_rle"]["counts"] = _bad_counts(r0["mask_rle"]["counts"], mode)
                 else:
                     r0["mask_rle"] = _empty_rle(r0["mask_rle"])
                 note(f"{split_dir.name}/{img_id}", mode, f"{split_dir.name}/{img_id}")
@@ -568,7 +605,7 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
             else:
                 d = json.loads(jp.read_text())
                 frame = next(k for k, f in enumerate(d["masklet"]) if _rle_area(f[0]) > 0)
-                d["masklet"][frame][0]["counts"] = _bad_counts(d["masklet"][frame][0]["counts"])
+                d["masklet"][frame][0]["counts"] = _bad_counts(d["masklet"][frame][0]["counts"], mode)
                 jp.write_text(json.dumps(d))
             note(jp.name, mode, mp4 if mode in ("bad_video", "missing_file") else jp)
 
@@ -582,8 +619,8 @@ def corrupt_fraction(root, kind: str, frac: float = 0.3, seed: int = 0, modes: S
                     arrays = {k: z[k] for k in z.files}
                 if mode == "corrupt_image":
                     arrays["image1"] = np.frombuffer(_truncate(arrays["image1"].tobytes()), np.uint8)
-                elif mode == "bad_rle":
-                    arrays["mask1"] = np.array(_bad_counts(str(arrays["mask1"])))
+                elif mode in ("bad_rle", "rle_truncated", "rle_short"):
+                    arrays["mask1"] = np.array(_bad_counts(str(arrays["mask1"]), mode))
                 else:
                     h, w = (int(x) for x in arrays["size"])
                     arrays["mask1"] = np.array(_empty_rle({"size": [h, w]})["counts"])
@@ -599,9 +636,9 @@ def _tar_names(path: Path) -> list[str]:
 
 
 def _rle_area(rle: dict) -> int:
-    from pycocotools import mask as mask_util
+    from .io import rle_area
 
-    return int(mask_util.area([rle])[0])
+    return rle_area(rle)
 
 
 def count_reasons(manifest: list[dict]) -> dict[str, int]:

@@ -20,7 +20,10 @@ resumed run continues mid-epoch with exactly the remaining order.
 :class:`LengthGroupedSampler` additionally sorts windows ("megabatches") of the shuffled
 epoch by caption/expression length so that each step's batch has similar lengths.
 
-:func:`collate` stacks tensors, lists strings/None and sums the per-sample skip counts.
+:func:`collate` stacks tensors, lists strings/None and sums the per-sample skip counts
+(``batch["skipped"]``) and keys (``batch["skipped_keys"]``, for
+:class:`~maskloop.data.robust.SkipCounter`). Inside DataLoader workers, an error of a source
+or of ``collate`` reaches the main process as a one-line :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .robust import merge_skip_counts
+from .robust import DataError, merge_skip_counts, worker_errors
 
 __all__ = ["MixtureDataset", "MixtureSampler", "LengthGroupedSampler", "collate"]
 
@@ -88,6 +91,7 @@ class MixtureDataset(Dataset):
         s = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return s, int(index - self.offsets[s])
 
+    @worker_errors("mixture")
     def __getitem__(self, index: int) -> dict:
         s, local = self.locate(int(index))
         sample = self.sources[s][local]
@@ -256,8 +260,10 @@ def _flat_keys(keys: list[str]) -> set[str]:
     return out
 
 
+@worker_errors("collate")
 def collate(samples: list[dict]) -> dict:
-    """Batch sample dicts: tensors stacked, other values listed, ``skipped`` summed.
+    """Batch sample dicts: tensors stacked, other values listed, ``skipped`` summed into
+    ``{"source/reason": n}`` and ``skipped_keys`` merged into ``{"source\tkey": "source/reason"}``.
 
     Keys of :data:`FLAT_KEYS` (tiles, regions, several target masks) are concatenated along dim 0
     when their count key is present."""
@@ -272,12 +278,15 @@ def collate(samples: list[dict]) -> dict:
         vals = [s.get(k) for s in samples]
         if k == "skipped":
             batch[k] = merge_skip_counts(*(Counter(v or []) for v in vals))
+        elif k == "skipped_keys":
+            batch[k] = {f"{sr.split('/', 1)[0]}\t{key}": sr for s in samples
+                        for sr, key in zip(s.get("skipped") or [], s.get("skipped_keys") or [])}
         elif k in flat and all(isinstance(v, torch.Tensor) for v in vals):
             batch[k] = torch.cat(vals)
         elif any(isinstance(v, torch.Tensor) for v in vals):
             if not all(isinstance(v, torch.Tensor) for v in vals):
                 names = sorted({str(s.get("dataset")) for s in samples if not isinstance(s.get(k), torch.Tensor)})
-                raise ValueError(f"cannot batch {k!r}: samples from {names} lack it (mixing pair and single "
+                raise DataError(f"cannot batch {k!r}: samples from {names} lack it (mixing pair and single "
                                  "samples? build single-image sources with as_pair=True)")
             batch[k] = torch.stack(vals)
         else:

@@ -46,7 +46,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 from torch.utils.data import ConcatDataset, Sampler
 
-from .robust import merge_skip_counts
+from .robust import merge_skip_counts, worker_errors
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -139,6 +139,7 @@ def referring_sample(sample: dict) -> dict:
         "task": "referring", "pixel_values": sample["pixel_values"], "masks": target[None].float(),
         "labels": torch.zeros(1, dtype=torch.long), "expression": sample["expression"],
         "dataset": sample.get("dataset"), "skipped": sample.get("skipped", []),
+        "skipped_keys": sample.get("skipped_keys", []),
     }
 
 
@@ -154,11 +155,15 @@ class _ReferringView(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    @worker_errors()
     def __getitem__(self, i):
         return referring_sample(self.dataset[i])
 
     def skip_counts(self):
         return getattr(self.dataset, "skip_counts", dict)()
+
+    def bad_items(self):
+        return getattr(self.dataset, "bad_items", list)()
 
 
 class PSALMMixture(ConcatDataset):
@@ -285,13 +290,16 @@ class PSALMCollator:
             self._cache[text] = ids
         return self._cache[text]
 
+    @worker_errors("collate")
     def __call__(self, samples: list[dict]) -> dict:
         order: dict[str, list[int]] = {}
         for i, s in enumerate(samples):
             order.setdefault(s["task"], []).append(i)
         groups = [self.group(task, [samples[i] for i in idx], idx) for task, idx in order.items()]
         skipped = merge_skip_counts(*({k: 1} for s in samples for k in s.get("skipped", [])))
-        return {"groups": groups, "size": len(samples), "skipped": skipped}
+        keys = {f"{sr.split('/', 1)[0]}\t{key}": sr for s in samples
+                for sr, key in zip(s.get("skipped") or [], s.get("skipped_keys") or [])}
+        return {"groups": groups, "size": len(samples), "skipped": skipped, "skipped_keys": keys}
 
     def group(self, task: str, samples: list[dict], index: list[int] | None = None) -> dict:
         from maskloop.model.psalm.model import build_prompt_ids

@@ -19,20 +19,32 @@ not depend on access order. Index-time problems (an unparseable json found while
 the index, a missing file) are counted the same way.
 
 Counts are per process. :meth:`RobustDataset.skip_counts` returns ``{"source/reason": n}``
-(flat, so dicts from several datasets or workers merge by summing, see
-:func:`merge_skip_counts`). Because DataLoader workers are separate processes, each sample
-also carries ``skipped``: the ``"source/reason"`` strings of bad items first discovered
-while producing it; :func:`maskloop.data.mixture.collate` sums them into a dict per batch,
-which is what the trainer should accumulate and log, adding once the index-time counts of
-``dataset.skip_counts()`` taken in the main process before training starts. (Two workers
-that both meet the same bad file each report it, so worker totals can slightly overcount.)
+(flat, so dicts from several datasets merge by summing, see :func:`merge_skip_counts`).
+DataLoader workers are separate processes, so each sample also carries what was first
+discovered while producing it: ``skipped`` (the ``"source/reason"`` strings) and
+``skipped_keys`` (the bad items' keys, in the same order). :func:`maskloop.data.mixture.collate`
+turns them into ``batch["skipped"]`` (``{"source/reason": n}`` for this batch) and
+``batch["skipped_keys"]`` (``{"source\tkey": "source/reason"}``). The training run keeps one
+:class:`SkipCounter`: ``update(batch)`` for every batch it trains on, ``update(dataset)`` for
+the index-time skips found in the main process; it counts every distinct bad item once
+(two workers, or two ranks, meeting the same bad file count it once), checkpoints with
+``state_dict()`` / ``load_state_dict()`` and merges ranks with ``reduce(group)``.
+
+Errors inside DataLoader workers: torch re-raises a worker's exception in the main process
+with the worker's whole traceback in its message. A :class:`DataError` raised that way is
+cut back to the worker's own one-line message (``worker_traceback`` keeps the rest;
+``MASKLOOP_DEBUG=1`` keeps the full text), and any other exception escaping a dataset or
+``collate`` inside a worker is turned into a :class:`DataError` naming its type and message.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 from collections import Counter
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -51,13 +63,78 @@ REASONS = {
     "bad_pickle": "a pickle is unreadable or references non-data types (refused)",
     "bad_csv": "a CSV row is malformed",
     "bad_rle": "an RLE / polygon is malformed or does not match the image size",
+    "mask_size": "a mask image's size differs from its image's and so does its aspect ratio",
     "empty_mask": "the mask has no foreground pixels (or none left after resizing)",
     "bad_video": "a video cannot be opened or the needed frame cannot be decoded",
 }
 
 
+_WORKER_HEADER = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\n")
+
+
+def _debug() -> bool:
+    return bool(os.environ.get("MASKLOOP_DEBUG"))
+
+
 class DataError(errors.DataError):
-    """A data source is unusable (all bad, or not in the expected layout)."""
+    """A data source is unusable (all bad, or not in the expected layout).
+
+    Re-raised by torch from a DataLoader worker, its message would hold the worker's whole
+    traceback: the constructor keeps only the worker's own message (one line) and stores
+    the traceback in ``worker_traceback`` (unless ``MASKLOOP_DEBUG`` is set).
+    """
+
+    def __init__(self, *args: Any):
+        self.worker_traceback: str | None = None
+        if len(args) == 1 and isinstance(args[0], str) and not _debug():
+            msg = _worker_message(args[0])
+            if msg is not None:
+                self.worker_traceback = args[0]
+                args = (msg,)
+        super().__init__(*args)
+
+
+def _worker_message(text: str) -> str | None:
+    """The original message of an exception torch re-raised from a DataLoader worker."""
+    m = _WORKER_HEADER.match(text)
+    if m is None:
+        return None
+    # torch's text ends with traceback.format_exception's last line: "<module>.<Type>: <message>"
+    name = m.group(1)
+    hits = [h for h in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, flags=re.M)]
+    if not hits:
+        return None
+    msg = text[hits[-1].end():].strip()
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip()) or None
+
+
+def in_worker() -> bool:
+    """True inside a DataLoader worker process."""
+    return torch.utils.data.get_worker_info() is not None
+
+
+def worker_errors(where: str | None = None):
+    """Decorator: inside a DataLoader worker, an exception other than :class:`DataError`
+    leaving the function becomes a :class:`DataError` ``"<where>: <Type>: <message>"``
+    (one line; ``MASKLOOP_DEBUG=1`` leaves it untouched, traceback and all)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (DataError, KeyboardInterrupt, SystemExit, GeneratorExit):
+                raise
+            except Exception as e:  # noqa: BLE001 - reported as one line, see above
+                if not in_worker() or _debug():
+                    raise
+                label = where or (getattr(args[0], "name", None) if args else None)
+                text = " ".join(str(e).split()) or "(no message)"
+                raise DataError(f"{label or fn.__qualname__}: {type(e).__name__}: {text}") from None
+
+        return inner
+
+    return wrap
 
 
 class SampleError(Exception):
@@ -105,7 +182,7 @@ class RobustDataset(Dataset):
         self.as_pair = bool(as_pair)
         self._bad: dict[str, tuple[str, str]] = {}  # key -> (reason, detail)
         self._bad_indices: set[int] = set()
-        self._new_skips: list[str] = []
+        self._new_skips: list[tuple[str, str]] = []  # ("source/reason", key) not yet attached to a sample
 
     # ---- to implement -----------------------------------------------------------------
     def __len__(self) -> int:  # pragma: no cover - abstract
@@ -127,7 +204,7 @@ class RobustDataset(Dataset):
         if key in self._bad:
             return False
         self._bad[key] = (reason, detail)
-        self._new_skips.append(f"{self.name}/{reason}")
+        self._new_skips.append((f"{self.name}/{reason}", key))
         logger.warning("skipping bad %s item (%s): %s %s", self.name, reason, key, detail)
         return True
 
@@ -167,6 +244,7 @@ class RobustDataset(Dataset):
             return True
         return any(k in self._bad for k in self.item_keys(index))
 
+    @worker_errors()
     def __getitem__(self, index: int) -> dict:
         n = len(self)
         if n == 0:
@@ -206,7 +284,8 @@ class RobustDataset(Dataset):
                 v = sample.pop(k)
                 sample[k + "1"] = v
                 sample[k + "2"] = v
-        sample["skipped"] = self._new_skips
+        sample["skipped"] = [sr for sr, _ in self._new_skips]
+        sample["skipped_keys"] = [k for _, k in self._new_skips]
         self._new_skips = []
         return sample
 
@@ -218,3 +297,155 @@ def check_mask(sample: dict, key: str) -> dict:
             raise SampleError("empty_mask", key=key, detail="no foreground left after resizing")
     return sample
 
+
+
+# --------------------------------------------------------------------------------------
+# The run's skip counter (main process; sums workers, checkpoints, reduces over ranks)
+# --------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """Distinct bad items a run met, ``{"source/reason": n}``, exact with any number of
+    DataLoader workers, across resumes and across ranks.
+
+    Usage (main process of every rank)::
+
+        counter = SkipCounter()
+        counter.update(dataset)        # index-time skips found while building the dataset
+        for batch in loader:
+            counter.update(batch)      # the skips the workers met producing this batch
+            ...
+        counts = counter.reduce(group) # log steps / before a checkpoint: every rank calls it
+        ckpt["data_skips"] = counter.state_dict()   # identical on every rank after reduce()
+        counter.load_state_dict(ckpt["data_skips"]) # on resume (any world size)
+
+    An item is identified by its source and key (a file path, or ``path#annotation``), so
+    an item reported by two workers, two epochs, a resumed run re-reading it, or two ranks
+    is counted once. ``update`` also accepts a dataset (a :class:`RobustDataset`, or any
+    object with ``sources`` holding them, e.g. :class:`~maskloop.data.mixture.MixtureDataset`):
+    its main-process ``bad_items()``, which with ``num_workers=0`` are every skip (call it
+    at log time as well, it is cheap: bad items only). Batches from a collate that carry
+    only ``skipped`` counts (no ``skipped_keys``) are added as counts, without de-duplication.
+
+    Keys are kept for at most ``max_keys`` items (default one million, a few hundred MB at
+    worst); beyond that new items are counted without de-duplication (``overflow``).
+    """
+
+    def __init__(self, max_keys: int = 1_000_000):
+        self.max_keys = int(max_keys)
+        self._items: dict[str, str] = {}  # "source\tkey" -> "source/reason"
+        self._extra: Counter = Counter()  # counted without keys (overflow, key-less batches)
+        self._unsynced: dict[str, str] = {}  # items added since the last reduce()
+        self._unsynced_extra: Counter = Counter()
+
+    # ---- adding -----------------------------------------------------------------------
+    def add(self, source_reason: str, key: str | None = None) -> bool:
+        """Count one bad item; False when it was counted already."""
+        if key is None:
+            self._extra[source_reason] += 1
+            self._unsynced_extra[source_reason] += 1
+            return True
+        ident = f"{source_reason.split('/', 1)[0]}\t{key}"
+        if ident in self._items:
+            return False
+        if len(self._items) >= self.max_keys:
+            self._extra[source_reason] += 1
+            self._unsynced_extra[source_reason] += 1
+            return True
+        self._items[ident] = source_reason
+        self._unsynced[ident] = source_reason
+        return True
+
+    def update(self, what: Any) -> int:
+        """Add a collated batch (its ``skipped_keys``, else its ``skipped`` counts; a batch
+        with neither adds nothing) or a dataset's bad items. Returns the number of new items."""
+        if isinstance(what, Mapping):
+            if "skipped_keys" in what:
+                return self.add_items(what["skipped_keys"] or {})
+            n = 0
+            for sr, c in (what.get("skipped") or {}).items():
+                for _ in range(int(c)):
+                    n += self.add(sr)
+            return n
+        sources = getattr(what, "sources", None)
+        if sources is not None:
+            return sum(self.update(s) for s in sources)
+        bad_items = getattr(what, "bad_items", None)
+        if bad_items is None:
+            return 0
+        name = getattr(what, "name", "dataset")
+        return sum(self.add(f"{name}/{reason}", key) for key, reason, _ in bad_items())
+
+    def add_items(self, idents: Mapping[str, str]) -> int:
+        """Add ``{"source\tkey": "source/reason"}`` (a batch's ``skipped_keys``)."""
+        n = 0
+        for ident, sr in idents.items():
+            source, _, key = str(ident).partition("\t")
+            n += self.add(str(sr), key if key else source)
+        return n
+
+    # ---- reading ----------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """``{"source/reason": distinct bad items}`` known to this process."""
+        c = Counter(self._items.values())
+        c.update(self._extra)
+        return dict(sorted(c.items()))
+
+    def total(self) -> int:
+        return len(self._items) + sum(self._extra.values())
+
+    def log_dict(self, prefix: str = "data_skipped") -> dict[str, int]:
+        """Flat scalars for a metrics log: ``{prefix: total, prefix/source/reason: n}``."""
+        out = {prefix: self.total()}
+        out.update({f"{prefix}/{k}": v for k, v in self.counts().items()})
+        return out
+
+    # ---- checkpointing ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-able: ``{"version": 1, "items": {"source/reason": [keys]}, "extra": {...}}``."""
+        items: dict[str, list[str]] = {}
+        for ident, sr in self._items.items():
+            items.setdefault(sr, []).append(ident.split("\t", 1)[1])
+        return {"version": 1, "items": {k: sorted(v) for k, v in sorted(items.items())},
+                "extra": dict(sorted(self._extra.items()))}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Replace the counts with a checkpoint's (items met later are added on top)."""
+        if int(state.get("version", 1)) != 1:
+            raise ValueError(f"unknown SkipCounter state version {state.get('version')!r}")
+        self._items, self._extra = {}, Counter()
+        for sr, keys in state.get("items", {}).items():
+            source = sr.split("/", 1)[0]
+            for k in keys:
+                self._items[f"{source}\t{k}"] = sr
+        self._extra.update({k: int(v) for k, v in state.get("extra", {}).items()})
+        self._unsynced, self._unsynced_extra = {}, Counter()
+
+    # ---- distributed ------------------------------------------------------------------
+    def reduce(self, group=None) -> dict[str, int]:
+        """Merge every rank's items (a collective: call it on every rank of ``group``) and
+        return the global ``counts()``; afterwards every rank holds the same state.
+
+        Only the items added since the previous call travel (``all_gather_object``), and
+        items are merged by key, so a bad file met on two ranks counts once. Without an
+        initialised process group this is ``counts()``.
+        """
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size(group) > 1:
+            mine = (self._unsynced, dict(self._unsynced_extra))
+            gathered: list = [None] * tdist.get_world_size(group)
+            tdist.all_gather_object(gathered, mine, group=group)
+            rank = tdist.get_rank(group)
+            for r, (items, extra) in enumerate(gathered):
+                if r == rank:
+                    continue
+                for ident, sr in items.items():
+                    if ident not in self._items:
+                        if len(self._items) < self.max_keys:
+                            self._items[ident] = sr
+                        else:
+                            self._extra[sr] += 1
+                self._extra.update(extra)
+        self._unsynced, self._unsynced_extra = {}, Counter()
+        return self.counts()

@@ -22,6 +22,13 @@ def check_image_mask(orig_size: tuple[int, int], mask: np.ndarray, key: str, all
         raise SampleError("empty_mask", key=key, detail="mask has no foreground pixels")
 
 
+def aspect_matches(mask_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether a (w, h) mask is the (w, h) image scaled by one factor, up to the rounding of
+    either size to whole pixels: ``|mw*H - W*mh| <= (max(W+H, mw+mh)) / 2``."""
+    (mw, mh), (w, h) = mask_size, image_size
+    return abs(mw * h - w * mh) <= 0.5 * max(w + h, mw + mh)
+
+
 def make_sample(
     transform: SampleTransform, image: Image.Image, orig_size: tuple[int, int], mask: np.ndarray, key: str
 ) -> dict:

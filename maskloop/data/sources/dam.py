@@ -200,13 +200,13 @@ class DAMDataset(RobustDataset):
             rle = region["mask_rle"]
         else:
             rle = self._pickle_mask(s, img_id, k, region)
+        raw = self._tars.read(*self._members[s][img_id]["jpg"])
+        image, size = open_image(raw, self.transform.draft_size, key=img_key)
         try:
-            mask = decode_segmentation(rle)
+            mask = decode_segmentation(rle, size[1], size[0])  # the RLE's size must be the image's
         except SampleError as e:
             e.key = region_key
             raise
-        raw = self._tars.read(*self._members[s][img_id]["jpg"])
-        image, size = open_image(raw, self.transform.draft_size, key=img_key)
         sample = make_sample(self.transform, image, size, mask, region_key)
         sample["caption"] = region["caption"].strip()
         return sample

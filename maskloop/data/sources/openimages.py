@@ -13,14 +13,18 @@ Released files (read as downloaded)::
 
 (``annotations/`` sub-folders are searched too, and ``class-descriptions-boxable.csv``,
 which has no header, is accepted.) Box coordinates are normalised to [0, 1]. A mask PNG
-is binary (non-zero = object); when its size differs from the image's it is resized to
-the image size with nearest-neighbour before the transform.
+is binary (non-zero = object). When its size differs from the image's but the aspect ratio
+is the same (up to whole-pixel rounding, :func:`~maskloop.data.sources.common.aspect_matches`)
+it is resized to the image size with nearest-neighbour, with a warning (once per process;
+``resized_masks`` counts them); when the aspect ratio differs too the mask cannot be this
+image's and the sample is skipped and counted as ``mask_size``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -31,7 +35,9 @@ from PIL import Image
 from ..io import FileLRU, open_image
 from ..robust import DataError, RobustDataset, SampleError
 from ..transforms import SampleTransform
-from .common import default_transform, make_sample
+from .common import aspect_matches, default_transform, make_sample
+
+logger = logging.getLogger("maskloop.data")
 
 __all__ = ["OpenImagesDataset", "read_class_descriptions"]
 
@@ -76,6 +82,7 @@ class OpenImagesDataset(RobustDataset):
     ):
         super().__init__(max_retries=max_retries, as_pair=as_pair)
         self.name = name
+        self.resized_masks = 0  # masks of another size but the same aspect ratio, resized (per process)
         self.transform = default_transform(transform)
         root = Path(root)
         self.split = split
@@ -172,6 +179,15 @@ class OpenImagesDataset(RobustDataset):
             raise SampleError("corrupt_mask", key=mask_path, detail=f"cannot decode mask PNG: {e}") from e
         image, size = open_image(self._image_path(image_id), self.transform.draft_size)
         if mask_img.size != size:
+            (mw, mh), (w, h) = mask_img.size, size
+            if not aspect_matches(mask_img.size, size):
+                raise SampleError("mask_size", key=mask_path, detail=f"mask PNG is {mw}x{mh} (w x h) but image {image_id} "
+                                  f"is {w}x{h}: another aspect ratio, so it is not this image's mask")
+            if not self.resized_masks:
+                logger.warning("%s: mask PNG %s is %dx%d but image %s is %dx%d (same aspect ratio): resized with "
+                               "nearest neighbour; further resized masks are not reported", self.name, mask_path,
+                               mw, mh, image_id, w, h)
+            self.resized_masks += 1
             mask_img = mask_img.resize(size, Image.Resampling.NEAREST)
         mask = np.asarray(mask_img) > 0
         sample = make_sample(self.transform, image, size, mask, mask_path)

@@ -60,7 +60,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from ..io import decode_segmentation, open_image, read_json
+from ..io import check_rle, decode_segmentation, open_image, read_json, rle_area
 from ..robust import RobustDataset, SampleError, check_mask
 from ..transforms import SampleTransform
 from .common import SmallCache, check_image_mask, default_transform
@@ -175,8 +175,6 @@ class SAVDataset(RobustDataset):
         max_retries: int = 16,
         name: str = "sav",
     ):
-        from pycocotools import mask as mask_util
-
         super().__init__(max_retries=max_retries)
         self.name = name
         self.transform = default_transform(transform)
@@ -213,7 +211,7 @@ class SAVDataset(RobustDataset):
                 ids = list(data.get("masklet_id", range(n_obj)))
                 if any(len(f) != n_obj for f in masklet) or len(ids) != n_obj:
                     raise SampleError("bad_json", detail="frames have different numbers of masklets")
-                areas = np.array([mask_util.area(f) if n_obj else [] for f in masklet], dtype=np.int64).reshape(len(masklet), n_obj)
+                areas = self._areas(str(jp), masklet, ids)
             except SampleError as e:
                 self.record_bad(e.reason, str(jp), e.detail)
                 continue
@@ -237,6 +235,23 @@ class SAVDataset(RobustDataset):
         self._vid, self._obj, self._frame = (np.concatenate(xs) if xs else np.zeros(0, np.int32)
                                              for xs in (vid_of, obj_of, frame_of))
         self.check_not_empty()
+
+    def _areas(self, json_path: str, masklet: list, ids: list) -> np.ndarray:
+        """(frames, objects) foreground areas, every RLE validated (never handed to pycocotools
+        unchecked); a bad RLE is counted ``bad_rle`` and its frame is not used (area 0)."""
+        areas = np.zeros((len(masklet), len(ids)), np.int64)
+        bad: list[tuple[str, str]] = []
+        for k, frame in enumerate(masklet):
+            for j, rle in enumerate(frame):
+                try:
+                    areas[k, j] = rle_area(rle)
+                except SampleError as e:
+                    bad.append((f"{json_path}#masklet{ids[j]}/frame{k}", e.detail))
+        if bad and len(bad) == areas.size:  # nothing usable: one bad file, not one item per RLE
+            raise SampleError("bad_rle", key=json_path, detail=f"every RLE is malformed, e.g. {bad[0][0]}: {bad[0][1]}")
+        for key, detail in bad:
+            self.record_bad("bad_rle", key, detail)
+        return areas
 
     def __len__(self) -> int:
         return len(self._vid)
@@ -283,10 +298,10 @@ class SAVDataset(RobustDataset):
         raw = self.raw_pair(index)
         v, j = int(self._vid[index]), int(self._obj[index])
         masks = []
-        for k, rle in zip(raw["annot_frames"], raw["rles"]):
+        for k, rle, img in zip(raw["annot_frames"], raw["rles"], raw["images"]):
             key = self._mask_key(v, j, k)
             try:
-                masks.append(decode_segmentation(rle))
+                masks.append(decode_segmentation(rle, img.size[1], img.size[0]))  # RLE size must be the frame's
             except SampleError as e:
                 e.key = key
                 raise
@@ -311,12 +326,8 @@ def _encode_jpeg(img: Image.Image, quality: int) -> np.ndarray:
 
 
 def _rle_string(rle: dict) -> str:
-    counts = rle["counts"]
-    if isinstance(counts, (list, tuple)):  # uncompressed -> compressed
-        from pycocotools import mask as mask_util
-
-        h, w = rle["size"]
-        counts = mask_util.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)["counts"]
+    """Compressed counts string of a (validated) RLE; an uncompressed one is compressed."""
+    counts = check_rle(rle)[0]["counts"]
     return counts.decode("ascii") if isinstance(counts, bytes) else str(counts)
 
 
