@@ -83,3 +83,14 @@ def test_mixed_task_collate_and_forward(cross):
     R = g["region_masks"].shape[1]
     assert out.region_logits[-1].shape == (2, cfg.num_queries, R + 1)
 
+
+def test_tiny_cross_image_training_loss_falls(cross, tmp_path):
+    from maskloop.recipes.psalm import train_psalm
+
+    torch.set_num_threads(1)
+    data = [{"kind": "coco_interactive_cross", "json_path": str(cross["json"]), "image_dir": str(cross["root"])}]
+    cfg = dict(model="psalm-tiny", data=data, max_steps=10, batch_size=2, accumulation=1, lr=1e-3, warmup_ratio=0.0,
+               num_workers=0, num_points=64, run_dir=str(tmp_path / "run"), progress=False, ckpt_every=100, seed=0)
+    hist = train_psalm(cfg)
+    loss = [h["loss/cross_image"] for h in hist]
+    assert len(loss) == 10 and sum(loss[-3:]) / 3 < 0.8 * sum(loss[:3]) / 3, loss

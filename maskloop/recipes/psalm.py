@@ -113,7 +113,7 @@ def _merge(config: dict) -> dict:
 
 def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
     """One dataset from ``{kind, ...}``; kinds: coco_panoptic, coco_semantic, coco_instances,
-    coco_interactive, refcoco (the reader's own keyword arguments pass through)."""
+    coco_interactive, coco_interactive_cross, refcoco (the reader's own keyword arguments pass through)."""
     from maskloop.data.psalm import PSALMTransform
     from maskloop.data.sources.coco_instances import COCOInstancesDataset
     from maskloop.data.sources.coco_interactive import COCOInteractiveDataset
@@ -133,10 +133,14 @@ def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
     if kind == "coco_interactive":
         spec.setdefault("seed", seed)
         return COCOInteractiveDataset(transform=tf, **spec)
+    if kind == "coco_interactive_cross":  # PSALM's cross-image json (datasets/build_DAVIS.py layout)
+        from maskloop.data.sources.coco_interactive_cross import COCOInteractiveCrossDataset
+
+        return COCOInteractiveCrossDataset(transform=tf, **spec)
     if kind == "refcoco":
         return RefCOCODataset(transform=SampleTransform(image_size=image_size, sam_size=mask_size), **spec)
     raise KeyError(f"unknown PSALM data kind {kind!r}; one of coco_panoptic, coco_semantic, coco_instances, "
-                   "coco_interactive, refcoco")
+                   "coco_interactive, coco_interactive_cross, refcoco")
 
 
 def _tokenizer(cfg: dict, class_names: list[str]):
