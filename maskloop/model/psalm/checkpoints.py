@@ -411,7 +411,7 @@ def read_psalm_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"PSALM checkpoint not found: {path}")
     if path.is_dir():
-        for index, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", None)):
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             ip = path / index
             if ip.exists():
                 sd = {}
