@@ -50,7 +50,8 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from .projector import DeformableProjector, SwinConvConnector, region_features
 
-__all__ = ["PSALMConfig", "PSALMTokens", "PSALMModel", "PSALMOutput", "PRESETS", "psalm_config", "TASKS"]
+__all__ = ["PSALMConfig", "PSALMTokens", "PSALMModel", "PSALMOutput", "PRESETS", "psalm_config", "TASKS",
+           "PSALM_ARG_NAMES", "SWIN_TYPES", "SEG_TASKS", "seg_task_tasks"]
 
 TASKS = ("panoptic", "semantic", "instance", "referring", "region", "cross_image")
 
@@ -163,10 +164,47 @@ PRESETS: dict[str, PSALMConfig] = {
 }
 
 
+#: PSALM's training-script argument names -> PSALMConfig fields (the deformable projector's
+#: ``mm_hidden_dim / mm_n_heads / mm_n_points``). ``projector_outdim`` (the connectors' output
+#: width) must equal the LLM width and ``swin_type`` picks the Swin-B / Swin-L shapes.
+PSALM_ARG_NAMES = {"mm_hidden_dim": "deform_hidden", "mm_n_heads": "deform_heads", "mm_n_points": "deform_points"}
+SWIN_TYPES = {"base": {"swin_embed_dim": 128, "swin_heads": (4, 8, 16, 32)},
+              "large": {"swin_embed_dim": 192, "swin_heads": (6, 12, 24, 48)}}
+#: PSALM's ``--seg_task`` -> the tasks its mask decoder evaluates (``mask_decoder_training_init``).
+SEG_TASKS = {"semantic": ("semantic",), "instance": ("instance",), "panoptic": ("semantic", "instance", "panoptic"),
+             "referring": ("referring",), "region": ("region",)}
+
+
+def seg_task_tasks(seg_task: str) -> tuple[str, ...]:
+    """The tasks PSALM's ``--seg_task`` switches on (a ``+``-joined list mixes them)."""
+    out: list[str] = []
+    for part in seg_task.split("+"):
+        if part not in SEG_TASKS:
+            raise ValueError(f"unknown seg_task {part!r}; one of {sorted(SEG_TASKS)} (join with '+' to mix)")
+        out += [t for t in SEG_TASKS[part] if t not in out]
+    return tuple(out)
+
+
 def psalm_config(name: str, **overrides) -> PSALMConfig:
+    """A preset with field overrides; PSALM's argument names (:data:`PSALM_ARG_NAMES`,
+    ``swin_type``, ``projector_outdim``) are accepted too."""
     if name not in PRESETS:
         raise KeyError(f"unknown PSALM preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    overrides = dict(overrides)
+    for psalm_name, field_name in PSALM_ARG_NAMES.items():
+        if psalm_name in overrides:
+            overrides[field_name] = overrides.pop(psalm_name)
+    if "swin_type" in overrides:
+        st = overrides.pop("swin_type")
+        if st not in SWIN_TYPES:
+            raise ValueError(f"swin_type must be one of {sorted(SWIN_TYPES)}, got {st!r}")
+        overrides = {**SWIN_TYPES[st], **overrides}
+    outdim = overrides.pop("projector_outdim", None)
+    cfg = replace(PRESETS[name], **overrides)
+    if outdim is not None and int(outdim) != cfg.llm_hidden:
+        raise ValueError(f"projector_outdim={outdim} but the LLM width is {cfg.llm_hidden}: PSALM's connectors "
+                         "project into the LLM's embedding space; pick the preset of that LLM")
+    return cfg
 
 
 @dataclass
@@ -287,9 +325,11 @@ class PSALMModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Recompute activations in backward: the Phi layers (PSALM's ``--gradient_checkpointing``,
         the HF Trainer's switch on the LLM) and the Swin blocks (only matters when it is trained)."""
-        kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        self.llm.gradient_checkpointing_enable(**kw)
-        self.vision_tower.gradient_checkpointing_enable(**kw)
+        for m in (self.llm, self.vision_tower):
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- pieces ---------------------------------------------------------------------------
 
