@@ -380,7 +380,7 @@ def test_pkl_into_psalm_fpn_zero_biases():
     sd = d2_state(seed=4)
     rep = load_detectron2_pkl(model, sd)
     assert sorted(rep["zero_init"]) == ["pixel_decoder.adapter_1.0.bias", "pixel_decoder.layer_1.0.bias"]
-    assert float(model.pixel_decoder.adapter_1[0].bias.abs().sum()) == 0.0
+    assert float(model.pixel_decoder.adapter_1[0].bias.detach().abs().sum()) == 0.0
 
 
 def test_psalm_full_checkpoint_matches_reference(tmp_path):
@@ -432,3 +432,32 @@ def test_mm_projector_bin(tmp_path):
     state["model.mm_projector.fc.weight"] = torch.zeros(1, 1)
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_mm_projector(model, state)
+
+
+def test_phi_folder_and_one_call_start(tmp_path):
+    from safetensors.torch import save_file
+
+    from maskloop.model.psalm.checkpoints import load_pretrained_parts
+
+    model = PSALMModel(_config("psalm"))
+    g = torch.Generator().manual_seed(8)
+    phi = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("llm."):
+            shape = list(v.shape)
+            if k in ("llm.model.embed_tokens.weight", "llm.lm_head.weight", "llm.lm_head.bias"):
+                shape[0] = model.config.base_vocab  # the released vocabulary, without PSALM's tokens
+            phi[k[4:]] = torch.randn(shape, generator=g)
+    (tmp_path / "phi").mkdir()
+    save_file(phi, str(tmp_path / "phi" / "model.safetensors"))
+    pkl = write_detectron2_pkl(tmp_path / "m2f.pkl", d2_state(seed=9))
+    rep = load_pretrained_parts(model, llm=tmp_path / "phi", vision_tower=pkl)
+    assert sorted(rep["llm"]["grown"]) == ["lm_head.bias", "lm_head.weight", "model.embed_tokens.weight"]
+    emb = model.llm.get_input_embeddings().weight
+    V = model.config.base_vocab
+    torch.testing.assert_close(emb[:V], phi["model.embed_tokens.weight"])
+    torch.testing.assert_close(emb[V:], phi["model.embed_tokens.weight"].mean(0).expand(8, -1))
+    assert rep["vision_tower"]["zero_init"]
+    phi["model.layers.0.mlp.fc1.weight"] = torch.zeros(2, 2)
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.fc1.weight"):
+        load_pretrained_parts(model, llm=phi)

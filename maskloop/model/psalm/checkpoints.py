@@ -47,7 +47,7 @@ __all__ = [
     "PickleRefused", "read_detectron2_pkl", "write_detectron2_pkl", "mask2former_entries",
     "detectron2_to_native", "native_to_detectron2", "load_detectron2_pkl", "export_detectron2",
     "psalm_to_native", "load_psalm_checkpoint", "load_mm_projector", "read_psalm_state",
-    "D2_PREFIXES", "PSALM_PREFIXES",
+    "D2_PREFIXES", "PSALM_PREFIXES", "load_phi", "load_pretrained_parts",
 ]
 
 
@@ -507,3 +507,59 @@ def load_mm_projector(model, path_or_state) -> dict:
         raise CheckpointError(_report(what, unknown_keys=unknown, missing_keys=missing, wrong_shapes=shapes))
     _load_native(model, {f"mm_projector.{k}": v for k, v in got.items()})
     return {"loaded": sorted(got), "ignored": sorted(other)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Phi-1.5 (the LLM PSALM starts from) and the one-call start
+
+
+def load_phi(model, path_or_state) -> dict:
+    """A Hugging Face Phi folder / state (``model.*``, ``lm_head.*``, transformers' Phi names) into
+    ``model.llm``. The checkpoint's vocabulary fills the first rows of the embedding and the LM
+    head; the 8 PSALM tokens appended after it start at the mean of those rows (the embedding
+    and the head each), so that they begin inside the vocabulary's span."""
+    sd = read_psalm_state(path_or_state) if isinstance(path_or_state, (str, Path)) else dict(path_or_state)
+    what = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "Phi checkpoint"
+    own = model.state_dict()
+    native, unknown, shapes, grown = {}, [], [], []
+    for k, v in sd.items():
+        if not k.startswith(("model.", "lm_head.")):
+            unknown.append(k)
+            continue
+        dst = "llm." + k
+        if dst not in own:
+            unknown.append(k)
+            continue
+        want = tuple(own[dst].shape)
+        if tuple(v.shape) == want:
+            native[dst] = v
+        elif k in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias") and v.shape[0] <= want[0] \
+                and tuple(v.shape[1:]) == want[1:]:
+            full = own[dst].detach().clone().to(v.dtype)
+            full[: v.shape[0]] = v
+            full[v.shape[0]:] = v.float().mean(0).to(v.dtype)
+            native[dst] = full
+            grown.append(k)
+        else:
+            shapes.append(f"{k}: checkpoint {tuple(v.shape)}, model {want}")
+    missing = [k for k in own if k.startswith("llm.") and k not in native]
+    if unknown or shapes or missing:
+        raise CheckpointError(_report(what, unknown_keys=unknown, missing_keys=missing, wrong_shapes=shapes))
+    _load_native(model, native)
+    return {"loaded": sorted(native), "grown": grown}
+
+
+def load_pretrained_parts(model, llm=None, vision_tower=None, mm_projector=None, psalm_checkpoint=None) -> dict:
+    """PSALM's start in one call, in its order: ``--model_name_or_path`` (Phi), ``--vision_tower``
+    (the Mask2Former .pkl: Swin, pixel decoder, decoder layers), ``--pretrain_mm_mlp_adapter``;
+    or a full PSALM checkpoint (applied last, over the parts). Returns each loader's report."""
+    out = {}
+    if llm:
+        out["llm"] = load_phi(model, llm)
+    if vision_tower:
+        out["vision_tower"] = load_detectron2_pkl(model, vision_tower)
+    if mm_projector:
+        out["mm_projector"] = load_mm_projector(model, mm_projector)
+    if psalm_checkpoint:
+        out["psalm_checkpoint"] = load_psalm_checkpoint(model, psalm_checkpoint)
+    return out
