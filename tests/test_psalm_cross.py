@@ -94,3 +94,20 @@ def test_tiny_cross_image_training_loss_falls(cross, tmp_path):
     hist = train_psalm(cfg)
     loss = [h["loss/cross_image"] for h in hist]
     assert len(loss) == 10 and sum(loss[-3:]) / 3 < 0.8 * sum(loss[:3]) / 3, loss
+
+
+def test_recipe_starts_from_the_mask2former_pkl(cross, tmp_path):
+    """`vision_tower: model_final.pkl` in a psalm recipe loads the Swin / mask head through the map."""
+    from maskloop.model.psalm.checkpoints import native_to_detectron2, write_detectron2_pkl
+    from maskloop.model.psalm.model import PSALMModel
+    from maskloop.recipes.psalm import build_psalm
+
+    torch.manual_seed(5)
+    donor = PSALMModel(psalm_config("psalm-tiny"))
+    pkl = write_detectron2_pkl(tmp_path / "model_final_x.pkl", native_to_detectron2(donor))
+    data = [{"kind": "coco_interactive_cross", "json_path": str(cross["json"]), "image_dir": str(cross["root"])}]
+    built = build_psalm({"model": "psalm-tiny", "data": data, "vision_tower": str(pkl)})
+    m = built["model"]
+    torch.testing.assert_close(m.vision_tower.hidden_states_norms["stage1"].weight,
+                               donor.vision_tower.hidden_states_norms["stage1"].weight)
+    torch.testing.assert_close(m.pixel_decoder.level_embed, donor.pixel_decoder.level_embed)

@@ -51,6 +51,11 @@ PSALM_DEFAULTS: dict = {
     "model": "psalm-swinb-phi15",  # a preset of maskloop.model.psalm.model.PRESETS
     "model_overrides": {},  # PSALMConfig fields, e.g. {"deform": false}
     "init_from": None,  # safetensors state dict in PSALMModel keys
+    # published starts, PSALM's argument names (maskloop.model.psalm.checkpoints.load_pretrained_parts)
+    "model_name_or_path": None,  # a Hugging Face Phi folder (phi-1_5)
+    "vision_tower": None,  # detectron2's Mask2Former model_final_*.pkl (Swin + pixel decoder + decoder layers)
+    "pretrain_mm_mlp_adapter": None,  # mm_projector.bin
+    "psalm_checkpoint": None,  # a full PSALM checkpoint (pytorch_model.bin / safetensors / folder)
     "tokenizer": None,  # a local Hugging Face tokenizer folder; None: a word tokenizer (tiny preset)
     "train_backbone": False,  # PSALM keeps the Swin tower frozen
     "image_size": None,  # None: the preset's (1024)
@@ -186,6 +191,11 @@ def build_psalm(config: dict, eval_mode: bool = False) -> dict:
         mcfg = psalm_config(cfg["model"], **overrides, base_vocab=len(tok), tokens=None)
     torch.manual_seed(cfg["seed"])
     model = PSALMModel(mcfg)
+    if any(cfg[k] for k in ("model_name_or_path", "vision_tower", "pretrain_mm_mlp_adapter", "psalm_checkpoint")):
+        from maskloop.model.psalm.checkpoints import load_pretrained_parts
+
+        load_pretrained_parts(model, llm=cfg["model_name_or_path"], vision_tower=cfg["vision_tower"],
+                              mm_projector=cfg["pretrain_mm_mlp_adapter"], psalm_checkpoint=cfg["psalm_checkpoint"])
     if cfg["init_from"]:
         load_trained(model, cfg["init_from"])
     return {"config": cfg, "model": model, "tokenizer": tok, "sources": sources,
