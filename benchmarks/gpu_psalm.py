@@ -92,15 +92,19 @@ def bench_kernels(a, device) -> list[dict]:
         go32 = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device)
         g_ref = torch.autograd.grad(ref, req, go32)
         ref = ref.detach()
-        for dtype in (torch.float32, torch.bfloat16):
-            v, loc, w = (t.to(dtype).requires_grad_() for t in (v32, loc32, w32))
-            go = go32.to(dtype)
+        # bf16: everything bfloat16; bf16_v: bfloat16 value, float32 locations / weights (what
+        # MSDeformAttn passes under autocast)
+        for mode, vt, gt in (("fp32", torch.float32, torch.float32), ("bf16", torch.bfloat16, torch.bfloat16),
+                             ("bf16_v", torch.bfloat16, torch.float32)):
+            v = v32.to(vt).requires_grad_()
+            loc, w = (t.to(gt).requires_grad_() for t in (loc32, w32))
+            go = go32.to(vt)
             for name, fn in impls.items():
                 try:
                     out = fn(v, ss, st, loc, w)
                     grads = torch.autograd.grad(out, (v, loc, w), go)
                 except Exception as e:  # an impl without this dtype: recorded, not fatal
-                    rows.append({"task": task, "Q": Q, "dtype": str(dtype).split(".")[-1], "impl": name,
+                    rows.append({"task": task, "Q": Q, "dtype": mode, "impl": name,
                                  "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
                 err = {"out": ((out.float() - ref).abs().max() / ref.abs().max()).item()}
@@ -111,7 +115,7 @@ def bench_kernels(a, device) -> list[dict]:
                 fb = timeit(lambda fn=fn, args=args, go=go: torch.autograd.grad(
                     fn(*args), (args[0], args[3], args[4]), go), device, a.reps)
                 rows.append({"task": task, "Q": Q, "levels": [list(x) for x in levels], "B": a.batch,
-                             "dtype": str(dtype).split(".")[-1], "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": fb,
+                             "dtype": mode, "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": fb,
                              "rel_err_out": err["out"], "rel_err_grad_value": err["value"],
                              "rel_err_grad_loc": err["loc"], "rel_err_grad_attn": err["attn"]})
             del v, loc, w
