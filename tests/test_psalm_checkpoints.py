@@ -461,3 +461,70 @@ def test_phi_folder_and_one_call_start(tmp_path):
     phi["model.layers.0.mlp.fc1.weight"] = torch.zeros(2, 2)
     with pytest.raises(CheckpointError, match="model.layers.0.mlp.fc1.weight"):
         load_pretrained_parts(model, llm=phi)
+
+
+def _mlp(x, W, p, n=3):
+    for k in range(n):
+        x = x @ W[f"{p}layers.{k}.weight"].T + W[f"{p}layers.{k}.bias"]
+        if k < n - 1:
+            x = F.relu(x)
+    return x
+
+
+def ref_masked_decoder(queries, ms, mask_features, W, n_queries, Q="sem_seg_head.predictor."):
+    """detectron2's MultiScaleMaskedTransformerDecoder (post-norm), fed external queries (B, Nq, C)."""
+    B, Nq, C = queries.shape
+    srcs, poss, sizes = [], [], []
+    for lvl in range(3):
+        x = ms[lvl]
+        sizes.append(x.shape[-2:])
+        poss.append(_sine(x, C // 2).flatten(2).permute(2, 0, 1))
+        srcs.append((x.flatten(2) + W[Q + "level_embed.weight"][lvl][None, :, None]).permute(2, 0, 1))
+    qpos = W[Q + "query_embed.weight"][:Nq, None].expand(Nq, B, C)
+    out = queries.transpose(0, 1)
+
+    def heads(o, size):
+        d = _ln(o, W, Q + "decoder_norm.").transpose(0, 1)
+        m = torch.einsum("bqc,bchw->bqhw", _mlp(d, W, Q + "mask_embed."), mask_features)
+        am = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        am = (am.sigmoid().flatten(2)[:, None].repeat(1, PD_HEADS, 1, 1).flatten(0, 1) < 0.5)
+        return m, am
+
+    masks, am = heads(out, sizes[0])
+    all_masks = [masks]
+    for i in range(DEC - 1):
+        lvl = i % 3
+        am[torch.where(am.sum(-1) == am.shape[-1])] = False
+        ca, sa, ff = (f"{Q}transformer_cross_attention_layers.{i}.", f"{Q}transformer_self_attention_layers.{i}.",
+                      f"{Q}transformer_ffn_layers.{i}.")
+        o = F.multi_head_attention_forward(
+            out + qpos, srcs[lvl] + poss[lvl], srcs[lvl], C, PD_HEADS, W[ca + "multihead_attn.in_proj_weight"],
+            W[ca + "multihead_attn.in_proj_bias"], None, None, False, 0.0, W[ca + "multihead_attn.out_proj.weight"],
+            W[ca + "multihead_attn.out_proj.bias"], training=False, attn_mask=am, need_weights=False)[0]
+        out = _ln(out + o, W, ca + "norm.")
+        o = F.multi_head_attention_forward(
+            out + qpos, out + qpos, out, C, PD_HEADS, W[sa + "self_attn.in_proj_weight"], W[sa + "self_attn.in_proj_bias"],
+            None, None, False, 0.0, W[sa + "self_attn.out_proj.weight"], W[sa + "self_attn.out_proj.bias"],
+            training=False, need_weights=False)[0]
+        out = _ln(out + o, W, sa + "norm.")
+        o = F.relu(out @ W[ff + "linear1.weight"].T + W[ff + "linear1.bias"]) @ W[ff + "linear2.weight"].T
+        out = _ln(out + o + W[ff + "linear2.bias"], W, ff + "norm.")
+        masks, am = heads(out, sizes[(i + 1) % 3])
+        all_masks.append(masks)
+    return all_masks
+
+
+def test_pkl_decoder_layers_match_reference(d2_model_and_state):
+    """The masked-attention decoder layers (q/k/v split of in_proj, cross-attention, FFN, norms,
+    mask MLP, level embedding, query positions) equal detectron2's decoder on the same queries."""
+    model, sd, _, _ = d2_model_and_state
+    g = torch.Generator().manual_seed(11)
+    queries = torch.randn(2, NQ, CONV, generator=g)
+    ms = [torch.randn(2, CONV, s, s, generator=g) for s in (2, 4, 8)]
+    mask_features = torch.randn(2, CONV, 16, 16, generator=g)
+    with torch.no_grad():
+        ref = ref_masked_decoder(queries, ms, mask_features, sd, NQ)
+        ours, _ = model.predictor(queries, ms, mask_features)
+    assert len(ours) == len(ref) == DEC
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
