@@ -383,21 +383,46 @@ def test_pkl_into_psalm_fpn_zero_biases():
     assert float(model.pixel_decoder.adapter_1[0].bias.detach().abs().sum()) == 0.0
 
 
-def test_psalm_full_checkpoint_matches_reference(tmp_path):
-    from safetensors.torch import save_file
-
+def psalm_state(model, seed):
+    """A baseline PSALM checkpoint in PSALM's module names (LLM / projectors from the model's shapes)."""
     from maskloop.model.psalm.adapt import PSALM_TO_MASKLOOP
 
-    torch.manual_seed(0)
-    model = PSALMModel(_config("psalm")).eval()
-    sd = d2_state(seed=5, psalm=True)
-    g = torch.Generator().manual_seed(6)
+    sd = d2_state(seed=seed, psalm=True)
+    g = torch.Generator().manual_seed(seed + 100)
     inv = {v: k for k, v in PSALM_TO_MASKLOOP.items()}
-    for k, v in model.state_dict().items():  # the LLM / projectors in PSALM's names
+    for k, v in model.state_dict().items():
         for dst, src in inv.items():
             if k.startswith(dst) and not k.startswith("deform_projector."):
                 sd[src + k[len(dst):]] = torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
     sd["seg_query"] = torch.randn(NQ, model.config.llm_hidden, generator=g)
+    return sd
+
+
+def test_adapted_baseline_loads_with_its_deform_projector(tmp_path):
+    """PSALM's guide: adapt a baseline (maskloop export psalm-to-deformable), then train at lr 1e-6."""
+    from safetensors.torch import save_file
+
+    from maskloop.model.psalm.adapt import psalm_to_deformable
+
+    model = PSALMModel(_config("psalm"))
+    c = model.config
+    base = psalm_state(model, seed=12)
+    deform, rep = psalm_to_deformable(base, hidden=c.deform_hidden, n_heads=c.deform_heads, n_points=c.deform_points,
+                                      level_dims=c.level_dims, seed=3)
+    save_file({k: v.contiguous() for k, v in deform.items()}, str(tmp_path / "deformable.safetensors"))
+    load_psalm_checkpoint(model, tmp_path / "deformable.safetensors")
+    torch.testing.assert_close(model.deform_projector.attn.sampling_offsets.weight,
+                               deform["model.deform_projector.attn.sampling_offsets.weight"])
+    torch.testing.assert_close(model.mm_projector.fc.weight, base["model.mm_projector.fc.weight"])
+
+
+def test_psalm_full_checkpoint_matches_reference(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = PSALMModel(_config("psalm")).eval()
+    sd = psalm_state(model, seed=5)
+    g = torch.Generator().manual_seed(6)
     save_file(sd, str(tmp_path / "model.safetensors"))
     rep = load_psalm_checkpoint(model, tmp_path)
     assert "predictor.SEG_proj.layers.0.weight" in rep["aside"]
