@@ -455,11 +455,19 @@ class PsalmConfig:
 
     data: list = field(default_factory=list)
     """Source specs ``{kind, ..., repeat}``: coco_panoptic, coco_semantic, coco_instances, coco_interactive,
-    refcoco."""
+    coco_interactive_cross, refcoco."""
     model_overrides: dict = field(default_factory=dict)
     """PSALMConfig fields, e.g. ``{deform: false}``."""
     tokenizer: str | None = None
     """A local Hugging Face tokenizer folder; None: a word tokenizer (tiny preset)."""
+    model_name_or_path: str | None = None
+    """PSALM's start, its argument names: a Hugging Face Phi folder (phi-1_5) for the LLM."""
+    vision_tower: str | None = None
+    """detectron2's Mask2Former ``model_final_*.pkl`` (Swin + pixel decoder + decoder layers)."""
+    pretrain_mm_mlp_adapter: str | None = None
+    """A baseline ``mm_projector.bin``."""
+    psalm_checkpoint: str | None = None
+    """A full PSALM checkpoint (pytorch_model.bin / safetensors / folder, PSALM's module names)."""
     train_backbone: bool = False
     """Train the Swin tower (PSALM keeps it frozen)."""
     image_size: int | None = None

@@ -71,3 +71,43 @@ def test_module_init_and_forward():
     torch.testing.assert_close(out1, out2)
     m.impl = "reference"
     torch.testing.assert_close(m(q, ref, x, ss, start), out1, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_value_float32_geometry():
+    """Under autocast the sampling geometry stays float32; every impl takes a bf16 value with
+    float32 locations and gives the float32 result on the bf16-rounded value, in bf16."""
+    from maskloop.model.psalm.deform_attn import MSDeformAttn, ms_deform_attn_gather, ms_deform_attn_reference
+
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    start = torch.tensor([0, 30])
+    v = torch.randn(2, 39, 2, 4, generator=g).bfloat16()
+    loc = torch.rand(2, 3, 2, 2, 2, 2, generator=g)
+    a = torch.rand(2, 3, 2, 2, 2, generator=g).softmax(-1)
+    want = ms_deform_attn_reference(v.float(), shapes, start, loc, a)
+    for fn in (ms_deform_attn_reference, ms_deform_attn_gather):
+        vv = v.clone().requires_grad_()
+        out = fn(vv, shapes, start, loc, a)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+        out.float().sum().backward()
+        assert vv.grad is not None and vv.grad.dtype == torch.bfloat16
+    m = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)
+    seen = {}
+    m.impl = "reference"
+    import maskloop.model.psalm.deform_attn as da
+
+    orig = da.ms_deform_attn
+
+    def spy(value, ss, st, locations, attn, impl="auto"):
+        seen["loc"], seen["attn"] = locations.dtype, attn.dtype
+        return orig(value, ss, st, locations, attn, impl=impl)
+
+    da.ms_deform_attn = spy
+    try:
+        q, src = torch.randn(2, 3, 8, generator=g), torch.randn(2, 39, 8, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(q, torch.rand(2, 3, 2, generator=g), src, shapes, start)
+    finally:
+        da.ms_deform_attn = orig
+    assert seen == {"loc": torch.float32, "attn": torch.float32}

@@ -99,3 +99,41 @@ def test_tiny_trains_loss_falls():
         opt.step()
         hist.append(total.item())
     assert sum(hist[-3:]) / 3 < 0.7 * sum(hist[:3]) / 3, hist
+
+
+def test_psalm_argument_names_and_switches():
+    import pytest
+
+    from maskloop.model.psalm.model import seg_task_tasks
+
+    cfg = psalm_config("psalm-tiny", mm_hidden_dim=48, mm_n_heads=3, mm_n_points=5, projector_outdim=64)
+    assert (cfg.deform_hidden, cfg.deform_heads, cfg.deform_points) == (48, 3, 5)
+    large = psalm_config("psalm-swinb-phi15", swin_type="large")
+    assert large.level_dims == (192, 384, 768, 1536) and large.swin_heads == (6, 12, 24, 48)
+    with pytest.raises(ValueError, match="projector_outdim"):
+        psalm_config("psalm-tiny", projector_outdim=2048)
+    assert seg_task_tasks("panoptic") == ("semantic", "instance", "panoptic")
+    assert seg_task_tasks("referring+region") == ("referring", "region")
+    with pytest.raises(ValueError, match="seg_task"):
+        seg_task_tasks("detection")
+
+
+def test_gradient_checkpointing_same_gradients():
+    """PSALM's --gradient_checkpointing: recomputation gives the same loss and gradients."""
+    torch.manual_seed(0)
+    cfg = psalm_config("psalm-tiny")
+    a = PSALMModel(cfg).train()
+    b = PSALMModel(psalm_config("psalm-tiny", gradient_checkpointing=True)).train()
+    b.load_state_dict(a.state_dict())
+    assert b.llm.model.gradient_checkpointing
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.base_vocab, (2, 12), generator=g)
+    ids[:, :1] = cfg.tokens.seg_token
+    x = torch.randn(2, 12, cfg.llm_hidden, generator=g)
+    outs = []
+    for m in (a, b):
+        out = m.llm(inputs_embeds=x, labels=ids)
+        out.loss.backward()
+        outs.append((out.loss.detach(), m.llm.model.layers[0].mlp.fc1.weight.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])

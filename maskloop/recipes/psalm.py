@@ -83,7 +83,7 @@ def load_config_file(path) -> dict:
 
 def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
     """One dataset from ``{kind, ...}``; kinds: coco_panoptic, coco_semantic, coco_instances,
-    coco_interactive, refcoco (the reader's own keyword arguments pass through)."""
+    coco_interactive, coco_interactive_cross, refcoco (the reader's own keyword arguments pass through)."""
     from maskloop.data.psalm import PSALMTransform
     from maskloop.data.sources.coco_instances import COCOInstancesDataset
     from maskloop.data.sources.coco_interactive import COCOInteractiveDataset
@@ -103,10 +103,14 @@ def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
     if kind == "coco_interactive":
         spec.setdefault("seed", seed)
         return COCOInteractiveDataset(transform=tf, **spec)
+    if kind == "coco_interactive_cross":  # PSALM's cross-image json (datasets/build_DAVIS.py layout)
+        from maskloop.data.sources.coco_interactive_cross import COCOInteractiveCrossDataset
+
+        return COCOInteractiveCrossDataset(transform=tf, **spec)
     if kind == "refcoco":
         return RefCOCODataset(transform=SampleTransform(image_size=image_size, sam_size=mask_size), **spec)
     raise ConfigError(f"unknown PSALM data kind {kind!r}; one of coco_panoptic, coco_semantic, coco_instances, "
-                   "coco_interactive, refcoco")
+                      "coco_interactive, coco_interactive_cross, refcoco")
 
 
 def _tokenizer(cfg, class_names: list[str]):
@@ -155,6 +159,11 @@ def build_psalm(config: dict | TrainConfig, eval_mode: bool = False) -> dict:
         mcfg = psalm_config(cfg.model, **overrides, base_vocab=len(tok), tokens=None)
     torch.manual_seed(cfg.seed)
     model = PSALMModel(mcfg)
+    if any((p.model_name_or_path, p.vision_tower, p.pretrain_mm_mlp_adapter, p.psalm_checkpoint)):
+        from maskloop.model.psalm.checkpoints import load_pretrained_parts
+
+        load_pretrained_parts(model, llm=p.model_name_or_path, vision_tower=p.vision_tower,
+                              mm_projector=p.pretrain_mm_mlp_adapter, psalm_checkpoint=p.psalm_checkpoint)
     if cfg.init_from:
         load_trained(model, cfg.init_from)
     return {"config": cfg, "model": model, "tokenizer": tok, "sources": sources,

@@ -50,7 +50,12 @@ def ms_deform_attn_reference(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """grid_sample reference. See the module docstring for shapes."""
+    """grid_sample reference. See the module docstring for shapes. With a half / bfloat16
+    ``value`` and float32 locations, samples in float32 and returns ``value``'s dtype."""
+    if value.dtype != sampling_locations.dtype:
+        out = ms_deform_attn_reference(value.to(sampling_locations.dtype), spatial_shapes, level_start_index,
+                                       sampling_locations, attention_weights.to(sampling_locations.dtype))
+        return out.to(value.dtype)
     B, S, H, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
@@ -114,7 +119,15 @@ def ms_deform_attn_gather(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Vectorised gather implementation (no grid_sample): one index_select over all levels."""
+    """Vectorised gather implementation (no grid_sample): one index_select over all levels.
+
+    Half / bfloat16 inputs are summed in float32 (CUDA's embedding_bag has no bfloat16 backward
+    for the per-sample weights); the output has ``value``'s dtype."""
+    if value.dtype in (torch.float16, torch.bfloat16) or sampling_locations.dtype != value.dtype:
+        f32 = torch.float32
+        out = ms_deform_attn_gather(value.to(f32), spatial_shapes, level_start_index, sampling_locations.to(f32),
+                                    attention_weights.to(f32))
+        return out.to(value.dtype)
     B, S, H, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     idx, weight = _corner_indices_and_weights(
@@ -277,12 +290,19 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(B, S, H, self.d_model // H)
-        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
-        attn = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-        if reference_points.dim() == 3:
-            reference_points = reference_points[:, :, None, :].expand(B, Q, L, 2)
-        # offsets are in pixels of each level: normalise by (W_l, H_l)
-        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        # The sampling geometry stays in float32 under autocast: a bfloat16 location in [0, 1]
+        # is off by up to 1/256 of the map, a pixel at the 256^2 level (benchmarks/gpu_psalm.py).
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            q32 = query.float()
+            offsets = F.linear(q32, self.sampling_offsets.weight.float(), self.sampling_offsets.bias.float())
+            offsets = offsets.view(B, Q, H, L, P, 2)
+            attn = F.linear(q32, self.attention_weights.weight.float(), self.attention_weights.bias.float())
+            attn = attn.view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+            reference_points = reference_points.float()
+            if reference_points.dim() == 3:
+                reference_points = reference_points[:, :, None, :].expand(B, Q, L, 2)
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).float()
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, attn, impl=self.impl)
         return self.output_proj(out)

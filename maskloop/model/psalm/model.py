@@ -50,7 +50,8 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from .projector import DeformableProjector, SwinConvConnector, region_features
 
-__all__ = ["PSALMConfig", "PSALMTokens", "PSALMModel", "PSALMOutput", "PRESETS", "psalm_config", "TASKS"]
+__all__ = ["PSALMConfig", "PSALMTokens", "PSALMModel", "PSALMOutput", "PRESETS", "psalm_config", "TASKS",
+           "PSALM_ARG_NAMES", "SWIN_TYPES", "SEG_TASKS", "seg_task_tasks"]
 
 TASKS = ("panoptic", "semantic", "instance", "referring", "region", "cross_image")
 
@@ -94,7 +95,13 @@ class PSALMConfig:
     enc_layers: int = 6
     dec_layers: int = 10  # Mask2Former convention: 9 masked-attention layers + the initial prediction
     mask_heads: int = 8
-    mask_ffn: int = 2048
+    mask_ffn: int = 2048  # masked-attention decoder FFN (Mask2Former DIM_FEEDFORWARD)
+    enc_ffn: int = 1024  # pixel-decoder encoder FFN (detectron2 / PSALM hard-code 1024)
+    # FPN lateral / output convs of the pixel decoder: "psalm" as PSALM's Mask2Former_Simplify
+    # (convs with bias, ReLU after the lateral GroupNorm), "detectron2" as Mask2Former's own
+    # (bias-free convs, no lateral activation; transformers' module as it is)
+    fpn_style: str = "psalm"
+    gradient_checkpointing: bool = False  # Swin blocks, Phi layers, pixel-decoder encoder layers
     # Connectors
     connector_mid: int | None = None  # swin_conv inner width; default 2 * res5 dim
     deform: bool = True
@@ -135,7 +142,7 @@ class PSALMConfig:
     def mask2former_config(self) -> Mask2FormerConfig:
         return Mask2FormerConfig(
             feature_size=self.mask_hidden, mask_feature_size=self.mask_hidden, hidden_dim=self.mask_hidden,
-            encoder_feedforward_dim=self.mask_ffn, dim_feedforward=self.mask_ffn,
+            encoder_feedforward_dim=self.enc_ffn, dim_feedforward=self.mask_ffn,
             encoder_layers=self.enc_layers, decoder_layers=self.dec_layers,
             num_attention_heads=self.mask_heads, num_queries=self.num_queries,
             backbone_config=self.swin_config(),
@@ -147,7 +154,7 @@ PRESETS: dict[str, PSALMConfig] = {
     "psalm-tiny": PSALMConfig(
         image_size=64, swin_embed_dim=16, swin_depths=(1, 1, 1, 1), swin_heads=(1, 2, 2, 4), swin_window=2,
         llm_hidden=64, llm_layers=2, llm_heads=4, llm_intermediate=128, base_vocab=128,
-        mask_hidden=32, num_queries=6, enc_layers=1, dec_layers=3, mask_heads=2, mask_ffn=64,
+        mask_hidden=32, num_queries=6, enc_layers=1, dec_layers=3, mask_heads=2, mask_ffn=64, enc_ffn=64,
         connector_mid=64, deform_hidden=32, deform_heads=2, deform_points=2, region_points=16,
     ),
     "psalm-swinb-phi15": PSALMConfig(),
@@ -157,10 +164,47 @@ PRESETS: dict[str, PSALMConfig] = {
 }
 
 
+#: PSALM's training-script argument names -> PSALMConfig fields (the deformable projector's
+#: ``mm_hidden_dim / mm_n_heads / mm_n_points``). ``projector_outdim`` (the connectors' output
+#: width) must equal the LLM width and ``swin_type`` picks the Swin-B / Swin-L shapes.
+PSALM_ARG_NAMES = {"mm_hidden_dim": "deform_hidden", "mm_n_heads": "deform_heads", "mm_n_points": "deform_points"}
+SWIN_TYPES = {"base": {"swin_embed_dim": 128, "swin_heads": (4, 8, 16, 32)},
+              "large": {"swin_embed_dim": 192, "swin_heads": (6, 12, 24, 48)}}
+#: PSALM's ``--seg_task`` -> the tasks its mask decoder evaluates (``mask_decoder_training_init``).
+SEG_TASKS = {"semantic": ("semantic",), "instance": ("instance",), "panoptic": ("semantic", "instance", "panoptic"),
+             "referring": ("referring",), "region": ("region",)}
+
+
+def seg_task_tasks(seg_task: str) -> tuple[str, ...]:
+    """The tasks PSALM's ``--seg_task`` switches on (a ``+``-joined list mixes them)."""
+    out: list[str] = []
+    for part in seg_task.split("+"):
+        if part not in SEG_TASKS:
+            raise ValueError(f"unknown seg_task {part!r}; one of {sorted(SEG_TASKS)} (join with '+' to mix)")
+        out += [t for t in SEG_TASKS[part] if t not in out]
+    return tuple(out)
+
+
 def psalm_config(name: str, **overrides) -> PSALMConfig:
+    """A preset with field overrides; PSALM's argument names (:data:`PSALM_ARG_NAMES`,
+    ``swin_type``, ``projector_outdim``) are accepted too."""
     if name not in PRESETS:
         raise KeyError(f"unknown PSALM preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    overrides = dict(overrides)
+    for psalm_name, field_name in PSALM_ARG_NAMES.items():
+        if psalm_name in overrides:
+            overrides[field_name] = overrides.pop(psalm_name)
+    if "swin_type" in overrides:
+        st = overrides.pop("swin_type")
+        if st not in SWIN_TYPES:
+            raise ValueError(f"swin_type must be one of {sorted(SWIN_TYPES)}, got {st!r}")
+        overrides = {**SWIN_TYPES[st], **overrides}
+    outdim = overrides.pop("projector_outdim", None)
+    cfg = replace(PRESETS[name], **overrides)
+    if outdim is not None and int(outdim) != cfg.llm_hidden:
+        raise ValueError(f"projector_outdim={outdim} but the LLM width is {cfg.llm_hidden}: PSALM's connectors "
+                         "project into the LLM's embedding space; pick the preset of that LLM")
+    return cfg
 
 
 @dataclass
@@ -207,6 +251,25 @@ class _QueryDecoder(nn.Module):
         return list(out.masks_queries_logits), states
 
 
+def _psalm_fpn(pixel_decoder: nn.Module, feature_channels: list[int], dim: int) -> None:
+    """Make the FPN convs of transformers' pixel decoder PSALM's (``Mask2Former_Simplify``):
+    lateral ``Conv2d(bias) -> GroupNorm(32) -> ReLU``, output ``Conv2d 3x3(bias) -> GroupNorm -> ReLU``
+    (detectron2's lateral conv has no bias and no activation, its output conv no bias)."""
+    lateral, output = [], []
+    for idx in range(pixel_decoder.num_fpn_levels):
+        lat = nn.Sequential(nn.Conv2d(feature_channels[idx], dim, kernel_size=1), nn.GroupNorm(32, dim), nn.ReLU())
+        out = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1), nn.GroupNorm(32, dim), nn.ReLU())
+        for conv in (lat[0], out[0]):  # detectron2's c2_xavier_fill: kaiming_uniform(a=1), zero bias
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+        setattr(pixel_decoder, f"adapter_{idx + 1}", lat)
+        setattr(pixel_decoder, f"layer_{idx + 1}", out)
+        lateral.append(lat)
+        output.append(out)
+    pixel_decoder.lateral_convolutions = lateral[::-1]
+    pixel_decoder.output_convolutions = output[::-1]
+
+
 def _scatter_rows(embeds: torch.Tensor, where: torch.Tensor, rows: torch.Tensor, what: str) -> torch.Tensor:
     """Put ``rows`` (N, D) into the positions ``where`` (B, T) of ``embeds`` (B, T, D), in order."""
     n = int(where.sum())
@@ -242,6 +305,10 @@ class PSALMModel(nn.Module):
         self.llm = PhiForCausalLM(c.phi_config())
         m2f = c.mask2former_config()
         self.pixel_decoder = Mask2FormerPixelDecoder(m2f, feature_channels=list(c.level_dims))
+        if c.fpn_style == "psalm":
+            _psalm_fpn(self.pixel_decoder, list(c.level_dims), c.mask_hidden)
+        elif c.fpn_style != "detectron2":
+            raise ValueError(f"fpn_style must be 'psalm' or 'detectron2', got {c.fpn_style!r}")
         self.predictor = _QueryDecoder(m2f)
         self.seg_query = nn.Parameter(torch.zeros(c.num_queries, c.llm_hidden))
         self.seg_query_projector = nn.Linear(c.llm_hidden, c.mask_hidden)
@@ -252,6 +319,17 @@ class PSALMModel(nn.Module):
         nn.init.normal_(self.seg_query, std=0.02)
         with torch.no_grad():  # the transformers module leaves these uninitialised
             nn.init.normal_(self.pixel_decoder.level_embed, std=0.02)
+        if c.gradient_checkpointing:
+            self.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations in backward: the Phi layers (PSALM's ``--gradient_checkpointing``,
+        the HF Trainer's switch on the LLM) and the Swin blocks (only matters when it is trained)."""
+        for m in (self.llm, self.vision_tower):
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- pieces ---------------------------------------------------------------------------
 

@@ -166,7 +166,8 @@ class DeformableProjector(nn.Module):
                      for proj, x, emb in zip(self.input_proj, levels, self.level_embed)]
         memory, shapes, start = flatten_levels(projected)  # (B, S, hidden)
         q = self.query_proj(z_q)  # (B, Q, hidden)
-        ref = self.reference_points(q).sigmoid()  # (B, Q, 2)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # float32 geometry (see MSDeformAttn)
+            ref = F.linear(q.float(), self.reference_points.weight.float(), self.reference_points.bias.float()).sigmoid()
         q = self.norm1(q + self.attn(q, ref, memory, shapes, start))
         q = self.norm2(q + self.ffn(q))
         out = self.output_proj(q)  # (B, Q, llm_dim)
