@@ -129,9 +129,11 @@ def test_expression_and_split_means():
     assert r["J"] == pytest.approx(j) and r["F"] == pytest.approx(f) and r["J&F"] == pytest.approx((j + f) / 2)
     np.testing.assert_allclose(db_boundary(gt, pred), [ref_f(g, p) for g, p in zip(gt, pred)])
     meter = JFMeter()
-    meter.add("v/0", gt, pred)
-    meter.add("v/1", gt, gt)
+    meter.add("v/0", gt, pred, group="a")
+    meter.add("v/1", gt, gt, group="b")
     s = meter.summary()
     assert s["n"] == 2 and s["J"] == pytest.approx((j + 1) / 2) and s["J&F"] == pytest.approx(((j + f) / 2 + 1) / 2)
+    g = meter.by_group()
+    assert set(g) == {"a", "b", "overall"} and g["b"]["J&F"] == 1.0 and g["a"]["J"] == pytest.approx(j)
     with pytest.raises(ValueError):
         meter.add("v/0", gt, gt)

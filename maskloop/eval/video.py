@@ -112,24 +112,88 @@ def jf_expression(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class JFMeter:
-    """Accumulates per-expression J / F; :meth:`summary` gives the split means."""
+    """Accumulates per-expression J / F (with the split each is reported under); :meth:`summary`
+    gives the means over expressions, per group and overall."""
 
     per_expression: dict[str, dict[str, float]] = field(default_factory=dict)
+    group_of: dict[str, str] = field(default_factory=dict)
 
-    def add(self, key: str, gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    def add_scores(self, key: str, j: float, f: float, group: str = "all") -> dict[str, float]:
         if key in self.per_expression:
             raise ValueError(f"expression {key!r} was already scored")
-        res = jf_expression(gt, pred)
+        res = {"J": float(j), "F": float(f), "J&F": (float(j) + float(f)) / 2}
         self.per_expression[key] = res
+        self.group_of[key] = group
         return res
 
-    def summary(self) -> dict[str, float]:
-        n = len(self.per_expression)
-        if n == 0:
+    def add(self, key: str, gt: np.ndarray, pred: np.ndarray, group: str = "all") -> dict[str, float]:
+        r = jf_expression(gt, pred)
+        return self.add_scores(key, r["J"], r["F"], group)
+
+    def summary(self, group: str | None = None) -> dict[str, float]:
+        rows = [r for k, r in self.per_expression.items() if group is None or self.group_of[k] == group]
+        if not rows:
             return {"J": float("nan"), "F": float("nan"), "J&F": float("nan"), "n": 0}
-        out = {k: float(np.mean([r[k] for r in self.per_expression.values()])) for k in ("J", "F", "J&F")}
-        out["n"] = n
+        out = {k: float(np.mean([r[k] for r in rows])) for k in ("J", "F", "J&F")}
+        out["n"] = len(rows)
+        return out
+
+    def by_group(self) -> dict[str, dict[str, float]]:
+        """``{group: summary}`` for each group, plus ``overall`` when there is more than one group."""
+        groups = sorted(set(self.group_of.values()))
+        out = {g: self.summary(g) for g in groups}
+        if len(groups) != 1:
+            out["overall"] = self.summary()
         return out
 
 
-__all__ = ["BOUND_TH", "JFMeter", "bound_pixels", "db_boundary", "db_iou", "f_measure", "jf_expression", "seg2bmap"]
+def evaluate_video_dataset(dataset, segment, submission_dir=None, max_videos: int | None = None) -> dict:
+    """Score a referring video reader (:class:`~maskloop.data.sources.rvos.RVOSDataset`).
+
+    ``segment(frame_at, frames, num_frames, texts)`` yields ``(t, masks (n_texts, H, W) bool)`` for
+    t = 0, 1, ... (:meth:`maskloop.model.video.VideoSegmenter.segment`); all expressions of one video go
+    in one call.  Per expression, J and F are averaged over its frames (every frame, as MeViS's and
+    ReVOS's scripts do).  With ``submission_dir`` the masks are also written in the server layout.
+    A video whose frames or masks cannot be read is counted in ``dataset.skip_counts()`` and left out.
+    Returns ``{"groups": {group: {J, F, J&F, n}}, "per_expression": {...}, "skipped": {...}}``.
+    """
+    from maskloop.data.robust import SampleError
+    from maskloop.data.sources.rvos import write_submission_masks
+
+    by_video: dict[str, list] = {}
+    for e in dataset.iter_expressions():
+        by_video.setdefault(e.video, []).append(e)
+    meter = JFMeter()
+    n_written = 0
+    for v, (vid, exps) in enumerate(by_video.items()):
+        if max_videos is not None and v >= max_videos:
+            break
+        e0 = exps[0]
+        T = len(e0.frame_names)
+        js = [[] for _ in exps]
+        fs = [[] for _ in exps]
+        try:
+            stream = segment(lambda t, e0=e0: dataset.frame(e0, t), lambda e0=e0, T=T: (dataset.frame(e0, t) for t in range(T)),
+                             T, [e.text for e in exps])
+            for t, masks in stream:
+                if submission_dir is not None:
+                    for k, e in enumerate(exps):
+                        write_submission_masks(submission_dir, e.video, e.exp_id, [e.frame_names[t]], [masks[k]])
+                if dataset.has_masks:
+                    size = (masks.shape[-1], masks.shape[-2])
+                    for k, e in enumerate(exps):
+                        gt = dataset.gt_mask(e, t, size)
+                        js[k].append(db_iou(gt, masks[k]))
+                        fs[k].append(f_measure(gt, masks[k]))
+        except SampleError as err:
+            dataset.record_bad(err.reason, str(err.key or vid), err.detail)
+            continue
+        n_written += len(exps)
+        if dataset.has_masks:
+            for k, e in enumerate(exps):
+                meter.add_scores(e.key, float(np.mean(js[k])), float(np.mean(fs[k])), e.group)
+    return {"groups": meter.by_group() if dataset.has_masks else {}, "per_expression": meter.per_expression,
+            "skipped": dataset.skip_counts(), "expressions": n_written}
+
+
+__all__ = ["BOUND_TH", "JFMeter", "evaluate_video_dataset", "bound_pixels", "db_boundary", "db_iou", "f_measure", "jf_expression", "seg2bmap"]
