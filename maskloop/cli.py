@@ -5,6 +5,7 @@
     maskloop eval --checkpoint RUN_OR_FOLDER [--refcoco ROOT --splits val testA testB] [--out results.json]
     maskloop caption --checkpoint RUN_OR_FOLDER --image img.png --mask mask.png [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --text "the red circle" [--out overlay.png]
+    maskloop segment --checkpoint RUN_OR_FOLDER --video clip.mp4 --text "the red car" [--text ...] [--out-dir DIR]
     maskloop data check --source refcoco /data/refcoco
     maskloop export sa2va --checkpoint RUN_OR_FOLDER --out DIR
     maskloop export psalm-to-deformable baseline.safetensors deformable.safetensors
@@ -196,6 +197,10 @@ def cmd_eval(args) -> int:
 
     _set_threads(args.threads)
     model = load_model(_need_file(args.checkpoint, "checkpoint path"), args.device, ema=args.ema)
+    if args.video_dataset:
+        from maskloop.video_app import cmd_eval_video
+
+        return _video_verb(cmd_eval_video, args, model)
     refer, regions = _eval_datasets(args, model)
     res = run_eval(model, refer, regions, args.batch_size, args.max_samples, args.max_new_tokens,
                    cycle=not args.no_cycle, progress=not args.no_progress)
@@ -229,16 +234,31 @@ def cmd_segment(args) -> int:
     from maskloop.inference import load_model, segment_text
 
     ckpt = _need_file(args.checkpoint, "checkpoint path")
-    _need_file(args.image, "image")
+    if args.video:
+        from maskloop.video_app import cmd_segment_video
+
+        _need_file(args.video, "video")
+        _set_threads(args.threads)
+        return _video_verb(cmd_segment_video, args, load_model(ckpt, args.device))
+    _need_file(args.image, "image (or --video)")
+    if len(args.text) != 1:
+        raise UsageError("an image takes one --text (several are for --video)")
     _set_threads(args.threads)
     model = load_model(ckpt, args.device)
     try:
-        mask, png = segment_text(model, args.image, args.text, args.out, args.mask_out)
+        mask, png = segment_text(model, args.image, args.text[0], args.out, args.mask_out)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"mask: {int(mask.sum())} of {mask.size} pixels" + (f"; overlay: {png}" if png else "")
           + (f"; mask: {args.mask_out}" if args.mask_out else ""))
     return 0
+
+
+def _video_verb(fn, args, model) -> int:
+    try:
+        return fn(args, model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_export_sa2va(args) -> int:
@@ -307,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--no-cycle", action="store_true", help="captions only (no re-segmentation)")
     e.add_argument("--ema", action="store_true", help="use the EMA weights of a training run")
+    e.add_argument("--video-dataset", choices=["refdavis", "mevis", "revos"], help="referring video J, F, J&F")
+    e.add_argument("--video-data", metavar="ROOT", help="DAVIS folder / MeViS split folder / ReVOS folder")
+    e.add_argument("--video-split", help="refdavis: val (default) | train; revos: valid (default) | train")
+    e.add_argument("--keyframes", default="first", choices=["first", "uniform"])
+    e.add_argument("--submit", metavar="DIR", help="also write the server submission layout (+ zip) here")
     e.add_argument("--out", help="write the results as JSON here")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -321,10 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment a referring expression in an image")
     common(s)
-    s.add_argument("--image", required=True)
-    s.add_argument("--text", required=True)
+    s.add_argument("--image")
+    s.add_argument("--video", help="an mp4 or a folder of frames: per-frame mask PNGs + overlay GIF in --out-dir")
+    s.add_argument("--text", required=True, action="append", help="referring expression (repeatable for --video)")
     s.add_argument("--out", default="segment_overlay.png", help="overlay PNG of the predicted mask")
     s.add_argument("--mask-out", help="also write the binary mask PNG here")
+    s.add_argument("--out-dir", default="segment_video", help="--video: where masks/ and overlay.gif go")
+    s.add_argument("--keyframes", default="first", choices=["first", "uniform"], help="--video: the MLLM's 5 frames")
     s.set_defaults(func=cmd_segment)
 
     from maskloop.data.check import add_data_parser

@@ -210,3 +210,42 @@ def test_segmenter_batched_over_expressions(tiny):
     assert all(m.shape == (2, 30, 40) and m.dtype == bool for _, m in out)
     with pytest.raises(ValueError, match="declared"):
         list(seg.segment(lambda i: frames[i], lambda: iter(frames[:5]), 7, texts[:1]))
+
+
+def test_cli_video_verbs(tiny, tmp_path, monkeypatch, capsys):
+    """``segment --video`` (folder of frames and mp4) and ``eval --video-dataset`` through the CLI."""
+    import maskloop.inference as inference
+    from maskloop.cli import main
+    from maskloop.data.fixtures import _write_mp4, moving_objects, write_mevis
+
+    model, _ = tiny
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: model)
+    frames, _, names = moving_objects(np.random.default_rng(0), 6, (40, 56))
+    d = tmp_path / "frames"
+    d.mkdir()
+    for t, f in enumerate(frames):
+        f.save(d / f"img_{t:03d}.png")
+    out = tmp_path / "seg"
+    assert main(["segment", "-c", str(tmp_path), "--video", str(d), "--text", "the red rectangle",
+                 "--text", "the green ellipse", "--out-dir", str(out), "--keyframes", "uniform"]) == 0
+    m0 = sorted((out / "masks" / "0_the_red_rectangle").glob("*.png"))
+    assert [p.stem for p in m0] == [f"img_{t:03d}" for t in range(6)]
+    assert Image.open(m0[0]).size == (56, 40)
+    gif = Image.open(out / "overlay.gif")
+    assert gif.n_frames == 6
+    _write_mp4(tmp_path / "clip.mp4", [np.asarray(f) for f in frames])
+    assert main(["segment", "-c", str(tmp_path), "--video", str(tmp_path / "clip.mp4"), "--text", "a red square",
+                 "--out-dir", str(tmp_path / "seg2")]) == 0
+    assert len(list((tmp_path / "seg2" / "masks" / "0_a_red_square").glob("*.png"))) == 6
+    assert main(["segment", "-c", str(tmp_path), "--video", str(tmp_path / "nope.mp4"), "--text", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+    info = write_mevis(tmp_path / "mevis", "valid_u", num_videos=2, num_frames=4)
+    assert main(["eval", "-c", str(tmp_path), "--video-dataset", "mevis", "--video-data", info["root"],
+                 "--out", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "J&F" in printed and "all" in printed
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["groups"]["all"]["n"] == 6 and 0.0 <= res["groups"]["all"]["J&F"] <= 1.0
