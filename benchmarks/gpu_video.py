@@ -104,7 +104,7 @@ def run_video(seg, clip, texts) -> dict:
     sync()
     t0 = time.perf_counter()
     n = 0
-    for _, masks in seg.segment(clip.at, clip.stream, len(clip), texts):
+    for _, _masks in seg.segment(clip.at, clip.stream, len(clip), texts):  # (n, H, W) bool on the CPU
         n += 1
     sync()
     return {"seconds": time.perf_counter() - t0, "frames": n}
