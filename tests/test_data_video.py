@@ -136,3 +136,24 @@ def test_eval_loop_scores_and_submission(tmp_path):
     z = zip_submission(tmp_path / "sub")
     names = zipfile.ZipFile(z).namelist()
     assert f"{e.video}/{e.exp_id}/{e.frame_names[0]}.png" in names and len(names) == 9 * 6
+
+
+def test_shapes_clips_and_frame_strip(tmp_path):
+    from maskloop.data.sources.shapes import ShapesClipDataset, resolve_expression
+    from maskloop.eval.video import save_frame_strip
+
+    ds = ShapesClipDataset(4, seed="val", image_size=64, num_frames=8)
+    for i in range(len(ds)):
+        item = ds[i]
+        clip = item["clip"]
+        assert len(clip.frames) == 8 and clip.masks.shape == (8, 64, 64)
+        assert clip.masks.reshape(8, -1).any(1).all()  # the object is visible in every frame
+        scenes, k = ds.frames(i)
+        assert resolve_expression(scenes[0].objects, clip.text) == [k]
+        assert not np.array_equal(clip.masks[0], clip.masks[-1])  # it moves
+        for s in scenes:  # objects never overlap
+            assert (s.masks.sum(0) <= 1).all()
+    again = ds[1]["clip"]
+    np.testing.assert_array_equal(again.masks, ds[1]["clip"].masks)  # deterministic
+    p = save_frame_strip(clip.frames, clip.masks, tmp_path / "strip.png", gt=clip.masks, n=4, side=64)
+    assert Image.open(p).size == (4 * 64 + 6, 2 * 64 + 2)

@@ -196,4 +196,36 @@ def evaluate_video_dataset(dataset, segment, submission_dir=None, max_videos: in
             "skipped": dataset.skip_counts(), "expressions": n_written}
 
 
-__all__ = ["BOUND_TH", "JFMeter", "evaluate_video_dataset", "bound_pixels", "db_boundary", "db_iou", "f_measure", "jf_expression", "seg2bmap"]
+def save_frame_strip(frames, pred, path, gt=None, n: int = 6, side: int = 128):
+    """A one-row PNG of ``n`` frames spread over the clip with the predicted masks overlaid (magenta) and,
+    given ``gt``, a second row with the ground truth (cyan).  ``frames``: PIL images or (H, W, 3) arrays;
+    ``pred`` / ``gt``: (T, H, W) bool."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from maskloop.eval.report import GT_COLOR, PRED_COLOR, overlay
+
+    T = len(frames)
+    idx = sorted({int(round(x)) for x in np.linspace(0, T - 1, min(n, T))})
+    rows = [(pred, PRED_COLOR)] + ([(gt, GT_COLOR)] if gt is not None else [])
+    tiles = []
+    for masks, color in rows:
+        row = []
+        for t in idx:
+            im = overlay(np.asarray(frames[t]), masks[t], color)
+            scale = side / max(im.size)
+            row.append(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.NEAREST))
+        tiles.append(row)
+    w, h = tiles[0][0].size
+    strip = Image.new("RGB", (w * len(idx) + 2 * (len(idx) - 1), h * len(rows) + 2 * (len(rows) - 1)), (255, 255, 255))
+    for r, row in enumerate(tiles):
+        for c, im in enumerate(row):
+            strip.paste(im, (c * (w + 2), r * (h + 2)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(path)
+    return path
+
+
+__all__ = ["save_frame_strip", "BOUND_TH", "JFMeter", "evaluate_video_dataset", "bound_pixels", "db_boundary", "db_iou", "f_measure", "jf_expression", "seg2bmap"]
