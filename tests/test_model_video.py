@@ -43,7 +43,9 @@ def make_video_tiny(seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny():
     m = make_video_tiny()
-    return m, build_sam2_video(m)
+    with pytest.warns(UserWarning, match="no SAM2 memory weights"):
+        vm = build_sam2_video(m)
+    return m, vm
 
 
 def _video(T, G, seed=0):

@@ -231,6 +231,11 @@ def build_sam2_video(model) -> nn.Module:
                 if items:
                     lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]))
             raise CheckpointError("\n".join(lines))
+    else:
+        import warnings
+
+        warnings.warn("the model holds no SAM2 memory weights (it was not loaded from a Sa2VA checkpoint): "
+                      "video propagation uses randomly initialised memory modules", stacklevel=2)
     vm.load_state_dict(new, strict=False)
     dev = next(model.sam.parameters()).device
     return vm.to(dev).eval()
