@@ -75,11 +75,18 @@ def test_propagation_equals_transformers_video_inference(tiny):
     old outputs trimmed) gives the very logits of transformers' whole-video session on every frame."""
     from transformers import Sam2VideoInferenceSession, Sam2VideoModel, Sam2VideoProcessor
 
-    model, vm = tiny
+    import copy
+
+    model, vm0 = tiny
+    cfg = copy.deepcopy(vm0.config)
+    cfg.max_object_pointers_in_encoder = 8  # an 8-frame memory window: 11 frames exercise the trimming
+    vm = Sam2VideoModel(cfg).eval()
+    vm.load_state_dict(vm0.state_dict())
     G = model.cfg.sam2.image_size
-    T = 18  # > the 16-frame memory window, so trimming is exercised
+    T = 11
     video, masks = _video(T, G)
     prop = SAM2Propagator(model.sam, vm)
+    assert prop.keep == 8
     ours = list(prop.propagate(iter(video), T, {0: Prompt(video[0], masks=torch.stack(masks))}))
 
     ref_vm = Sam2VideoModel(vm.config).eval()
