@@ -73,9 +73,9 @@ def test_keyframes():
 def test_propagation_equals_transformers_video_inference(tiny):
     """Same first-frame mask prompts: our streamed propagation (frames added as reached and released,
     old outputs trimmed) gives the very logits of transformers' whole-video session on every frame."""
-    from transformers import Sam2VideoInferenceSession, Sam2VideoModel, Sam2VideoProcessor
-
     import copy
+
+    from transformers import Sam2VideoInferenceSession, Sam2VideoModel, Sam2VideoProcessor
 
     model, vm0 = tiny
     cfg = copy.deepcopy(vm0.config)
