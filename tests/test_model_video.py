@@ -258,3 +258,21 @@ def test_cli_video_verbs(tiny, tmp_path, monkeypatch, capsys):
 
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["groups"]["all"]["n"] == 6 and 0.0 <= res["groups"]["all"]["J&F"] <= 1.0
+
+
+def test_batched_objects_equal_one_at_a_time(tiny):
+    """Language prompts of 3 objects on keyframes 0 and 3 in one pass == each object alone, every frame."""
+    model, vm = tiny
+    G, C = model.cfg.sam2.image_size, model.cfg.sam2.prompt_dim
+    T = 6
+    video, _ = _video(T, G, seed=2)
+    lang = torch.randn(3, C, generator=torch.Generator().manual_seed(5))
+    prop = SAM2Propagator(model.sam, vm)
+
+    def run(rows):
+        prompts = {k: Prompt(video[k], language=lang[rows]) for k in (0, 3)}
+        return torch.stack([low for _, low in prop.propagate(iter(video), T, prompts)])  # (T, n, g, g)
+
+    both = run([0, 1, 2])
+    for i in range(3):
+        torch.testing.assert_close(both[:, i : i + 1], run([i]), atol=1e-4, rtol=1e-4)
