@@ -202,6 +202,7 @@ def test_video_prompt_is_sa2va_string(tiny):
         assert got == want
 
 
+@pytest.mark.filterwarnings("ignore:the model holds no SAM2 memory weights")
 def test_segmenter_batched_over_expressions(tiny):
     model, _ = tiny
     S = model.cfg.vision.image_size
@@ -221,6 +222,7 @@ def test_segmenter_batched_over_expressions(tiny):
         list(seg.segment(lambda i: frames[i], lambda: iter(frames[:5]), 7, texts[:1]))
 
 
+@pytest.mark.filterwarnings("ignore:the model holds no SAM2 memory weights")
 def test_cli_video_verbs(tiny, tmp_path, monkeypatch, capsys):
     """``segment --video`` (folder of frames and mp4) and ``eval --video-dataset`` through the CLI."""
     import maskloop.inference as inference
