@@ -6,6 +6,7 @@
     maskloop caption --checkpoint RUN_OR_FOLDER --image img.png --mask mask.png [mask2.png ...] [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --text "the red circle" [--out overlay.png]
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --question "Please segment the cat and the dog."
+    maskloop segment --checkpoint RUN_OR_FOLDER --video clip.mp4 --text "the red car" [--text ...] [--out-dir DIR]
     maskloop data check --source refcoco /data/refcoco
     maskloop export sa2va --checkpoint RUN_OR_FOLDER --out DIR [--base SA2VA_FOLDER] [--dtype bf16]
     maskloop export psalm-to-deformable baseline.safetensors deformable.safetensors
@@ -120,6 +121,10 @@ def cmd_eval(args) -> int:
 
     _set_threads(args.threads)
     model = load_model(_need_file(args.checkpoint, "checkpoint path"), args.device, ema=args.ema)
+    if args.video_dataset:
+        from maskloop.video_app import cmd_eval_video
+
+        return _video_verb(cmd_eval_video, args, model)
     refer, regions = eval_datasets(model, args.refcoco, args.refcoco_dataset, args.splits, args.image_dir,
                                    args.dam, args.dam_splits, args.shapes)
     res = run_eval(model, refer, regions, args.batch_size, args.max_samples, args.max_new_tokens,
@@ -157,7 +162,18 @@ def cmd_segment(args) -> int:
     from maskloop.inference import load_model, segment_text
 
     ckpt = _need_file(args.checkpoint, "checkpoint path")
-    _need_file(args.image, "image")
+    args.text = args.text or []
+    if args.video:
+        from maskloop.video_app import cmd_segment_video
+
+        _need_file(args.video, "video")
+        if not args.text or args.question is not None:
+            raise UsageError("--video takes one or more --text (no --question)")
+        _set_threads(args.threads)
+        return _video_verb(cmd_segment_video, args, load_model(ckpt, args.device))
+    _need_file(args.image, "image (or --video)")
+    if not ((args.question is None and len(args.text) == 1) or (args.question is not None and not args.text)):
+        raise UsageError("an image takes exactly one --text, or one --question (several --text are for --video)")
     _set_threads(args.threads)
     model = load_model(ckpt, args.device)
     if args.question is not None:  # free generation: one mask / overlay per [SEG] of the answer
@@ -174,12 +190,19 @@ def cmd_segment(args) -> int:
               + "".join(f"; overlay: {p}" for p in pngs), file=sys.stderr)
         return 0
     try:
-        mask, png = segment_text(model, args.image, args.text, args.out, args.mask_out)
+        mask, png = segment_text(model, args.image, args.text[0], args.out, args.mask_out)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"mask: {int(mask.sum())} of {mask.size} pixels" + (f"; overlay: {png}" if png else "")
           + (f"; mask: {args.mask_out}" if args.mask_out else ""))
     return 0
+
+
+def _video_verb(fn, args, model) -> int:
+    try:
+        return fn(args, model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_export_sa2va(args) -> int:
@@ -264,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--no-cycle", action="store_true", help="captions only (no re-segmentation)")
     e.add_argument("--ema", action="store_true", help="use the EMA weights of a training run")
+    e.add_argument("--video-dataset", choices=["refdavis", "mevis", "revos"], help="referring video J, F, J&F")
+    e.add_argument("--video-data", metavar="ROOT", help="DAVIS folder / MeViS split folder / ReVOS folder")
+    e.add_argument("--video-split", help="refdavis: val (default) | train; revos: valid (default) | train")
+    e.add_argument("--keyframes", default="first", choices=["first", "uniform"])
+    e.add_argument("--submit", metavar="DIR", help="also write the server submission layout (+ zip) here")
     e.add_argument("--out", help="write the results as JSON here")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -279,14 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment a referring expression in an image")
     common(s)
-    s.add_argument("--image", required=True)
-    what = s.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="a referring expression (answer teacher forced: 'Sure, [SEG].')")
-    what.add_argument("--question", help="an instruction the model answers freely, e.g. 'Please segment the cat "
-                      "and the dog.': one mask per [SEG] it generates (overlays numbered _1, _2, ...)")
+    s.add_argument("--image")
+    s.add_argument("--video", help="an mp4 or a folder of frames: per-frame mask PNGs + overlay GIF in --out-dir")
+    s.add_argument("--text", action="append", help="a referring expression (answer teacher forced: 'Sure, [SEG].'); "
+                   "repeatable for --video")
+    s.add_argument("--question", help="an instruction the model answers freely, e.g. 'Please segment the cat "
+                   "and the dog.': one mask per [SEG] it generates (overlays numbered _1, _2, ...)")
     s.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (--question)")
     s.add_argument("--out", default="segment_overlay.png", help="overlay PNG of the predicted mask")
     s.add_argument("--mask-out", help="also write the binary mask PNG here")
+    s.add_argument("--out-dir", default="segment_video", help="--video: where masks/ and overlay.gif go")
+    s.add_argument("--keyframes", default="first", choices=["first", "uniform"], help="--video: the MLLM's 5 frames")
     s.set_defaults(func=cmd_segment)
 
     from maskloop.data.check import add_data_parser

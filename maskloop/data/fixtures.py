@@ -817,3 +817,7 @@ def write_shapes_psalm(root, n: int = 8, seed: int | str = "train", image_size: 
 
 __all__ += ["write_coco_psalm", "write_coco_panoptic", "write_coco_instances", "write_coco_interactive",
             "write_shapes_psalm"]
+
+
+# referring-video datasets (MeViS, ReVOS, Ref-DAVIS17) live in their own module
+from .video_fixtures import moving_objects, write_mevis, write_ref_davis, write_revos  # noqa: E402,F401

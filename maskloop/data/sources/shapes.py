@@ -22,7 +22,9 @@ Datasets (torch ``Dataset``; items are the four tensors of
 * :class:`ShapesRegionCaptionDataset` — mask -> caption (DAM-like);
 * :class:`ShapesPairDataset` — two frames of a scene whose objects move and rescale,
   the same object in both (SA-V-like); ``...1`` / ``...2`` keys;
-* :class:`ShapesMaskOnlyDataset` — masks only, ``caption`` None (SA-1B-like).
+* :class:`ShapesMaskOnlyDataset` — masks only, ``caption`` None (SA-1B-like);
+* :class:`ShapesClipDataset` — moving-object clips: frames + per-frame masks of one object and its
+  expression (MeViS-like; :func:`move_clip`).
 
 Train and held-out data are made with different seeds (``seed="train"`` / ``"val"`` /
 ``"test"`` or any int); every scene is drawn from ``np.random.default_rng([seed, index])``.
@@ -613,6 +615,68 @@ class ShapesPairDataset(_ShapesBase):
         return item
 
 
+def move_clip(scene: Scene, rng: np.random.Generator, num_frames: int, speed: float = 0.03) -> list[Scene]:
+    """``num_frames`` frames of ``scene`` (frame 0 is the scene itself) whose objects glide with a constant
+    velocity (``speed``: fraction of the image side per frame) and bounce off the borders; a step that
+    would make two objects overlap reverses both velocities, so objects stay apart and every expression
+    of frame 0 keeps meaning the same object (positions relative to the image may change)."""
+    size = scene.size
+    objs = list(scene.objects)
+    ang = rng.uniform(0, 2 * np.pi, len(objs))
+    vel = np.stack([np.cos(ang), np.sin(ang)], 1) * speed * size
+    frames = [scene]
+    for _ in range(num_frames - 1):
+        nxt = []
+        for k, o in enumerate(objs):
+            ext = o.r * _EXTENT
+            cx, cy = o.cx + vel[k, 0], o.cy + vel[k, 1]
+            if not ext + 1 <= cx <= size - ext - 1:
+                vel[k, 0] *= -1
+                cx = float(np.clip(o.cx + vel[k, 0], ext + 1, size - ext - 1))
+            if not ext + 1 <= cy <= size - ext - 1:
+                vel[k, 1] *= -1
+                cy = float(np.clip(o.cy + vel[k, 1], ext + 1, size - ext - 1))
+            nxt.append(o.moved(float(cx), float(cy), o.r))
+        for i in range(len(nxt)):
+            for j in range(i + 1, len(nxt)):
+                a, b = nxt[i], nxt[j]
+                if (a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 < ((a.r + b.r) * _EXTENT + _GAP * size) ** 2:
+                    vel[i] *= -1
+                    vel[j] *= -1
+                    nxt[i], nxt[j] = objs[i], objs[j]
+        objs = nxt
+        image, masks = _render(objs, size, scene.background, rng)
+        frames.append(Scene(image, list(objs), masks, scene.background))
+    return frames
+
+
+class ShapesClipDataset(_ShapesBase):
+    """Moving-object clips (MeViS-like): item ``i`` is a :class:`~maskloop.data.sources.rvos.Clip` of
+    ``num_frames`` frames of scene ``i`` with the per-frame masks of one object and its referring
+    expression (unique in frame 0), under ``clip``; ``expression`` and ``dataset`` as the other kinds."""
+
+    dataset_name = "shapes_clip"
+    _stream = 4
+
+    def __init__(self, *args, num_frames: int = 8, speed: float = 0.03, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_frames = int(num_frames)
+        self.speed = speed
+
+    def frames(self, index: int) -> tuple[list[Scene], int]:
+        s0 = self.scene(index)
+        return move_clip(s0, self._rng(index, 11), self.num_frames, self.speed), self.target(index, s0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from maskloop.data.sources.rvos import Clip
+
+        scenes, k = self.frames(index)
+        text = referring_expression(scenes[0].objects, k, scenes[0].size, self.expression_policy)
+        clip = Clip([Image.fromarray(s.image) for s in scenes], np.stack([s.masks[k] for s in scenes]),
+                    list(range(len(scenes))), text, f"{self.name}/{index}")
+        return {"clip": clip, "expression": text, "dataset": self.name, "caption": None}
+
+
 # ----------------------------------------------------------------------------- on-disk formats
 
 
@@ -771,8 +835,8 @@ def write_shapes_as(
 
 __all__ = [
     "COLORS", "RELATIONS", "SHAPES", "SHAPES_VOCAB", "SIZES", "SPLIT_SEEDS",
-    "Scene", "ShapeObject", "ShapesMaskOnlyDataset", "ShapesPairDataset", "ShapesReferDataset",
-    "ShapesRegionCaptionDataset", "all_words", "caption_for", "make_scene", "move_scene",
+    "Scene", "ShapeObject", "ShapesClipDataset", "ShapesMaskOnlyDataset", "ShapesPairDataset", "ShapesReferDataset",
+    "ShapesRegionCaptionDataset", "all_words", "caption_for", "make_scene", "move_clip", "move_scene",
     "EXPRESSION_POLICIES", "referring_expression", "referring_expressions", "resolve_expression", "shape_mask",
     "shape_polygon", "write_shapes_as",
 ]

@@ -1,0 +1,516 @@
+"""Referring video object segmentation, Sa2VA's protocol, on transformers' SAM2 video classes.
+
+Sa2VA's video inference (``predict_forward`` with ``video=`` in its published HF model and the SAM2
+extension it ships):
+
+1. the MLLM sees up to 5 keyframes, each one 448 tile (no dynamic tiling), one image block per frame
+   (``<img>`` + image tokens + ``</img>`` and a newline after each block), then the question
+   ``"Please segment {expr}."`` (its evaluation's ``"<image>\\nPlease segment {}."``);
+2. the hidden state at ``[SEG]`` goes through ``text_hidden_fcs``: that vector is SAM2's prompt on
+   *every* keyframe — a sparse prompt of [the empty-point tokens, the language token], no mask prompt,
+   no memory (each keyframe is an initial conditioning frame);
+3. SAM2's memory (memory encoder, memory attention, object pointers) propagates the objects through
+   every frame of the video; keyframe memories are encoded from the binarised keyframe masks (they count
+   as user-given frames), tracked frames from their sigmoid masks.
+
+Keyframes are the first 5 frames (Sa2VA: ``frame_idx < 5``) or 5 uniformly spread ones
+(:data:`KEYFRAME_MODES`).  Several expressions of one video run as one batch: one LLM pass with a row per
+expression, one SAM2 decoder call per keyframe with a prompt per object (SAM2's point-batch dimension),
+shared image features per frame, and a batched memory encoder.
+
+SAM2 runs in transformers' ``Sam2VideoModel`` with its ``Sam2VideoInferenceSession``; the image side
+(Hiera, FPN, prompt encoder, mask decoder) is copied from our model's ``Sam2Model`` (same parameter
+names) and the memory side from the checkpoint's kept-aside SAM2 memory weights through
+:func:`memory_key_to_hf`.  Frames are streamed: a frame is added to the session when it is reached and
+dropped after it is processed, and tracked outputs older than the memory window are dropped, so a long
+video never holds all its frames (or all its per-frame outputs) on the device.
+
+Differences from Sa2VA's own SAM2 code, both on transformers' side: transformers replaces the mask
+logits of a frame whose object score is negative (object absent) by -1024 (SAM2's ``NO_OBJ_SCORE``);
+Sa2VA's patched SAM2 keeps the raw logits there.  Sa2VA's evaluation feeds a question containing "?"
+without any image block (its prompt template is only applied when there is no "?"); we always show the
+keyframes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from maskloop.model.checkpoints import SAM_PREFIX, CheckpointError
+from maskloop.model.prompts import IMG_END, IMG_START, Fixed, Repeat
+
+KEYFRAME_MODES = ("first", "uniform")
+NUM_KEYFRAMES = 5
+VIDEO_SEG_QUESTION = "Please segment {expr}."
+_NO_OBJ_SCORE = -1024.0  # SAM2: the logits of an absent object
+
+
+def keyframe_indices(num_frames: int, mode: str = "first", k: int = NUM_KEYFRAMES) -> list[int]:
+    """The frames the MLLM sees: the first ``k`` (Sa2VA) or ``k`` spread uniformly (first and last kept)."""
+    if num_frames < 1:
+        raise ValueError("the video has no frames")
+    if mode not in KEYFRAME_MODES:
+        raise ValueError(f"unknown keyframe mode {mode!r}; choose one of {KEYFRAME_MODES}")
+    k = min(k, num_frames)
+    if mode == "first":
+        return list(range(k))
+    return sorted({int(round(x)) for x in np.linspace(0, num_frames - 1, k)})
+
+
+# ----------------------------------------------------------------------------------------------
+# key map: SAM2's original memory-module names (as kept aside by the checkpoint loader, after
+# ``grounding_encoder.sam2_model.``) <-> transformers' Sam2VideoModel names.  {i} matches one index.
+
+_MEMORY_RULES = [
+    *[(f"memory_attention.layers.{{i}}.{{att}}.{c}_proj.{{p}}", f"memory_attention.layers.{{i}}.{{att}}.{c}_proj.{{p}}")
+      for c in "qkv"],
+    ("memory_attention.layers.{i}.{att}.out_proj.{p}", "memory_attention.layers.{i}.{att}.o_proj.{p}"),
+    ("memory_attention.layers.{i}.linear{n}.{p}", "memory_attention.layers.{i}.linear{n}.{p}"),
+    ("memory_attention.layers.{i}.norm{n}.{p}", "memory_attention.layers.{i}.layer_norm{n}.{p}"),
+    ("memory_attention.norm.{p}", "memory_attention.layer_norm.{p}"),
+    ("memory_encoder.pix_feat_proj.{p}", "memory_encoder.feature_projection.{p}"),
+    ("memory_encoder.out_proj.{p}", "memory_encoder.projection.{p}"),
+    ("memory_encoder.fuser.layers.{i}.dwconv.{p}", "memory_encoder.memory_fuser.layers.{i}.depthwise_conv.{p}"),
+    ("memory_encoder.fuser.layers.{i}.norm.{p}", "memory_encoder.memory_fuser.layers.{i}.layer_norm.{p}"),
+    ("memory_encoder.fuser.layers.{i}.pwconv{n}.{p}", "memory_encoder.memory_fuser.layers.{i}.pointwise_conv{n}.{p}"),
+    ("memory_encoder.fuser.layers.{i}.gamma", "memory_encoder.memory_fuser.layers.{i}.scale"),
+    ("memory_encoder.fuser.layers.{i}.g_weight", "memory_encoder.memory_fuser.layers.{i}.scale"),  # .gamma renamed
+    ("maskmem_tpos_enc", "memory_temporal_positional_encoding"),
+    ("no_mem_pos_enc", "no_memory_positional_encoding"),
+    ("no_obj_ptr", "no_object_pointer"),
+    ("obj_ptr_proj.layers.0.{p}", "object_pointer_proj.proj_in.{p}"),
+    ("obj_ptr_proj.layers.1.{p}", "object_pointer_proj.layers.0.{p}"),
+    ("obj_ptr_proj.layers.2.{p}", "object_pointer_proj.proj_out.{p}"),
+    ("obj_ptr_tpos_proj.{p}", "temporal_positional_encoding_projection_layer.{p}"),
+    ("mask_downsample.{p}", "mask_downsample.{p}"),
+    ("no_obj_embed_spatial", "occlusion_spatial_embedding_parameter"),
+]
+# the mask downsampler: SAM2's Sequential ``encoder.{3j}`` conv / ``{3j+1}`` LayerNorm2d / ``{3j+2}`` GELU,
+# then the final 1x1 conv at index 3 * n_layers
+_DOWNSAMPLER = re.compile(r"memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(\w+)")
+_HF_DOWNSAMPLER = re.compile(r"memory_encoder\.mask_downsampler\.(?:layers\.(\d+)\.(conv|layer_norm)|final_conv)\.(\w+)")
+
+
+def _rx(template: str) -> re.Pattern:
+    out, last = "", 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out += re.escape(template[last : m.start()]) + f"(?P<{m.group(1)}>[^.]+?)"
+        last = m.end()
+    return re.compile(out + re.escape(template[last:]))
+
+
+_COMPILED = [(_rx(a), a, _rx(b), b) for a, b in _MEMORY_RULES]
+
+
+def memory_key_to_hf(key: str, n_down_layers: int) -> str | None:
+    """An original SAM2 memory key (no ``grounding_encoder.sam2_model.`` prefix) -> Sam2VideoModel key."""
+    m = _DOWNSAMPLER.fullmatch(key)
+    if m:
+        j, p = int(m.group(1)), m.group(2)
+        if j == 3 * n_down_layers:
+            return f"memory_encoder.mask_downsampler.final_conv.{p}"
+        if j % 3 == 0:
+            return f"memory_encoder.mask_downsampler.layers.{j // 3}.conv.{p}"
+        if j % 3 == 1:
+            return f"memory_encoder.mask_downsampler.layers.{j // 3}.layer_norm.{p}"
+        return None
+    for rx, _, _, tgt in _COMPILED:
+        m = rx.fullmatch(key)
+        if m:
+            return tgt.format(**m.groupdict())
+    return None
+
+
+def hf_key_to_memory(key: str, n_down_layers: int) -> str | None:
+    """The inverse of :func:`memory_key_to_hf` (``.gamma`` spelled as the published ``.g_weight``)."""
+    m = _HF_DOWNSAMPLER.fullmatch(key)
+    if m:
+        j, kind, p = m.groups()
+        idx = 3 * n_down_layers if j is None else 3 * int(j) + (0 if kind == "conv" else 1)
+        return f"memory_encoder.mask_downsampler.encoder.{idx}.{p}"
+    for _, src, rx, _ in _COMPILED:
+        if src.endswith(".gamma"):
+            continue
+        m = rx.fullmatch(key)
+        if m:
+            return src.format(**m.groupdict())
+    return None
+
+
+def _is_memory_param(name: str) -> bool:
+    return not name.startswith(("vision_encoder.", "prompt_encoder.", "mask_decoder.", "shared_image_embedding."))\
+        and name != "no_memory_embedding"
+
+
+# ----------------------------------------------------------------------------------------------
+# building the video model
+
+
+def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_encoding: bool = False):
+    """A ``Sam2VideoConfig``: our SAM2 image shapes + SAM2's memory shapes (Hiera-L's at 1024).
+
+    Sa2VA's SAM2 is SAM2.0 (``add_tpos_enc_to_obj_ptrs=False``, no ``no_obj_embed_spatial``): both flags
+    default off and are switched on when the checkpoint holds the corresponding weights.
+    """
+    from transformers import Sam2VideoConfig
+
+    from maskloop.config import ConfigError
+    from maskloop.model.presets import sam2_config
+
+    img = sam2_config(cfg)
+    C = cfg.sam2.prompt_dim
+    if C % 64 or C <= 64:
+        raise ConfigError(
+            f"SAM2 video memory needs sam2.prompt_dim to be a multiple of 64 above 64 (transformers' memory "
+            f"attention reads 64-channel memories and splits the object pointers into 64-wide tokens); model "
+            f"{cfg.name!r} has {C}: use sa2va-1b / sa2va-4b shapes (256) or set sam2.prompt_dim=128")
+    mem = 64  # SAM2's memory width (fixed in transformers' memory attention)
+    grid = cfg.sam2.image_size // 16
+    small = C < 256
+    return Sam2VideoConfig(
+        vision_config=img.vision_config.to_dict(),
+        prompt_encoder_config=img.prompt_encoder_config.to_dict(),
+        mask_decoder_config=img.mask_decoder_config.to_dict(),
+        image_size=cfg.sam2.image_size,
+        enable_occlusion_spatial_embedding=occlusion_embedding,
+        enable_temporal_pos_encoding_for_object_pointers=temporal_pointer_encoding,
+        memory_attention_hidden_size=C,
+        memory_attention_feed_forward_hidden_size=2 * C if small else 2048,
+        memory_attention_rope_feat_sizes=[grid, grid],
+        memory_encoder_hidden_size=C,
+        memory_encoder_output_channels=mem,
+        mask_downsampler_embed_dim=C,
+        memory_fuser_embed_dim=C,
+        memory_fuser_intermediate_dim=4 * C,
+    )
+
+
+def build_sam2_video(model) -> nn.Module:
+    """transformers' ``Sam2VideoModel`` holding ``model``'s SAM2: image side copied from ``model.sam.sam``,
+    memory side from ``model.sam_memory_weights`` (a loaded checkpoint's) when present.
+
+    A model built from a preset (no checkpoint) has no memory weights: the memory modules then keep
+    transformers' random initialisation (tests, benchmarks).  A checkpoint whose memory weights do not
+    cover the video model, or have unknown names or wrong shapes, raises :class:`CheckpointError`.
+    """
+    from transformers import Sam2VideoModel
+
+    extra = getattr(model, "sam_memory_weights", None) or {}
+    extra = {k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k: v for k, v in extra.items()}
+    vcfg = sam2_video_config(model.cfg, occlusion_embedding="no_obj_embed_spatial" in extra,
+                             temporal_pointer_encoding=any(k.startswith("obj_ptr_tpos_proj.") for k in extra))
+    vm = Sam2VideoModel(vcfg)
+    target = vm.state_dict()
+    image_sd = model.sam.sam.state_dict()
+    missing_img = sorted(k for k in target if not _is_memory_param(k) and k not in image_sd)
+    if missing_img:
+        raise CheckpointError(f"SAM2 image weights missing for the video model: {missing_img[:5]}")
+    new = {k: image_sd[k] for k in target if not _is_memory_param(k)}
+    if extra:
+        n_down = len(vm.memory_encoder.mask_downsampler.layers)
+        unknown, wrong = [], []
+        for k, v in extra.items():
+            hk = memory_key_to_hf(k, n_down)
+            if hk is None or hk not in target:
+                unknown.append(k)
+            elif tuple(target[hk].shape) != tuple(v.shape):
+                wrong.append(f"{k}: checkpoint {tuple(v.shape)} vs video model {tuple(target[hk].shape)}")
+            else:
+                new[hk] = v
+        missing = sorted(k for k in target if _is_memory_param(k) and k not in new)
+        if unknown or wrong or missing:
+            lines = ["SAM2 memory weights do not match the video model:"]
+            for name, items in (("unknown", unknown), ("wrong shape", wrong), ("missing", missing)):
+                if items:
+                    lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]))
+            raise CheckpointError("\n".join(lines))
+    else:
+        import warnings
+
+        warnings.warn("the model holds no SAM2 memory weights (it was not loaded from a Sa2VA checkpoint): "
+                      "video propagation uses randomly initialised memory modules", stacklevel=2)
+    vm.load_state_dict(new, strict=False)
+    dev = next(model.sam.parameters()).device
+    return vm.to(dev).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# streamed session
+
+
+def _session_class():
+    from transformers import Sam2VideoInferenceSession
+
+    class StreamedSession(Sam2VideoInferenceSession):
+        """A session that knows the video's length up front but holds only the frames being processed.
+
+        ``num_frames`` is the declared length (transformers uses it to cap the object pointers), frames
+        are added with :meth:`add_new_frame` when reached, and :meth:`release` drops processed frames and
+        tracked outputs older than the memory window.
+        """
+
+        def __init__(self, total_frames: int, keep: int, **kw):
+            super().__init__(**kw)
+            self.total_frames = total_frames
+            self.keep = keep
+
+        @property
+        def num_frames(self) -> int:
+            return self.total_frames
+
+        def get_frame(self, frame_idx: int) -> torch.Tensor:
+            if self.processed_frames is None or frame_idx not in self.processed_frames:
+                raise RuntimeError(f"frame {frame_idx} was released or never added to the streamed session")
+            return super().get_frame(frame_idx)
+
+        def release(self, frame_idx: int) -> None:
+            if self.processed_frames is not None:
+                self.processed_frames.pop(frame_idx, None)
+            old = frame_idx - self.keep
+            for out in self.output_dict_per_obj.values():
+                for t in [t for t in out["non_cond_frame_outputs"] if t < old]:
+                    del out["non_cond_frame_outputs"][t]
+
+    return StreamedSession
+
+
+@dataclass
+class Prompt:
+    """SAM2 prompts of every object on one frame: ``language`` (n_obj, C) [SEG] embeddings or ``masks``
+    (n_obj, G, G) binary masks at SAM input size, with the frame's ``pixels`` (3, G, G) uint8."""
+
+    pixels: torch.Tensor
+    language: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+
+class SAM2Propagator:
+    """SAM2 video propagation of a fixed set of objects through a streamed video.
+
+    ``propagate(frames, num_frames, prompts)``: ``prompts`` maps frame index -> :class:`Prompt` (frame 0
+    must be one); ``frames`` yields the SAM input (3, G, G) uint8 of frames 0, 1, ... in order.  Yields
+    ``(frame_idx, low-res mask logits (n_obj, g, g))``.
+    """
+
+    def __init__(self, sam_head, video_model, dtype: torch.dtype = torch.float32):
+        self.head = sam_head  # our SAM2Head: its normalisation (mean / std on 0-255)
+        self.vm = video_model
+        self.dtype = dtype
+        c = video_model.config
+        self.keep = max(c.num_maskmem, c.max_object_pointers_in_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vm.parameters()).device
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(3, G, G) uint8 -> (3, G, G) SAM2-normalised float."""
+        x = pixels.to(self.device, self.head.mean.dtype)[None]
+        return ((x - self.head.mean) / self.head.std)[0].to(self.dtype)
+
+    def new_session(self, num_frames: int, n_obj: int):
+        dev = self.device
+        s = _session_class()(num_frames, self.keep, inference_device=dev, inference_state_device=dev,
+                             video_storage_device=dev, dtype=self.dtype)
+        for i in range(n_obj):
+            s.obj_id_to_idx(i)
+        return s
+
+    def _add_language(self, session, frame_idx: int, lang: torch.Tensor) -> None:
+        """Keyframe outputs of every object from its language prompt, stored as conditioning outputs with
+        memories encoded from the binarised masks.
+
+        One SAM2 decoder call for all objects (objects on SAM2's point-batch axis; transformers' own
+        ``_single_frame_forward`` handles one object per call).  The post-processing is transformers' per
+        object: logits of an absent object (score <= 0) -> NO_OBJ_SCORE, multimask -> the best predicted
+        IoU (its output token makes the object pointer), pointer of an absent object -> ``no_object_pointer``.
+        """
+        vm = self.vm
+        n = lang.shape[0]
+        feats, _ = vm._prepare_vision_features(session, frame_idx, 1)
+        high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s)
+                    for x, s in zip(feats[:-1], vm.backbone_feature_sizes[:-1])]
+        h, w = vm.backbone_feature_sizes[-1]
+        pix = (feats[-1] + vm.no_memory_embedding).permute(1, 2, 0).view(1, vm.hidden_dim, h, w)  # no memory
+        pts = torch.zeros(1, n, 1, 2, dtype=pix.dtype, device=pix.device)
+        lbl = -torch.ones(1, n, 1, dtype=torch.int32, device=pix.device)
+        sparse, dense = vm.prompt_encoder(input_points=pts, input_labels=lbl, input_boxes=None, input_masks=None)
+        sparse = torch.cat([sparse, lang.view(1, n, 1, -1).to(sparse.dtype)], 2)  # (1, n, tokens + 1, C)
+        multimask = vm._use_multimask(True, None)
+        low_multi, iou, tokens, score = vm.mask_decoder(
+            image_embeddings=pix,
+            image_positional_embeddings=vm.get_image_wide_positional_embeddings(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            high_resolution_features=high_res,
+        )  # (1, n, M, g, g), (1, n, M), (1, n, M, C), (1, n, 1)
+        appear = score > 0
+        low_multi = torch.where(appear[..., None, None], low_multi, _NO_OBJ_SCORE)
+        token = tokens[:, :, 0]
+        if multimask:
+            best = iou.argmax(-1)  # (1, n)
+            low = torch.gather(low_multi, 2, best[..., None, None, None].expand(-1, -1, 1, *low_multi.shape[-2:]))[:, :, 0]
+            if tokens.shape[2] > 1:
+                token = torch.gather(tokens, 2, best[..., None, None].expand(-1, -1, 1, tokens.shape[-1]))[:, :, 0]
+        else:
+            low = low_multi[:, :, 0]  # (1, n, g, g)
+        S = vm.image_size
+        high = F.interpolate(low.float(), size=(S, S), mode="bilinear", align_corners=False).to(low.dtype)
+        ptr = vm.object_pointer_proj(token)  # (1, n, C)
+        lam = appear.to(ptr.dtype)
+        ptr = lam * ptr + (1 - lam) * vm.no_object_pointer
+        hr_list, sc_list = [], []
+        for i in range(n):
+            cur = {
+                "pred_masks": low[:, i : i + 1],
+                "object_pointer": ptr[:, i : i + 1],
+                "high_res_masks": high[:, i : i + 1],
+                "object_score_logits": score[:, i : i + 1],
+            }
+            session.store_output(i, frame_idx, output_value=cur, is_conditioning_frame=True)
+            hr_list.append(cur["high_res_masks"])
+            sc_list.append(cur["object_score_logits"])
+        vm._batch_encode_memories(session, frame_idx, list(range(n)), hr_list, sc_list, [True] * n)
+
+    def _add_masks(self, session, frame_idx: int, masks: torch.Tensor) -> None:
+        """Mask prompts exactly as transformers' processor adds them, then the frame's conditioning pass."""
+        S = self.vm.config.image_size
+        for i, m in enumerate(masks):
+            m = m.float().to(self.device)[None, None]
+            if m.shape[-2:] != (S, S):
+                m = (F.interpolate(m, size=(S, S), mode="bilinear", align_corners=False, antialias=True) >= 0.5).float()
+            session.add_mask_inputs(i, frame_idx, m)
+            session.remove_point_inputs(i, frame_idx)
+        session.obj_with_new_inputs = list(range(len(masks)))
+        self.vm(session, frame_idx=frame_idx)
+
+    @torch.inference_mode()
+    def propagate(self, frames: Iterable[torch.Tensor], num_frames: int,
+                  prompts: dict[int, Prompt]) -> Iterator[tuple[int, torch.Tensor]]:
+        if 0 not in prompts:
+            raise ValueError("frame 0 must hold a prompt (propagation runs forward from it)")
+        bad = [k for k in prompts if not 0 <= k < num_frames]
+        if bad:
+            raise ValueError(f"prompt frames {bad} are outside the video's {num_frames} frames")
+        n_obj = {int((p.language if p.language is not None else p.masks).shape[0]) for p in prompts.values()}
+        if len(n_obj) != 1:
+            raise ValueError(f"every prompted frame must prompt the same objects; got counts {sorted(n_obj)}")
+        session = self.new_session(num_frames, n_obj.pop())
+        for k in sorted(prompts):
+            p = prompts[k]
+            session.add_new_frame(self.normalise(p.pixels), k)
+            if p.language is not None:
+                self._add_language(session, k, p.language.to(self.device))
+            else:
+                self._add_masks(session, k, p.masks)
+            session.processed_frames.pop(k, None)
+        n_seen = 0
+        for idx, pixels in enumerate(frames):
+            if idx >= num_frames:
+                raise ValueError(f"the frame source yields more than the declared {num_frames} frames")
+            session.add_new_frame(self.normalise(pixels), idx)
+            out = self.vm(session, frame_idx=idx)
+            session.release(idx)
+            n_seen += 1
+            yield idx, out.pred_masks[:, 0].float()  # (n_obj, g, g)
+        if n_seen != num_frames:
+            raise ValueError(f"the frame source yielded {n_seen} frames, {num_frames} were declared")
+
+
+# ----------------------------------------------------------------------------------------------
+# the MLLM side and the whole protocol
+
+
+def video_seg_parts(builder, num_frames: int, expr, questions=None):
+    """The parts of Sa2VA's video question: ``num_frames`` image blocks, then ``Please segment {expr}.``
+    and the answer (``builder``'s style)."""
+    ids = builder.ids
+    if questions is None:
+        pre, suf = (ids(s) for s in VIDEO_SEG_QUESTION.split("{expr}"))
+        n = expr.ids.shape[0] if hasattr(expr, "ids") else expr.embeds.shape[0]
+        questions = [(pre, suf + builder._suffix_ids, builder.fixed_seg_answer)] * n
+    blocks = builder.image_parts()
+    for _ in range(num_frames - 1):
+        blocks += [Fixed(ids(IMG_START)), Repeat(builder.img_ctx_id, builder.n_img), Fixed(ids(IMG_END + "\n"))]
+    return blocks + builder.seg_parts(expr, questions)[3:]
+
+
+@torch.no_grad()
+def seg_prompts(model, key_pixel_values: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Keyframes (F, 3, S, S) + expressions -> the [SEG] prompt of each expression (n, C), one LLM pass."""
+    feats = model.image_tokens(key_pixel_values)  # (F, N, D)
+    Fk, N, D = feats.shape
+    n = len(texts)
+    expr = model.builder.expressions([t.strip() for t in texts])
+    parts = video_seg_parts(model.builder, Fk, expr)
+    emb, asm = model.build_inputs(parts, feats.reshape(1, Fk * N, D).expand(n, -1, -1))
+    hidden = model.run_llm(emb, asm.attention_mask, asm.position_ids)
+    return model.seg_prompt_embeds(hidden, asm.input_ids)
+
+
+class VideoSegmenter:
+    """Sa2VA's referring video segmentation with a :class:`~maskloop.model.grounded.GroundedMLLM`.
+
+    ``segment(frame_at, num_frames, texts)`` with ``frame_at(i) -> PIL image`` (random access, used for
+    the keyframes) and ``frames()`` (a sequential iterator over all frames, the stream) yields
+    ``(frame_idx, masks (n_texts, H, W) bool)`` at the frames' own size.
+    """
+
+    def __init__(self, model, keyframes: str = "first", num_keyframes: int = NUM_KEYFRAMES,
+                 dtype: torch.dtype | None = None):
+        from maskloop.data.transforms import SampleTransform
+
+        if keyframes not in KEYFRAME_MODES:
+            raise ValueError(f"unknown keyframe mode {keyframes!r}; choose one of {KEYFRAME_MODES}")
+        self.model = model
+        self.keyframes = keyframes
+        self.num_keyframes = num_keyframes
+        c = model.cfg
+        self.transform = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size,
+                                         prompt_grid=c.prompt_grid)
+        vm = build_sam2_video(model)
+        dtype = dtype or next(model.sam.parameters()).dtype
+        self.propagator = SAM2Propagator(model.sam, vm.to(dtype), dtype)
+
+    @torch.no_grad()
+    def segment(self, frame_at: Callable[[int], object], frames: Callable[[], Iterable], num_frames: int,
+                texts: list[str]) -> Iterator[tuple[int, np.ndarray]]:
+        if not texts or any(not t or not t.strip() for t in texts):
+            raise ValueError("every --text must be a non-empty expression")
+        dev = next(self.model.parameters()).device
+        keys = keyframe_indices(num_frames, self.keyframes, self.num_keyframes)
+        key_items = {k: self.transform.image(frame_at(k)) for k in keys}
+        size = frame_at(keys[0]).size  # (W, H)
+        pv = torch.stack([key_items[k]["pixel_values"] for k in keys]).to(dev)
+        lang = seg_prompts(self.model, pv, texts)  # (n, C)
+        prompts = {k: Prompt(key_items[k]["g_pixel_values"], language=lang) for k in keys}
+        stream = (self.transform.image(img)["g_pixel_values"] for img in frames())
+        W, H = size
+        for idx, low in self.propagator.propagate(stream, num_frames, prompts):
+            up = F.interpolate(low[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+            yield idx, (up > 0).cpu().numpy()
+
+
+__all__ = [
+    "KEYFRAME_MODES",
+    "NUM_KEYFRAMES",
+    "Prompt",
+    "SAM2Propagator",
+    "VIDEO_SEG_QUESTION",
+    "VideoSegmenter",
+    "build_sam2_video",
+    "hf_key_to_memory",
+    "keyframe_indices",
+    "memory_key_to_hf",
+    "sam2_video_config",
+    "seg_prompts",
+    "video_seg_parts",
+]
