@@ -105,7 +105,9 @@ def cycle(model, image: Image.Image, mask: np.ndarray, caption: str | None = Non
     """mask -> caption (or the given one) -> mask': ``(caption, mask', IoU(mask, mask'))``."""
     from maskloop.inference import segment_text
 
-    text = (caption or "").strip() or describe_region(model, image, mask, max_new_tokens)
+    text = (caption or "").strip() or describe_region(model, image, mask, max_new_tokens).strip()
+    if not text:
+        raise ValueError("the model's caption of this region is empty: nothing to re-segment (type one to try)")
     with _LOCK, torch.no_grad():
         m2 = segment_text(model, image, text)[0]
     return text, m2, iou(mask, m2)
@@ -139,9 +141,9 @@ def build_app(model, title: str = "maskloop"):
     def on_cycle(editor, upload, caption):
         try:
             img, m = editor_mask(editor, upload)
+            text, m2, score = cycle(model, img, m, caption)
         except ValueError as e:
             raise gr.Error(str(e)) from None
-        text, m2, score = cycle(model, img, m, caption)
         shown = (img, [(m.astype(np.float32), "your region"), (m2.astype(np.float32), "re-segmented caption")])
         return text, shown, "n/a (both masks empty)" if np.isnan(score) else f"{score:.3f}"
 
