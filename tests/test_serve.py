@@ -129,7 +129,7 @@ def test_browser_upload_expression_overlay_and_mask_equals_segment(served, tmp_p
         driver = webdriver.Chrome(service=Service(driver_path), options=opts)
         driver.set_page_load_timeout(30)
         driver.get(url)
-        wait = WebDriverWait(driver, 40)
+        wait = WebDriverWait(driver, 20)
         upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#seg_image input[type=file]")))
         upload.send_keys(str(served / "img.png"))
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#seg_image img")))
@@ -144,6 +144,26 @@ def test_browser_upload_expression_overlay_and_mask_equals_segment(served, tmp_p
         driver.save_screenshot(str(tmp_path / "serve_segment.png"))
         print(f"screenshot: {tmp_path / 'serve_segment.png'}")
         got = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src, timeout=10).read())).convert("L")) > 127
+        # the cycle tab: image + uploaded region mask, a typed caption, one click -> IoU shown
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'cycle')]").click()
+        ed = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#cap_editor input[type=file]")))
+        ed.send_keys(str(served / "img.png"))
+        mk = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#cap_mask input[type=file]")))
+        mk.send_keys(str(served / "mask.png"))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#cap_mask img")))
+        driver.find_element(By.CSS_SELECTOR, "#cap_text textarea").send_keys(expr)
+        iou_box = driver.find_element(By.CSS_SELECTOR, "#cycle_iou textarea")
+        for attempt in range(2):  # a click racing the editor's upload is answered "upload an image": click again
+            driver.find_element(By.CSS_SELECTOR, "#cycle_button").click()
+            try:
+                WebDriverWait(driver, 15).until(lambda d: iou_box.get_attribute("value"))
+                break
+            except Exception:
+                if attempt:
+                    driver.save_screenshot(str(tmp_path / "serve_cycle.png"))
+                    raise
+        driver.save_screenshot(str(tmp_path / "serve_cycle.png"))
+        shown_iou = iou_box.get_attribute("value")
     finally:
         if driver is not None:
             driver.quit()
@@ -152,6 +172,8 @@ def test_browser_upload_expression_overlay_and_mask_equals_segment(served, tmp_p
     assert np.array_equal(got, want), f"{(got != want).sum()} pixels differ"
     assert f"{expr}: {int(want.sum())} px" in info
     assert (tmp_path / "serve_segment.png").stat().st_size > 10_000
+    gt = np.asarray(Image.open(served / "mask.png")) > 127
+    assert shown_iou == f"{np.logical_and(gt, want).sum() / np.logical_or(gt, want).sum():.3f}"
     print(f"browser test: {time.monotonic() - start:.1f} s, mask {int(want.sum())} of {want.size} px")
 
 
