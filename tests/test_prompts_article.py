@@ -23,9 +23,13 @@ def _norm(text: str) -> str:  # the word tokenizer lower-cases and splits off pu
     return " ".join(re.sub(r"([?.,])", r" \1 ", text.lower()).split())
 
 
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny()
+
+
 @pytest.mark.parametrize("q", range(len(SEG_QUESTIONS)))
-def test_every_question_reads_as_written(q):
-    model = make_tiny()
+def test_every_question_reads_as_written(model, q):
     bld, tok = model.builder, model.tokenizer
     expr = bld.expressions(EXPRS)
     qs = [bld._seg_q[q] + (bld._seg_answers[0],)] * len(EXPRS)
