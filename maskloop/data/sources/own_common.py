@@ -123,10 +123,14 @@ class OwnDataset(RobustDataset):
         self.transform = default_transform(transform)
         self.regions: list[Region] = []
         self.items: list[tuple[int, int]] = []  # (region index, expression index or -1)
+        self._exists: dict[str, bool] = {}
 
     def add_region(self, region: Region) -> None:
         """Index one region, counting a missing image (the file check is cheap; reading waits)."""
-        if not os.path.isfile(region.image):
+        exists = self._exists.get(region.image)
+        if exists is None:  # one stat per image, however many regions it has
+            exists = self._exists[region.image] = os.path.isfile(region.image)
+        if not exists:
             self.record_bad("missing_file", region.image, f"image of {region.key} not found")
             return
         self.regions.append(region)
@@ -139,6 +143,7 @@ class OwnDataset(RobustDataset):
                 self.items.extend((r, k) for k in range(len(reg.expressions)))
             elif reg.caption:
                 self.items.append((r, -1))
+        self._exists = {}
         what = {"masks": "regions", "refer": "regions with expressions", "caption": "regions with a caption"}
         self.check_not_empty(f"no {what[self.mode]} were found while indexing")
 
