@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maskloop-installed
+# pip extras of the editable install; CI (.ci/run) uses dev,serve: the web app and its browser test
+EXTRAS ?= dev
 
 .PHONY: setup demo test lint clean
 
@@ -13,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch from the local index first, so the package's range does not pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: setup

@@ -8,6 +8,8 @@
     maskloop segment --checkpoint RUN_OR_FOLDER --image img.png --question "Please segment the cat and the dog."
     maskloop segment --checkpoint RUN_OR_FOLDER --video clip.mp4 --text "the red car" [--text ...] [--out-dir DIR]
     maskloop data check --source refcoco /data/refcoco
+    maskloop data import --from coco|folder|sa2va SRC --out DIR
+    maskloop serve --checkpoint RUN_OR_FOLDER [--port 7860]
     maskloop export sa2va --checkpoint RUN_OR_FOLDER --out DIR [--base SA2VA_FOLDER] [--dtype bf16]
     maskloop export psalm-to-deformable baseline.safetensors deformable.safetensors
 
@@ -205,6 +207,20 @@ def _video_verb(fn, args, model) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_serve(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the web app needs gradio: pip install 'maskloop[serve]' (or pip install gradio)") from None
+    from maskloop.serve import serve
+
+    ckpt = _need_file(args.checkpoint, "checkpoint path")
+    _set_threads(args.threads)
+    print(f"serving {ckpt} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    serve(ckpt, host=args.host, port=args.port, device=args.device, ema=args.ema)
+    return 0
+
+
 def cmd_export_sa2va(args) -> int:
     from maskloop.inference import load_model
     from maskloop.model.checkpoints import NO_BASE_NOTE, save_published
@@ -319,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="segment_video", help="--video: where masks/ and overlay.gif go")
     s.add_argument("--keyframes", default="first", choices=["first", "uniform"], help="--video: the MLLM's 5 frames")
     s.set_defaults(func=cmd_segment)
+
+    w = sub.add_parser("serve", help="web app (gradio): segment expressions, describe a region, the cycle")
+    common(w)
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    w.add_argument("--ema", action="store_true", help="use the EMA weights of a training run")
+    w.set_defaults(func=cmd_serve)
 
     from maskloop.data.check import add_data_parser
 

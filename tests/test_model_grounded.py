@@ -69,7 +69,7 @@ def test_phrase_answer_repeats_the_expression_before_seg():
     qs = bld.seg_question(2, fixed=True)
     asm = assemble(bld.seg_parts(expr, qs), 2, bld.pad_id)
     text = [model.tokenizer.decode(r[m.bool()].tolist()) for r, m in zip(asm.input_ids, asm.attention_mask)]
-    assert text[0].endswith("segment the the red circle in this image? <|end|> \n <|assistant|> \n"
+    assert text[0].endswith("segment the red circle in this image? <|end|> \n <|assistant|> \n"
                             " sure, <p> the red circle </p> [SEG]. <|end|>"), text[0]
     assert text[1].endswith("sure, <p> green </p> [SEG]. <|end|>"), text[1]
     # every answer token is an LM target (labels sit one position earlier), the copied phrase included
@@ -77,7 +77,8 @@ def test_phrase_answer_repeats_the_expression_before_seg():
         targets = asm.labels[b][asm.labels[b] != -100]
         want = bld._phrase_answer[0] + expr.ids[b, :n_expr].tolist() + bld._phrase_answer[1]
         assert targets.tolist() == want
-    # embeddings: the same positions, no targets on the copy
+    # embeddings: the same positions, no targets on the copy (no text: the question keeps its "the")
+    asm = assemble(bld.seg_parts(expr, qs, drop_article=False), 2, bld.pad_id)
     emb = model.expression_embeds(expr.ids, expr.lengths)
     asm_e = assemble(bld.seg_parts(emb, qs), 2, bld.pad_id)
     assert len(asm_e.embeds) == 2 and asm_e.input_ids.shape == asm.input_ids.shape

@@ -3,7 +3,9 @@
 * :mod:`maskloop.data.transforms` -- :class:`SampleTransform` (one original image -> 448
   normalised, 1024 uint8, 16x16 prompt mask, 1024 mask).
 * :mod:`maskloop.data.sources` -- SA-V (mp4 + json, and our npz pairs), SA-1B, RefCOCO/+/g,
-  Open Images V7, DAM.
+  Open Images V7, DAM; own data (``own_coco`` / ``own_folder`` / ``own_sa2va``, kinds ``coco`` /
+  ``folder`` / ``sa2va``, see ``sources/own_common.py``).
+* :mod:`maskloop.data.import_` -- ``maskloop data import``: own data -> the ``coco`` layout.
 * :mod:`maskloop.data.robust` -- skip-and-count of bad samples, :class:`DataError`, and the
   run's :class:`SkipCounter` (exact over workers, checkpointable, reduced over ranks).
 * :mod:`maskloop.data.mixture` -- repeats/weights, distributed resumable samplers, collate.

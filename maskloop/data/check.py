@@ -7,7 +7,8 @@ their reasons. It exits 1 when any source is unusable (cannot be indexed, or has
 sample), else 0.
 
 KIND is one of ``sav``, ``sav-pairs``, ``sa1b``, ``refcoco``, ``refcoco+``, ``refcocog``,
-``openimages``, ``dam``; reader options go after a colon, comma separated, e.g.
+``openimages``, ``dam``, and the own-data kinds ``coco``, ``folder``, ``sa2va`` (option
+``mode=masks|refer|caption``, see :mod:`maskloop.data.sources.own_common`); reader options go after a colon, comma separated, e.g.
 ``refcocog:split_by=umd,split=val`` or ``dam:splits=COCOStuff+LVIS`` (``+`` separates list
 items) or ``sav:use_auto=true``.
 
@@ -30,6 +31,7 @@ __all__ = ["main_check", "main_write_sav_pairs", "add_data_parser", "build_sourc
 
 def _builders() -> dict[str, Callable[..., RobustDataset]]:
     from .sources import (
+        OWN_KINDS,
         DAMDataset,
         OpenImagesDataset,
         RefCOCODataset,
@@ -47,10 +49,11 @@ def _builders() -> dict[str, Callable[..., RobustDataset]]:
         "refcocog": lambda root, **kw: RefCOCODataset(root, dataset="refcocog", **kw),
         "openimages": OpenImagesDataset,
         "dam": DAMDataset,
+        **OWN_KINDS,
     }
 
 
-KINDS = ("sav", "sav-pairs", "sa1b", "refcoco", "refcoco+", "refcocog", "openimages", "dam")
+KINDS = ("sav", "sav-pairs", "sa1b", "refcoco", "refcoco+", "refcocog", "openimages", "dam", "coco", "folder", "sa2va")
 
 
 def _value(v: str):
@@ -187,14 +190,31 @@ def _run_pairs(args: argparse.Namespace) -> int:
     return 0 if res["written"] else 1
 
 
+def _run_import(args: argparse.Namespace) -> int:
+    from .import_ import run_import
+
+    return run_import(args)
+
+
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``data {check,write-sav-pairs}`` to a CLI's subparsers; the parsed namespace has
+    """Add ``data {check,import,write-sav-pairs}`` to a CLI's subparsers; the parsed namespace has
     ``func(args) -> int``."""
-    data = subparsers.add_parser("data", help="check datasets, convert SA-V to npz pairs")
+    data = subparsers.add_parser("data", help="check datasets, import own data, convert SA-V to npz pairs")
     sub = data.add_subparsers(dest="data_command", required=True)
     check = sub.add_parser("check", help="scan sources, count and list bad files")
     _add_check_args(check)
     check.set_defaults(func=_run_check)
+    imp = sub.add_parser("import", help="own data (coco / folder / sa2va) -> the documented layout (kind: coco)",
+                         description="Convert own data into one layout: DIR/annotations.json (COCO instances, "
+                         "compressed RLE, optional expressions / caption per annotation) + DIR/images/. Bad rows "
+                         "are skipped and counted. Train on it with `kind: coco, root: DIR` (configs/own_data.yaml).")
+    imp.add_argument("--from", dest="source_kind", required=True, metavar="KIND",
+                     help="coco | folder | sa2va, with optional :key=value reader options")
+    imp.add_argument("src", help="the source: a folder (or a COCO / Sa2VA json file)")
+    imp.add_argument("--out", required=True, help="output folder")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing DIR/annotations.json")
+    imp.add_argument("--no-progress", action="store_true")
+    imp.set_defaults(func=_run_import)
     pairs = sub.add_parser("write-sav-pairs", help="SA-V release -> npz frame pairs")
     _add_pairs_args(pairs)
     pairs.set_defaults(func=_run_pairs)

@@ -97,6 +97,7 @@ SEG_QUESTIONS = (
     "What is {expr} in this image? Please respond with segmentation mask",
     "What is {expr} in this image? Please output segmentation mask",
 )
+ARTICLES = ("the", "The", "a", "A", "an", "An")  # an expression starting with one needs no "the" before it
 SEG_ANSWERS = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG].")
 FIXED_SEG_ANSWER = "Sure, [SEG]."  # the answer used by the loops' LM term
 # seg_answer="phrase": the answer repeats the expression in Sa2VA's phrase markup (as its grounded-caption
@@ -201,6 +202,19 @@ class PromptBuilder:
         self._suffix = t["suffix"]
         self._answer_end = t["answer_end"]
         self._seg_q = [tuple(ids(s) for s in q.split("{expr}")) for q in SEG_QUESTIONS]
+        # "Can you segment the {expr}" with an expression that starts with an article would read
+        # "segment the the red circle": such a prefix loses its "the" (token-id expressions only;
+        # an expression given as embeddings has no text to look at)
+        self._article_free = {}
+        for q in SEG_QUESTIONS:
+            before = q.split("{expr}")[0]
+            if before.rstrip().lower().endswith(" the"):
+                self._article_free[tuple(ids(before))] = ids(before.rstrip()[: -len("the")])
+        self._article_ids = set()
+        for w in ARTICLES:
+            first = ids(f"{w} red")[:1]
+            if first and self.tok.decode(first).strip() == w:  # the article is a whole token of its own
+                self._article_ids.add(first[0])
         self._suffix_ids = ids(t["suffix"])
         self._seg_answers = [ids(a + t["answer_end"]) for a in SEG_ANSWERS]
         self.fixed_seg_answer = ids(FIXED_SEG_ANSWER + t["answer_end"])
@@ -279,11 +293,17 @@ class PromptBuilder:
         return rows
 
     def seg_parts(self, expr: Part, questions: list[tuple[list[int], list[int], list[int]]], with_answer=True,
-                  n_image: torch.Tensor | None = None):
-        """Image + question around ``expr`` (+ the answer).  With ``seg_answer="phrase"`` the answer is
+                  n_image: torch.Tensor | None = None, drop_article: bool = True):
+        """Image + question around ``expr`` (+ the answer).  A question whose text before ``{expr}`` ends
+        in "the" drops it for a token expression that starts with an article (``drop_article``).  With ``seg_answer="phrase"`` the answer is
         :data:`PHRASE_SEG_ANSWER` with ``expr`` repeated inside it (token ids: LM targets; embeddings: not),
         and the answer ids in ``questions`` are not used.  An answer may hold any number of [SEG]."""
-        pre = Ragged.from_lists([q[0] for q in questions], self.pad_id)
+        prefixes = [q[0] for q in questions]
+        if drop_article and isinstance(expr, Ragged) and self._article_free:
+            first = expr.ids[:, 0].tolist()
+            prefixes = [self._article_free.get(tuple(p), p) if n > 1 and f in self._article_ids else p
+                        for p, f, n in zip(prefixes, first, expr.lengths.tolist())]
+        pre = Ragged.from_lists(prefixes, self.pad_id)
         suf = Ragged.from_lists([q[1] for q in questions], self.pad_id)
         parts = self.image_parts(n_image) + [pre, expr, suf]
         if not with_answer:

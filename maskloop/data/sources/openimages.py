@@ -7,11 +7,26 @@ Released files (read as downloaded)::
         e.g. 0a1b..._m0k4j_3f9c2e1d.png,0a1b...,/m/0k4j,3f9c2e1d,0.12,0.55,0.30,0.81,0.86,
     {root}/{split}-masks-[0-9a-f].zip        # 16 zips, by the first hex digit of ImageID,
                                              # PNGs named by MaskPath at the zip's top level
-      or the PNGs extracted into {root}/{split}-masks/ (flat, or one sub-folder per zip)
     {root}/{split}/{ImageID}.jpg             # the images (or pass images_dir=)
     {root}/oidv7-class-descriptions.csv      # LabelName,DisplayName  (caption = DisplayName)
 
-(``annotations/`` sub-folders are searched too, and ``class-descriptions-boxable.csv``,
+The mask PNGs are found, without settings, in any of these layouts (first hit wins):
+
+* left in the zips: ``{root}/{split}-masks-{c}.zip`` (or inside ``{root}/{split}-masks/``);
+* unzipped into one folder: ``{root}/{split}-masks/<MaskPath>``;
+* unzipped into per-zip folders (what unzipping each zip into a folder of its own name gives):
+  ``{root}/{split}-masks-{c}/<MaskPath>`` (or inside ``{root}/{split}-masks/``);
+* FiftyOne's zoo downloader (``foz.load_zoo_dataset("open-images-v7", ...)``), with ``root``
+  the zoo folder (``.../open-images-v7``, then ``{root}/{split}/``) or its split folder::
+
+      {split dir}/data/{ImageID}.jpg
+      {split dir}/labels/segmentations.csv          # the segmentation csv, renamed
+      {split dir}/labels/masks/{C}/<MaskPath>       # C = ImageID[0].upper(), each zip extracted
+      {split dir}/metadata/classes.csv              # class-descriptions-boxable.csv, no header
+
+A mask that is in none of them is a ``missing_file`` whose detail lists every place looked
+at; when no mask location exists at all the reader refuses to start with that list.
+(``annotations/`` sub-folders are searched for the csvs too, and ``class-descriptions-boxable.csv``,
 which has no header, is accepted.) Box coordinates are normalised to [0, 1]. A mask PNG
 is binary (non-zero = object). When its size differs from the image's but the aspect ratio
 is the same (up to whole-pixel rounding, :func:`~maskloop.data.sources.common.aspect_matches`)
@@ -86,26 +101,37 @@ class OpenImagesDataset(RobustDataset):
         self.transform = default_transform(transform)
         root = Path(root)
         self.split = split
+        # FiftyOne's zoo layout: root is the split folder (labels/ inside) or the zoo folder ({split}/labels/)
+        fo = next((d for d in (root, root / split) if (d / "labels" / "segmentations.csv").is_file()
+                   or (d / "labels" / "masks").is_dir()), None)
+        self._fiftyone_dir = fo
         csv_path = _first_existing([
             annotations_csv,
             root / f"{split}-annotations-object-segmentation.csv",
             root / "annotations" / f"{split}-annotations-object-segmentation.csv",
+            fo / "labels" / "segmentations.csv" if fo else None,
         ])
         if csv_path is None:
-            raise DataError(f"no {split}-annotations-object-segmentation.csv under {root} (or {root}/annotations); "
-                            "pass annotations_csv=")
+            raise DataError(f"no {split}-annotations-object-segmentation.csv under {root} (or {root}/annotations, "
+                            f"or FiftyOne's {root}/[{split}/]labels/segmentations.csv); pass annotations_csv=")
+        meta = [fo / "metadata" / n for n in ("classes.csv",) + _CLASS_FILES] if fo else []
         cls_path = _first_existing([class_descriptions] + [root / n for n in _CLASS_FILES]
-                                   + [root / "annotations" / n for n in _CLASS_FILES])
+                                   + [root / "annotations" / n for n in _CLASS_FILES] + meta)
         if cls_path is None:
             raise DataError(f"no oidv7-class-descriptions.csv under {root}; pass class_descriptions= "
                             "(it maps LabelName to the DisplayName used as caption)")
         self.class_names = read_class_descriptions(cls_path)
         self.images_dir = Path(images_dir) if images_dir else (
-            _first_existing([root / split, root / "images" / split]) or root / split)
+            _first_existing(([fo / "data"] if fo else []) + [root / split, root / "images" / split]) or root / split)
         self.masks_dir = Path(masks_dir) if masks_dir else root / f"{split}-masks"
-        self._zip_dirs = [p for p in (self.masks_dir, root) if p.is_dir()]
+        self.root = root
         self._zips = FileLRU(max_open_zips, opener=zipfile.ZipFile)
+        self._places: dict[str, tuple[list[Path], list[Path]]] = {}
         self._csv_name = csv_path.name
+        if not any(p.exists() for c in "0123456789abcdef" for group in self._mask_places(c) for p in group):
+            looked = [str(p) for group in self._mask_places("0") for p in group]
+            raise DataError(f"no Open Images mask PNGs found for {root}: looked for (shown for digit 0, likewise "
+                            f"1..f) {', '.join(looked)}; pass masks_dir= for another layout")
 
         self.items: list[tuple[str, str, str]] = []  # (MaskPath, ImageID, DisplayName)
         self._lines: list[int] = []
@@ -150,13 +176,27 @@ class OpenImagesDataset(RobustDataset):
         mask_path, image_id, _ = self.items[index]
         return (self._image_path(image_id), mask_path)
 
+    def _mask_places(self, c: str) -> tuple[list[Path], list[Path]]:
+        """(folders, zips) that may hold the masks of images whose id starts with hex digit ``c``."""
+        c = c.lower()
+        if c not in self._places:
+            sp, m, r = self.split, self.masks_dir, self.root
+            dirs = [m, m / f"{sp}-masks-{c}", r / f"{sp}-masks-{c}"]
+            zips = [m / f"{sp}-masks-{c}.zip", r / f"{sp}-masks-{c}.zip"]
+            if self._fiftyone_dir is not None:
+                fo = self._fiftyone_dir / "labels" / "masks"
+                dirs += [fo / c.upper(), fo / c]
+                zips += [fo / f"{c.upper()}.zip"]
+            self._places[c] = (list(dict.fromkeys(dirs)), list(dict.fromkeys(zips)))
+        return self._places[c]
+
     def _read_mask_bytes(self, mask_path: str) -> bytes:
-        c = mask_path[0].lower()
-        for p in (self.masks_dir / mask_path, self.masks_dir / f"{self.split}-masks-{c}" / mask_path):
+        dirs, zips = self._mask_places(mask_path[0])
+        for d in dirs:
+            p = d / mask_path
             if p.is_file():
                 return p.read_bytes()
-        for d in self._zip_dirs:
-            z = d / f"{self.split}-masks-{c}.zip"
+        for z in zips:
             if z.is_file():
                 try:
                     return self._zips.get(str(z)).read(mask_path)
@@ -164,8 +204,8 @@ class OpenImagesDataset(RobustDataset):
                     continue
                 except (zipfile.BadZipFile, OSError) as e:
                     raise SampleError("corrupt_mask", key=mask_path, detail=f"{z}: {e}") from e
-        raise SampleError("missing_file", key=mask_path, detail=f"mask PNG not in {self.masks_dir} nor a "
-                          f"{self.split}-masks-{c}.zip")
+        raise SampleError("missing_file", key=mask_path, detail="mask PNG not found; looked in "
+                          + ", ".join(str(d) + "/" for d in dirs) + " and in the zips " + ", ".join(map(str, zips)))
 
     def load(self, index: int) -> dict:
         mask_path, image_id, caption = self.items[index]
