@@ -448,7 +448,9 @@ def test_pycocotools_is_reached_only_through_the_validator():
     pkg = Path(maskloop.__file__).parent
     parsing = {"decode", "frPyObjects", "merge", "area", "toBbox", "iou", "_frString", "frString"}
     own_masks_only = {"data/fixtures.py": {"encode"}, "data/sources/shapes.py": {"encode"},
-                      "eval/psalm_metrics.py": {"encode", "area", "toBbox"}}
+                      "eval/psalm_metrics.py": {"encode", "area", "toBbox"},
+                      "data/import_.py": {"encode"},  # `data import` writes the masks it decoded (through io)
+                      "data/video_fixtures.py": {"encode"}}
     found: dict[str, set] = {}
     for f in pkg.rglob("*.py"):
         rel = f.relative_to(pkg).as_posix()

@@ -190,6 +190,7 @@ class PromptBuilder:
         self.stop_seqs = [ids(w) for w in t.stop_words]
         self.stop_ids = sorted({q[0] for q in self.stop_seqs if len(q) == 1})
         self.end_id = ids(t.suffix)[-1]
+        self.answer_end_ids = ids(t.suffix)  # every token of the answer suffix (with_end appends them all)
         # the tokenizer's BOS when its encode() adds one (InternLM2's <s>; Qwen2's adds none): Sa2VA's
         # predict_forward encodes with special tokens, its training (xtuner) prepends the same BOS
         self.bos = _leading_special(tokenizer)

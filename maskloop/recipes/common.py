@@ -34,7 +34,7 @@ def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: 
 
     The question templates are drawn for the global batch (``shard`` = (world, rank), :func:`global_rows`)
     from an ``rng`` seeded alike on every rank, so N processes ask what one process asks."""
-    B = batch["pixel_values"].shape[0]
+    B = batch["g_pixel_values"].shape[0]  # (pixel_values holds every tile of a tiled batch)
     world, rank = shard
     out = model.segment(
         batch["pixel_values"],
@@ -42,6 +42,7 @@ def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: 
         model.builder.expressions(batch["expression"]),
         model.builder.seg_question(world * B, rng)[rank::world],
         gt_masks=batch["masks"],
+        num_tiles=batch.get("num_tiles"),
     )
     loss = out["loss_mask"] + lm_weight * out["loss_lm"]
     return loss, {k: _d(out[k]) for k in ("loss_mask", "loss_bce", "loss_dice", "loss_lm")}
@@ -50,7 +51,8 @@ def refer_loss(model: GroundedMLLM, batch: dict, rng: random.Random, lm_weight: 
 def caption_loss(model: GroundedMLLM, batch: dict) -> tuple[torch.Tensor, dict]:
     """Supervised region captioning: image + region(mask) -> caption, teacher forced (docs/recipes.md, "SFT")."""
     pm, n_empty = region_prompts(batch)
-    out = model.caption_logits(batch["pixel_values"], pm, model.builder.caption_answer(batch["caption"]))
+    out = model.caption_logits(batch["pixel_values"], pm, model.builder.caption_answer(batch["caption"]),
+                               num_tiles=batch.get("num_tiles"))
     return out["loss_lm"], {"loss_caption": _d(out["loss_lm"]), "region_k0_fallbacks": n_empty}
 
 
@@ -95,9 +97,14 @@ def noise_tokens(
     return torch.where(flip, pool[pick], ids)
 
 
-def with_end(ids: torch.Tensor, lengths: torch.Tensor, end_id: int, target: bool = True) -> Ragged:
-    """Token rows (B, T) of lengths (B,) -> a target :class:`Ragged` with the end token appended."""
+def with_end(ids: torch.Tensor, lengths: torch.Tensor, end_ids, target: bool = True) -> Ragged:
+    """Token rows (B, T) of lengths (B,) -> a target :class:`Ragged` with the answer's end appended: one id, or
+    the template's whole answer suffix (``builder.answer_end_ids``: phi3_chat's ``<|end|>`` is several tokens
+    on a Qwen2.5 tokenizer), right after each row's last token."""
+    end = torch.as_tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), dtype=ids.dtype, device=ids.device)
     B, T = ids.shape
-    ids = torch.cat([ids, ids.new_zeros(B, 1)], 1)
-    at_end = torch.arange(T + 1, device=ids.device)[None] == lengths[:, None]
-    return Ragged(torch.where(at_end, torch.full_like(ids, end_id), ids), lengths + 1, target=target)
+    E = end.numel()
+    out = torch.cat([ids, ids.new_zeros(B, E)], 1)
+    k = torch.arange(T + E, device=ids.device)[None] - lengths[:, None]  # (B, T + E): index into the end ids
+    out = torch.where((k >= 0) & (k < E), end[k.clamp(0, E - 1)], out)
+    return Ragged(out, lengths + E, target=target)

@@ -81,9 +81,9 @@ class Loop1(Recipe):
             loss, logs = refer_loss(self.model, batches["refer"], self.rng, self.cfg.loop1.lm_weight,
                                     (dist.world_size(), dist.rank()))
             return StepOutput([loss], {"loss": _d(loss), **{f"refer/{k}": v for k, v in logs.items()}},
-                              batches["refer"]["pixel_values"].shape[0])
+                              batches["refer"]["g_pixel_values"].shape[0])
         loss, logs = self.loss(batches["pairs"])
-        return StepOutput([loss], logs, batches["pairs"]["pixel_values1"].shape[0])
+        return StepOutput([loss], logs, batches["pairs"]["g_pixel_values1"].shape[0])
 
     def loss(self, b: dict) -> tuple[torch.Tensor, dict]:
         model, c = self.model, self.cfg.loop1
@@ -97,7 +97,7 @@ class Loop1(Recipe):
         model.eval()
         with self.ema.swap(), torch.no_grad():
             teacher = model.describe(b["pixel_values1"] if vision_trains else None, pm1,
-                                     max_new_tokens=c.caption_len, vit_feats=vit1)
+                                     max_new_tokens=c.caption_len, vit_feats=vit1, num_tiles=b.get("num_tiles1"))
         model.train(was_training)
         n_empty = int((teacher.lengths == 0).sum())
         if self.agree(n_empty > 0):  # every rank skips together (no rank left in a collective)
@@ -111,9 +111,9 @@ class Loop1(Recipe):
             shard = (dist.world_size(), dist.rank())
             noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen, shard)
             # 3. trainable forward #1: teacher forcing on the noised caption (+ end token)
-            answer = with_end(noised, lengths, model.builder.end_id)
+            answer = with_end(noised, lengths, model.builder.answer_end_ids)
             feats1 = model.image_tokens(b["pixel_values1"] if vision_trains else None, vit_feats=vit1)
-            logits = model.caption_logits(None, pm1, answer, image_feats=feats1)["logits"]
+            logits = model.caption_logits(None, pm1, answer, image_feats=feats1, num_tiles=b.get("num_tiles1"))["logits"]
             # 4. straight-through Gumbel-softmax over the top-k -> caption embeddings (B, T, D)
             B, T = ids.shape
             noise = global_rows(lambda n: sample_gumbel((n, T, c.topk), device=ids.device, generator=self.gen), B, shard)
@@ -125,7 +125,7 @@ class Loop1(Recipe):
         # 5. trainable forward #2: image2 + segmentation prompt with the caption as inputs_embeds
         question = model.builder.seg_question(ids.shape[0], fixed=True)
         out = model.segment(b["pixel_values2"], model.sam_features(b["g_pixel_values2"]), expr, question,
-                            gt_masks=b["masks2"], lm_loss=c.lm_weight > 0)
+                            gt_masks=b["masks2"], lm_loss=c.lm_weight > 0, num_tiles=b.get("num_tiles2"))
         # 6. mask loss against mask2 (+ LM loss on "Sure, [SEG].")
         loss = out["loss_mask"] + (c.lm_weight * out["loss_lm"] if c.lm_weight > 0 else 0.0)
         logs = {"loss": _d(loss), "loop1/loss_mask": _d(out["loss_mask"]), "loop1/loss_bce": _d(out["loss_bce"]),

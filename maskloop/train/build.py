@@ -32,8 +32,10 @@ def build_model(cfg: TrainConfig):
         if not Path(cfg.model).exists():
             raise ConfigError(f"model checkpoint folder not found: {cfg.model} (set `model:` to a preset "
                               f"{sorted(PRESETS)} or a Sa2VA checkpoint folder)")
-        model = load_pretrained(cfg.model)
-    if cfg.init_from:
+        # a training .pth as init_from: its weights, and the template its companion config names
+        weights = cfg.init_from if cfg.init_from and str(cfg.init_from).endswith(".pth") else None
+        model = load_pretrained(cfg.model, weights=weights)
+    if cfg.init_from and not (cfg.model not in PRESETS and str(cfg.init_from).endswith(".pth")):
         load_published_state(model, read_state_file(cfg.init_from))
     model.set_trainable(cfg.freeze)
     return model
@@ -43,14 +45,14 @@ def build_source(spec: dict, model):
     """One dataset from a spec such as ``{kind: refcoco, root: ..., split: train}``."""
     from maskloop.data import sources as S
     from maskloop.data.sources import shapes
-    from maskloop.data.transforms import SampleTransform
+    from maskloop.data.tiles import transform_for
 
     spec = dict(spec)
     kind = spec.pop("kind")
     spec.pop("repeat", None)
     spec.pop("weight", None)
     c = model.cfg
-    tf = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size, prompt_grid=c.prompt_grid)
+    tf = transform_for(c)  # InternVL's tiles when the model config asks (tiles: true), else one 448 tile
     kinds = {
         "shapes_refer": shapes.ShapesReferDataset,
         "shapes_caption": shapes.ShapesRegionCaptionDataset,
@@ -62,6 +64,7 @@ def build_source(spec: dict, model):
         "sav": S.SAVDataset,
         "sav_pairs": S.SAVPairsDataset,
         "openimages": S.OpenImagesDataset,
+        **S.OWN_KINDS,  # your own data: coco / folder / sa2va (data/sources/own_*.py)
     }
     if kind not in kinds:
         raise ConfigError(f"unknown data source kind {kind!r}; known: {sorted(kinds)}")
