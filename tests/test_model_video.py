@@ -196,7 +196,7 @@ def test_video_prompt_is_sa2va_string(tiny):
     t = TEMPLATES[model.cfg.template]
     block = IMG_START + IMG_CONTEXT * b.n_img + IMG_END + "\n"
     for row, expr in enumerate(["red circle", "blue square left"]):
-        text = t["prefix"] + block * n_f + f"Please segment {expr}." + t["suffix"] + "Sure, [SEG]." + END
+        text = t.user_prefix + block * n_f + f"Please segment {expr}." + t.user_suffix + "Sure, [SEG]." + t.suffix
         want = model.tokenizer.encode(text, add_special_tokens=False)
         got = asm.input_ids[row][asm.attention_mask[row].bool()].tolist()
         assert got == want

@@ -193,13 +193,18 @@ def test_evaluation_reads_tiled_batches():
     assert isinstance(tiled, TiledTransform) and not isinstance(plain, TiledTransform)
     a = evaluate_refer(model, ShapesReferDataset(4, seed="val", transform=tiled), batch_size=2, progress=False)
     b = evaluate_refer(model, ShapesReferDataset(4, seed="val", transform=plain), batch_size=2, progress=False)
-    assert a == b
+
+    def scores(r):  # the metrics and counts, not the wall time
+        return {s: {k: v for k, v in m.items() if k not in ("seconds", "s_per_sample")} for s, m in r.items()}
+
+    assert scores(a) == scores(b)
     ds = ShapesRegionCaptionDataset(3, seed="val", transform=tiled)
     assert "num_tiles" in ds[0]
     c = evaluate_cycle(model, ds, batch_size=3, max_new_tokens=3, progress=False)
     d = evaluate_cycle(model, ShapesRegionCaptionDataset(3, seed="val", transform=plain), batch_size=3,
                        max_new_tokens=3, progress=False)
-    assert c["predictions"] == d["predictions"] and c["cycle"] == d["cycle"]
+    untimed = {k: v for k, v in c["cycle"].items() if k != "seconds"}
+    assert c["predictions"] == d["predictions"] and untimed == {k: v for k, v in d["cycle"].items() if k != "seconds"}
 
 
 def test_inference_on_a_tiled_model():

@@ -148,16 +148,22 @@ def _locate(ds, i: int):
 def eval_collate(samples: list[dict]) -> dict:
     """Batch the valid samples; skip markers become ``batch["skipped"]`` ({reason: n}).
 
-    Tensors of one shape are stacked; tensors whose shapes differ (``gt_mask`` at each image's own
+    Tensors of one shape are stacked (a tiled sample's tiles, its regions: concatenated, as in training's
+    :func:`~maskloop.data.mixture.collate`); tensors whose shapes differ (``gt_mask`` at each image's own
     size) and other values are kept as lists.  ``batch["n"]``: number of valid samples."""
     valid = [s for s in samples if SKIP not in s]
     batch: dict = {"skipped": dict(Counter(s[SKIP] for s in samples if SKIP in s)), "n": len(valid)}
     keys: list[str] = []
     for s in valid:
         keys += [k for k in s if k not in keys and k != "skipped"]
+    from maskloop.data.mixture import _flat_keys
+
+    flat = _flat_keys(keys)  # tiles / regions / several masks a sample: concatenated, their counts stacked
     for k in keys:
         vals = [s.get(k) for s in valid]
-        if all(isinstance(v, torch.Tensor) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
+        if k in flat and all(isinstance(v, torch.Tensor) for v in vals):
+            batch[k] = torch.cat(vals)
+        elif all(isinstance(v, torch.Tensor) for v in vals) and len({tuple(v.shape) for v in vals}) == 1:
             batch[k] = torch.stack(vals)
         else:
             batch[k] = vals

@@ -531,8 +531,11 @@ class GroundedMLLM(nn.Module):
         """
         from transformers import DynamicCache
 
-        if static is None:
-            static = inputs_embeds.device.type == "cuda"
+        if static is None:  # the static decoder merges LoRA into whole weight matrices: not with FSDP shards
+            static = inputs_embeds.device.type == "cuda" and not getattr(self, "sharded", False)
+        rope = self.cfg.llm.rope_scaling or {}
+        if rope.get("rope_type", rope.get("type")) == "dynamic":
+            static = False  # dynamic NTK rope re-derives its frequencies from the length: no graph capture
         stop_seqs = self.builder.stop_seqs
         if any(len(q) > 1 for q in stop_seqs):
             static = False  # a stop word of several tokens is matched on the plain path

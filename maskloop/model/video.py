@@ -453,7 +453,10 @@ def seg_prompts(model, key_pixel_values: torch.Tensor, texts: list[str]) -> torc
     parts = video_seg_parts(model.builder, Fk, expr)
     emb, asm = model.build_inputs(parts, feats.reshape(1, Fk * N, D).expand(n, -1, -1))
     hidden = model.run_llm(emb, asm.attention_mask, asm.position_ids)
-    return model.seg_prompt_embeds(hidden, asm.input_ids)
+    prompts, rows = model.seg_prompt_embeds(hidden, asm.input_ids)  # one [SEG] per expression ("Sure, [SEG].")
+    if rows.shape[0] != n:
+        raise RuntimeError(f"{rows.shape[0]} [SEG] prompts for {n} expressions")
+    return prompts
 
 
 class VideoSegmenter:

@@ -101,7 +101,10 @@ class Loop1(Recipe):
         model.train(was_training)
         n_empty = int((teacher.lengths == 0).sum())
         if self.agree(n_empty > 0):  # every rank skips together (no rank left in a collective)
-            raise TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)")
+            e = TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)"
+                                   + ("" if n_empty else " on another rank"))
+            e.local = n_empty > 0  # counted where it happened
+            raise e
         ids, lengths = teacher.ids, teacher.lengths  # (B, T), (B,)
 
         if c.variant == "generate":  # simpler variant: segment the teacher's tokens, no gradient into it

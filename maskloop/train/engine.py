@@ -141,11 +141,11 @@ class Trainer:
             with self.autocast:
                 out = self.dist.forward(lambda: self.recipe.step(batches))  # through the DDP / FSDP root
         except self.recipe.skippable as e:  # a recipe-level data problem (e.g. an empty teacher caption)
-            self.counters[f"skipped_micro/{e.counter}"] += 1
+            self.counters[f"skipped_micro/{e.counter}"] += int(getattr(e, "local", True))  # where it happened
             failed = True
-        # every rank skips if any rank failed: the collectives below stay in step across ranks
-        if dist.world_size() > 1:
-            failed = dist.any_rank(failed, self.device)
+        # every rank skips if any rank failed (one consensus per micro-step: the recipe's agree() or this
+        # one): the collectives below stay in step across ranks
+        failed = self.dist.settle(failed)
         return None if failed else out
 
     def _backward(self, objectives: list) -> dict:

@@ -56,9 +56,16 @@ def build_optimizer(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     all_params = decay + no_decay
-    if fused is None:
-        fused = all(p.is_cuda and p.is_floating_point() for p in all_params)
-    kwargs = {"fused": True} if fused else {}
+    from torch.distributed.tensor import DTensor
+
+    n_sharded = sum(isinstance(p, DTensor) for p in all_params)
+    if 0 < n_sharded < len(all_params):  # FSDP shards beside replicated tensors: the per-tensor update
+        fused = False                     # (the fused and foreach kernels take one kind per call)
+        kwargs = {"foreach": False}
+    else:
+        if fused is None:
+            fused = all(p.is_cuda and p.is_floating_point() for p in all_params)
+        kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
 
 

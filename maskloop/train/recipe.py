@@ -48,7 +48,8 @@ class Recipe:
     optional_streams: tuple[str, ...] = ()
     """Of those, the ones the data may leave out (at least one stream must remain)."""
     skippable: tuple[type[BaseException], ...] = ()
-    """Exceptions of :meth:`step` that skip the micro-step; counted as ``skipped_micro/<e.counter>``."""
+    """Exceptions of :meth:`step` that skip the micro-step; counted as ``skipped_micro/<e.counter>`` on the rank
+    where it happened (an exception raised because another rank failed sets ``e.local = False``)."""
     combine_grads: Callable | None = None
     """Optional ``combine_grads(g1, g2, **reduction) -> (g, stats)``: g1, g2 are the per-parameter gradients of
     the two objectives of :meth:`step`; ``reduction`` says how they sit across ranks (the Trainer decides,

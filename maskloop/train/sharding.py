@@ -171,6 +171,15 @@ class Distributor:
         root = _StepRoot(model)
         if self.mode == "fsdp":
             self._fully_shard(root, model)
+            model.sharded = True  # e.g. GroundedMLLM.generate then decodes on the plain (per-layer) path
+            if hasattr(model, "generate"):  # greedy decoding: gather the blocks once, not at every token
+                plain = model.generate
+
+                def generate(*args, _plain=plain, **kwargs):
+                    with self.gathered():
+                        return _plain(*args, **kwargs)
+
+                model.generate = generate
         elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -186,19 +195,42 @@ class Distributor:
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if self.bf16 else MixedPrecisionPolicy())
         in_units: set[int] = set()
+        units_done: list[nn.Module] = []
         for unit in shard_units(model):
             if self.shard_frozen:
                 fully_shard(unit, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+                units_done.append(unit)
                 in_units |= {id(p) for p in unit.parameters()}
             else:  # only the trained leaves of the block (its LoRA adapters): the frozen base stays whole
                 for sub in unit.modules():
                     own = list(sub.parameters(recurse=False))
                     if own and all(p.requires_grad for p in own) and sub is not unit:
                         fully_shard(sub, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+                        units_done.append(sub)
                         in_units |= {id(p) for p in own}
+        self._units = units_done
         ignored = {p for p in model.parameters() if id(p) not in in_units}
         self._replicated_ids = {id(p) for p in ignored}
         fully_shard(root, mp_policy=mp, ignored_params=ignored)
+
+    @contextmanager
+    def gathered(self):
+        """FSDP: every block's parameters gathered for the duration (no grad: greedy decoding runs each
+        block once per token; gathering them once instead of at every token is what makes it fast), then
+        re-sharded.  Memory: the whole bf16 model on every rank while it lasts."""
+        units = getattr(self, "_units", [])
+        if self.mode != "fsdp" or not units:
+            yield
+            return
+        for u in units:
+            u.set_reshard_after_forward(False, recurse=False)
+            u.unshard()
+        try:
+            yield
+        finally:
+            for u in units:
+                u.reshard()
+                u.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
 
     # -- one micro-step
     @contextmanager
@@ -221,8 +253,20 @@ class Distributor:
         return self.root(fn)[1]
 
     def agree(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (a recipe's skip decision)."""
+        """True on every rank when ``flag`` is true on any rank (a recipe's skip decision).
+
+        Each rank takes part in exactly ONE such consensus per micro-step: the recipe's (this call, at
+        most once a micro-step), or the Trainer's after the step (:meth:`settle`) when the recipe made
+        none — so a rank that failed before reaching its recipe's ``agree`` meets the others there."""
+        self.agreed = True
         return dist.any_rank(bool(flag), self.device) if dist.world_size() > 1 else bool(flag)
+
+    def settle(self, failed: bool) -> bool:
+        """The Trainer's end-of-micro-step skip decision (see :meth:`agree`); resets for the next one."""
+        if not getattr(self, "agreed", False) and dist.world_size() > 1:
+            failed = dist.any_rank(failed, self.device)
+        self.agreed = False
+        return failed
 
     # -- gradients
     def is_replicated(self, p: torch.Tensor) -> bool:
