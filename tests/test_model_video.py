@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from maskloop.model.checkpoints import SAM_PREFIX, CheckpointError
-from maskloop.model.prompts import END, IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES
+from maskloop.model.prompts import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES
 from maskloop.model.sequence import assemble
 from maskloop.model.video import (
     Prompt,
