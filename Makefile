@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maskloop-installed
-# pip extras of the editable install; CI (.ci/run) uses dev,serve: the web app and its browser test
-EXTRAS ?= dev
+# pip extras of the editable install: dev (pytest, ruff, selenium) and serve (gradio: the web app and its browser test)
+EXTRAS ?= dev,serve
 
 .PHONY: setup demo test lint clean
 
