@@ -65,9 +65,17 @@ def _load_training_run(root: Path, p: Path, ema: bool):
     from maskloop.train.checkpoint import load_checkpoint
     from maskloop.train.engine import TrainConfig, build_model
 
+    from maskloop.train.checkpoint import _resolve
+    from maskloop.train.sharded_checkpoint import is_sharded, read_sharded_tensors
+
     cfg = TrainConfig.from_mapping(json.loads((root / "train_config.json").read_text()))
     where = p if p != root else root / "checkpoints"
-    ck = load_checkpoint(where, load_optimizer=False)
+    step_dir = _resolve(Path(where), None)
+    if is_sharded(step_dir):  # DCP shards of an FSDP run: gathered into whole tensors here, in one process
+        ck = {"path": step_dir, "ema": None, "trainable": None}
+        ck["ema" if ema else "trainable"] = read_sharded_tensors(step_dir, "ema" if ema else "trainable")
+    else:
+        ck = load_checkpoint(where, load_optimizer=False)
     torch.manual_seed(cfg.seed)  # the Trainer seeds before building: same frozen init for presets
     model = build_model(cfg)
     weights = ck["ema"] if ema else ck["trainable"]

@@ -137,9 +137,15 @@ def test_sharded_checkpoint_resumes_exactly_with_two_and_one_processes(tmp_path,
     one.resume(step2)
     one.fit()
     _assert_same(_result(one), ref, "2 -> 1")
-    # export path: the whole trained tensors from the shards, in one process
+    # export path: the whole trained tensors from the shards, in one process; a run dir of shards loads
     full = read_sharded_tensors(step2)
     assert set(full) == set(ref["params"]) and all(full[k].shape == v.shape for k, v in ref["params"].items())
+    from maskloop.inference import load_model
+
+    model = load_model(step2.parent.parent / "checkpoints" / "step_00000004")
+    for k, p in model.named_parameters():
+        if k in ref["params"]:
+            torch.testing.assert_close(p.detach(), ref["params"][k], rtol=1e-4, atol=2e-5, msg=k)
 
 
 def test_missing_shard_is_one_clear_error(tmp_path):
