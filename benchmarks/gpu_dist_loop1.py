@@ -100,7 +100,7 @@ def run(args) -> None:
             "recipe": "loop1", "model": args.preset, "run_dir": tmp, "steps": args.steps, "batch_size": per_rank,
             "accumulation": 1, "lr": args.lr, "warmup_ratio": 0.0, "weight_decay": 0.0, "log_every": 1,
             "ckpt_every": 0, "progress": False, "loop1": {"caption_len": args.T, "topk": args.topk, "refer_ratio": 0.0},
-            "seed": 0})
+            "seed": 0, "distributed": args.distributed, "activation_checkpointing": args.activation_checkpointing})
         tr = Trainer(tcfg, model=model, streams={"pairs": SyntheticPairs(model, args.global_batch, world, rank)})
         full_vocab(tr.recipe)  # noise and the Gumbel top-k draw from the whole vocabulary, as with a real tokenizer
         times = []
@@ -170,6 +170,9 @@ def main():
     ap.add_argument("--T", type=int, default=64)
     ap.add_argument("--topk", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"],
+                    help="the Trainer's data parallelism (fsdp / ddp need torchrun)")
+    ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", nargs="+", default=None, help="compare result JSONs instead of running")
     args = ap.parse_args()
