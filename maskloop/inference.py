@@ -62,10 +62,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", ema: bool =
 
 
 def _load_training_run(root: Path, p: Path, ema: bool):
-    from maskloop.train.checkpoint import load_checkpoint
+    from maskloop.train.checkpoint import _resolve, load_checkpoint
     from maskloop.train.engine import TrainConfig, build_model
-
-    from maskloop.train.checkpoint import _resolve
     from maskloop.train.sharded_checkpoint import is_sharded, read_sharded_tensors
 
     cfg = TrainConfig.from_mapping(json.loads((root / "train_config.json").read_text()))
