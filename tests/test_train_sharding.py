@@ -61,6 +61,14 @@ def _modes_worker(rank, world, port, root, mode):
         tr = Trainer(cfg_for(recipe, Path(root) / f"{mode}-{recipe}", 2, distributed=mode))
         tr.fit()
         out[recipe] = _result(tr)
+    if mode == "fsdp":  # the frozen base kept whole on every rank, only the trained weights sharded
+        torch.manual_seed(0)
+        tr = Trainer(cfg_for("loop1", Path(root) / "fsdp-frozen-whole", 2, distributed=mode, fsdp_shard_frozen=False))
+        frozen = [p for p in tr.model.parameters() if not p.requires_grad]
+        assert frozen and not any(type(p).__name__ == "DTensor" for p in frozen)
+        assert any(type(p).__name__ == "DTensor" for p in tr.params.values())
+        tr.fit()
+        out["loop1-frozen-whole"] = _result(tr)
     if rank == 0:
         torch.save(out, Path(root) / f"{mode}.pt")
     torch.distributed.destroy_process_group()
@@ -95,6 +103,8 @@ def test_two_processes_equal_one_process(tmp_path, single_runs, mode):
     for recipe in DATA:
         _assert_same(got[recipe], single_runs[recipe], f"{mode}/{recipe}")
     assert "surgery/cos" in got["dual"]["logs"][0]
+    if mode == "fsdp":
+        _assert_same(got["loop1-frozen-whole"], single_runs["loop1"], "fsdp, frozen base whole / loop1")
     init = Trainer(cfg_for("loop1", tmp_path / "init", 4))
     moved = sum(float((init.params[k] - p).abs().sum()) for k, p in single_runs["loop1"]["params"].items())
     assert moved > 0  # trained weights are compared, not two copies of the initialisation
