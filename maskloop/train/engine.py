@@ -175,10 +175,11 @@ class Trainer:
 
     def _optimizer_step(self, skip: bool, loss) -> float:
         params = list(self.params.values())
-        skip = skip or self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params))
+        skip = skip or self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params), names=list(self.params))
         norm = float("nan")
         if skip:
             self.counters["skipped_steps"] += 1
+            self._stop_if_weights_nonfinite()  # only on a non-finite step: skipping cannot repair the weights
         else:
             norm = float(self.dist.clip_grad_norm_(params, self.cfg.grad_clip))
             self.optimizer.step()
@@ -188,6 +189,17 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return norm
+
+    def _stop_if_weights_nonfinite(self) -> None:
+        from maskloop.errors import DivergenceError
+        from maskloop.train.optim import nonfinite_names
+
+        bad = nonfinite_names(self.params, self.device)
+        if bad:
+            raise DivergenceError(
+                f"training diverged at step {self.step + 1}: {len(bad)} of {len(self.params)} trained parameter(s) "
+                f"hold NaN/Inf, e.g. {bad[:5]} (lr {self.cfg.lr:g}); stopped, no checkpoint written with them. "
+                "Lower lr or check the grad clip / data, then resume from the last checkpoint")
 
     # -- checkpoints (single files, or DCP shards under FSDP: maskloop/train/state.py)
     def save(self) -> Path:
