@@ -9,7 +9,8 @@ over; ``Trainer(cfg)`` resolves it by the config's ``module:Class`` path).  Per 
         one objective:  backward(loss / accumulation)
         two objectives: g1, g2 <- two backwards; g <- recipe.combine_grads(g1, g2) / accumulation
     gradients averaged across ranks, non-finite check, clip, AdamW, LR schedule, EMA update; every
-    `ckpt_every` steps an atomic checkpoint (weights, EMA, optimizer, scheduler, stream positions, RNG).
+    `ckpt_every` steps an atomic checkpoint (weights, EMA, optimizer, scheduler, stream positions, RNG, data
+    skip counts), never of non-finite weights; a non-finite step with non-finite weights stops the run.
 
 Distributed: ``torchrun --nproc_per_node N -m maskloop.cli train ...``.  Each rank reads a disjoint shard of
 every stream; gradients are averaged with ``torch.distributed.all_reduce`` over flat buckets (DDP's
@@ -175,11 +176,14 @@ class Trainer:
 
     def _optimizer_step(self, skip: bool, loss) -> float:
         params = list(self.params.values())
-        skip = skip or self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params), names=list(self.params))
+        nonfinite = not skip and self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params),
+                                                  names=list(self.params))
+        skip = skip or nonfinite
         norm = float("nan")
         if skip:
             self.counters["skipped_steps"] += 1
-            self._stop_if_weights_nonfinite()  # only on a non-finite step: skipping cannot repair the weights
+        if nonfinite:  # (a decision every rank shares) skipping cannot repair non-finite weights: stop
+            self._stop_if_weights_nonfinite()
         else:
             norm = float(self.dist.clip_grad_norm_(params, self.cfg.grad_clip))
             self.optimizer.step()

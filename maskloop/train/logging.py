@@ -36,6 +36,8 @@ def skip_logs(streams: dict) -> dict[str, int]:
 
     out: dict[str, int] = {}
     for n in sorted(streams):
+        if not hasattr(streams[n], "skips"):  # a stream of a caller's own making, without a SkipCounter
+            continue
         c = sync_skips(streams[n])
         out[f"data_skipped/{n}"] = sum(c.values())
         out.update({f"data_skipped/{n}/{reason}": v for reason, v in c.items()})

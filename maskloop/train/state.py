@@ -2,7 +2,11 @@
 
 What is saved either way: the trained parameters, their EMA shadows, the optimizer and scheduler, every
 stream's sampler position, the RNG streams (python / numpy / torch / CUDA and the recipe's own), the
-micro-step count, the skip counters and the non-finite guard.  Single-file checkpoints hold rank 0's RNG
+micro-step count, the skip counters, each stream's data :class:`~maskloop.data.robust.SkipCounter` (reduced
+over ranks) and the non-finite guard.  Before every save the weights are checked for NaN / Inf (a
+non-finite model is never written: :class:`~maskloop.errors.DivergenceError`); a full disk is one line.
+A resume may change the optimisation and bookkeeping settings, not the run's identity
+(:mod:`maskloop.train.resume`).  Single-file checkpoints hold rank 0's RNG
 streams (the ranks draw the recipe's global-batch noise alike); sharded ones hold every rank's.
 
 ``resume`` reads either format into any mode: a sharded checkpoint of N processes resumes in M processes
@@ -21,15 +25,9 @@ from maskloop.train import dist
 
 
 def _trainer_state(tr) -> dict:
-    """JSON-able trainer state; the streams' skip counters are reduced first (identical on every rank)."""
-    from maskloop.train.streams import sync_skips
-
+    """JSON-able trainer state (the skip counters were reduced by :func:`_save_guarded`, on every rank)."""
     ema = tr.ema.state_dict() if tr.ema is not None else {}
-    skips = {}
-    for n in sorted(tr.streams):
-        if hasattr(tr.streams[n], "skips"):
-            sync_skips(tr.streams[n])
-            skips[n] = tr.streams[n].skips.state_dict()
+    skips = {n: tr.streams[n].skips.state_dict() for n in sorted(tr.streams) if hasattr(tr.streams[n], "skips")}
     return {"micro": tr.micro, "counters": dict(tr.counters), "guard": tr.guard.state_dict(),
             "ema_state": {k: v for k, v in ema.items() if k != "shadow"}, "data_skips": skips}
 
@@ -86,7 +84,12 @@ def _save_guarded(tr, write) -> Path | None:
     from maskloop.errors import CheckpointError
     from maskloop.train.checkpoint import STEP_PREFIX, latest_checkpoint
 
-    _check_finite(tr)
+    from maskloop.train.streams import sync_skips
+
+    _check_finite(tr)  # collectives first, on every rank: the finite flags, then the skip counters
+    for n in sorted(tr.streams):
+        if hasattr(tr.streams[n], "skips"):
+            sync_skips(tr.streams[n])
     root = tr.run_dir / "checkpoints"
     previous = latest_checkpoint(root)
     try:
