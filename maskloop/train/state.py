@@ -83,7 +83,6 @@ def _save_guarded(tr, write) -> Path | None:
 
     from maskloop.errors import CheckpointError
     from maskloop.train.checkpoint import STEP_PREFIX, latest_checkpoint
-
     from maskloop.train.streams import sync_skips
 
     _check_finite(tr)  # collectives first, on every rank: the finite flags, then the skip counters
