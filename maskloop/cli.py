@@ -14,7 +14,7 @@
     maskloop export psalm-to-deformable baseline.safetensors deformable.safetensors
 
 A missing path, a bad config or an unreadable checkpoint ends with one ``error: ...`` line naming the
-thing and exit code 2 (no traceback; ``MASKLOOP_DEBUG=1`` shows it).
+thing and exit code 2 (no traceback; ``MASKLOOP_DEBUG=1`` or ``--debug`` shows it).
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def cmd_train(args) -> int:
     if args.resume == "auto":
         ckpts = Path(cfg.run_dir) / "checkpoints"
         resume = latest_checkpoint(ckpts)
-        print(f"resume: {resume or f'no checkpoint in {ckpts}, starting fresh'}")
-    elif args.resume:
+        if resume is None:
+            print(f"resume: no checkpoint in {ckpts}, starting fresh")
+    elif args.resume:  # a step directory, a checkpoints/ folder, or a run directory (its checkpoints/)
         resume = _need_file(args.resume, "resume checkpoint")
     _set_threads(args.threads)
     trainer = Trainer(cfg, recipe=recipes.get(cfg))
@@ -248,6 +249,8 @@ def cmd_export_psalm(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskloop", description="Train pixel-grounded MLLMs with mask-text consistency.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also MASKLOOP_DEBUG=1); any position on the line")
     sub = p.add_subparsers(dest="command", required=True, metavar="<verb>")
 
     def common(sp, checkpoint=True):
@@ -268,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with a recipe from a YAML config (see configs/)")
     t.add_argument("--config", required=True, help="YAML train config (configs/sft.yaml, ...)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    t.add_argument("--resume", metavar="DIR|auto", help="a checkpoint (run dir or step dir), or auto: the latest in run_dir")
+    t.add_argument("--resume", metavar="DIR|auto",
+                   help="a run dir (its checkpoints/), a checkpoints/ or step_XXXXXXXX dir, or auto: the latest in "
+                        "run_dir; lr / steps / schedule / logging / checkpoint cadence may change (README)")
     t.add_argument("--run-dir", help="override run_dir")
     t.add_argument("--export", metavar="DIR", help="after training, write the model as a checkpoint folder")
     t.add_argument("--dry-run", action="store_true",
@@ -374,6 +379,9 @@ def cmd_psalm_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # anywhere on the line: tracebacks instead of one error line (workers inherit it)
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["MASKLOOP_DEBUG"] = "1"
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", False):

@@ -354,8 +354,14 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:  # one line: the file, line and column, and what the parser met
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
@@ -561,7 +567,7 @@ class TrainConfig:
         check_range("steps", self.steps, self.steps is None or self.steps >= 0, "an integer >= 0 or null")
         check_range("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
         check_range("accumulation", self.accumulation, self.accumulation >= 1, "an integer >= 1")
-        check_range("lr", self.lr, self.lr > 0, "a learning rate > 0")
+        check_range("lr", self.lr, self.lr > 0, "a learning rate > 0")  # .inf passes: NonFiniteGuard stops it
         check_range("weight_decay", self.weight_decay, self.weight_decay >= 0, "a value >= 0")
         check_range("betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
         check_range("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio <= 1, "a fraction in [0, 1]")

@@ -28,3 +28,8 @@ class DataError(MaskloopError, RuntimeError):
 
 class UsageError(MaskloopError):
     """A wrong command line (a missing file argument, a malformed override)."""
+
+
+class DivergenceError(MaskloopError, RuntimeError):
+    """Training diverged: non-finite losses / gradients for too many steps in a row, or non-finite weights
+    (never checkpointed); the message names the parameters."""

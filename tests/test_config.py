@@ -122,3 +122,27 @@ def test_the_example_recipe_in_the_docs_trains_on_the_trainer(tmp_path):
     hist = scope["history"]
     assert [h["step"] for h in hist] == [1, 2] and all(h["loss"] == h["loss"] for h in hist)
     assert "loss_lm" in hist[-1] and hist[-1]["loss"] == pytest.approx(hist[-1]["loss_mask"], rel=1e-6)
+
+
+def test_exponents_and_infinities_from_yaml_and_set(tmp_path):
+    """YAML 1.1 reads `1e6` / `2e-5` as strings and `.inf` as a float: every spelling lands typed."""
+    import math
+
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: sft\nsteps: 1e6\nlr: 2e-5\nwarmup_ratio: 5e-2\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.steps, cfg.lr, cfg.warmup_ratio) == (1_000_000, 2e-5, 0.05)
+    assert isinstance(cfg.steps, int) and isinstance(cfg.lr, float)
+    cfg = TrainConfig.from_yaml(path, ["lr=3e-5", "steps=2e3", "grad_clip=1e1"])
+    assert (cfg.lr, cfg.steps, cfg.grad_clip) == (3e-5, 2000, 10.0) and isinstance(cfg.steps, int)
+    # .inf is a float > 0 (accepted: the Trainer stops the diverged run, tests/test_train_reliability.py)
+    path.write_text("recipe: sft\nlr: .inf\n")
+    assert math.isinf(TrainConfig.from_yaml(path).lr)
+    assert math.isinf(TrainConfig.from_yaml(path, ["lr=.inf"]).lr)
+    for bad in ("-.inf", ".nan", "-1e-5", "0"):
+        with pytest.raises(ConfigError, match=r"^lr=.*expected a learning rate > 0"):
+            TrainConfig.from_yaml(path, [f"lr={bad}"])
+    with pytest.raises(ConfigError, match=r"^steps='1e6x': expected int"):
+        TrainConfig.from_yaml(path, ["steps=1e6x"])
+    with pytest.raises(ConfigError, match=r"^steps='2.5e0': expected int"):
+        TrainConfig.from_yaml(path, ["steps=2.5e0"])  # an exponent that is not a whole number of steps

@@ -207,7 +207,10 @@ class PSALMStream:
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
                                                   num_workers=cfg.num_workers)
         self.consumed = 0  # batches of the current epoch used
-        self.skipped: dict[str, int] = dict(dataset.skip_counts())
+        from maskloop.data.robust import SkipCounter
+
+        self.skips = SkipCounter()  # the Trainer syncs, logs and checkpoints it (maskloop.train.streams)
+        self.skips.update(dataset)
         self._it = None
         self._set_epoch()
 
@@ -229,8 +232,7 @@ class PSALMStream:
             self.consumed, self._it = 0, iter(self.loader)
             batch = next(self._it)
         self.consumed += 1
-        for k, v in batch["skipped"].items():
-            self.skipped[k] = self.skipped.get(k, 0) + v
+        self.skips.update(batch)
         return batch
 
     def state_dict(self) -> dict:
@@ -242,7 +244,7 @@ class PSALMStream:
         self._set_epoch()
 
     def skip_counts(self) -> dict[str, int]:
-        return dict(self.skipped)
+        return self.skips.counts()
 
 
 class PSALM(Recipe):

@@ -41,14 +41,19 @@ def build_model(cfg: TrainConfig):
     return model
 
 
-def build_source(spec: dict, model):
-    """One dataset from a spec such as ``{kind: refcoco, root: ..., split: train}``."""
+def build_source(spec: dict, model, where: str = "data"):
+    """One dataset from a spec such as ``{kind: refcoco, root: ..., split: train}``; a spec without ``kind``, of
+    an unknown kind or with a key its dataset does not take is a :class:`ConfigError` naming ``where``."""
+    import inspect
+
     from maskloop.data import sources as S
     from maskloop.data.sources import shapes
     from maskloop.data.tiles import transform_for
 
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: a data source spec is a mapping like {{kind: refcoco, root: ...}}, got {spec!r}")
     spec = dict(spec)
-    kind = spec.pop("kind")
+    kind = spec.pop("kind", None)
     spec.pop("repeat", None)
     spec.pop("weight", None)
     c = model.cfg
@@ -66,6 +71,20 @@ def build_source(spec: dict, model):
         "openimages": S.OpenImagesDataset,
         **S.OWN_KINDS,  # your own data: coco / folder / sa2va (data/sources/own_*.py)
     }
+    if kind is None:
+        raise ConfigError(f"{where}: the data source spec {spec} has no `kind`; known kinds: {sorted(kinds)}")
     if kind not in kinds:
-        raise ConfigError(f"unknown data source kind {kind!r}; known: {sorted(kinds)}")
+        raise ConfigError(f"{where}: unknown data source kind {kind!r}; known: {sorted(kinds)}")
+    params = inspect.signature(kinds[kind]).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = sorted(n for n in params if n not in ("self", "transform"))
+        unknown = sorted(set(spec) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} for data source kind {kind!r}; "
+                              f"known: {known + ['kind', 'repeat', 'weight']}")
+        needed = sorted(n for n in known if params[n].default is params[n].empty
+                        and params[n].kind not in (params[n].VAR_POSITIONAL, params[n].VAR_KEYWORD))
+        missing = [n for n in needed if n not in spec]
+        if missing:
+            raise ConfigError(f"{where}: data source kind {kind!r} needs key(s) {missing}")
     return kinds[kind](transform=tf, **spec)

@@ -9,7 +9,8 @@ over; ``Trainer(cfg)`` resolves it by the config's ``module:Class`` path).  Per 
         one objective:  backward(loss / accumulation)
         two objectives: g1, g2 <- two backwards; g <- recipe.combine_grads(g1, g2) / accumulation
     gradients averaged across ranks, non-finite check, clip, AdamW, LR schedule, EMA update; every
-    `ckpt_every` steps an atomic checkpoint (weights, EMA, optimizer, scheduler, stream positions, RNG).
+    `ckpt_every` steps an atomic checkpoint (weights, EMA, optimizer, scheduler, stream positions, RNG, data
+    skip counts), never of non-finite weights; a non-finite step with non-finite weights stops the run.
 
 Distributed: ``torchrun --nproc_per_node N -m maskloop.cli train ...``.  Each rank reads a disjoint shard of
 every stream; gradients are averaged with ``torch.distributed.all_reduce`` over flat buckets (DDP's
@@ -175,10 +176,14 @@ class Trainer:
 
     def _optimizer_step(self, skip: bool, loss) -> float:
         params = list(self.params.values())
-        skip = skip or self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params))
+        nonfinite = not skip and self.guard.check(torch.as_tensor(loss), self.dist.local_grads(params),
+                                                  names=list(self.params))
+        skip = skip or nonfinite
         norm = float("nan")
         if skip:
             self.counters["skipped_steps"] += 1
+            if nonfinite:  # (a decision every rank shares) skipping cannot repair non-finite weights: stop
+                self._stop_if_weights_nonfinite()
         else:
             norm = float(self.dist.clip_grad_norm_(params, self.cfg.grad_clip))
             self.optimizer.step()
@@ -188,6 +193,17 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return norm
+
+    def _stop_if_weights_nonfinite(self) -> None:
+        from maskloop.errors import DivergenceError
+        from maskloop.train.optim import nonfinite_names
+
+        bad = nonfinite_names(self.params, self.device)
+        if bad:
+            raise DivergenceError(
+                f"training diverged at step {self.step + 1}: {len(bad)} of {len(self.params)} trained parameter(s) "
+                f"hold NaN/Inf, e.g. {bad[:5]} (lr {self.cfg.lr:g}); stopped, no checkpoint written with them. "
+                "Lower lr or check the grad clip / data, then resume from the last checkpoint")
 
     # -- checkpoints (single files, or DCP shards under FSDP: maskloop/train/state.py)
     def save(self) -> Path:

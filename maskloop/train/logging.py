@@ -29,6 +29,21 @@ def reduce_logs(logs: dict, counts: dict) -> tuple[dict, dict]:
     return out_logs, out_counts
 
 
+def skip_logs(streams: dict) -> dict[str, int]:
+    """``data_skipped/<stream>`` (distinct bad items) and ``data_skipped/<stream>/<source>/<reason>``: each
+    stream's :class:`~maskloop.data.robust.SkipCounter` reduced over ranks (a collective: every rank calls it)."""
+    from maskloop.train.streams import sync_skips
+
+    out: dict[str, int] = {}
+    for n in sorted(streams):
+        if not hasattr(streams[n], "skips"):  # a stream of a caller's own making, without a SkipCounter
+            continue
+        c = sync_skips(streams[n])
+        out[f"data_skipped/{n}"] = sum(c.values())
+        out.update({f"data_skipped/{n}/{reason}": v for reason, v in c.items()})
+    return out
+
+
 class RunLogger:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
@@ -44,16 +59,11 @@ class RunLogger:
         """One log row: the step's scalars (tensors become numbers here, once), stream skip counts, counters."""
         logs = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
         logs["samples_per_s"] = logs.pop("samples") * dist.world_size() / max(dt, 1e-9)
-        counts = {}
-        for n, s in streams.items():
-            c = s.skip_counts()
-            counts[f"data_skipped/{n}"] = sum(c.values())
-            for reason, count in c.items():
-                counts[f"data_skipped/{n}/{reason}"] = count
-        counts.update(counters)
+        counts = dict(counters)
         if dist.world_size() > 1:
             logs, counts = reduce_logs(logs, counts)
         logs.update(counts)
+        logs.update(skip_logs(streams))  # already global: merged by item across workers and ranks
         logs["step"] = step
         self.history.append(logs)
         if not dist.is_main():

@@ -186,7 +186,9 @@ class NonFiniteGuard:
                 what.append(f"{len(bad_grads)} gradient(s) non-finite, e.g. {label}")
             if not what:
                 what.append("another rank reported a non-finite loss/gradient")
-            raise RuntimeError(
+            from maskloop.errors import DivergenceError
+
+            raise DivergenceError(
                 f"{self.consecutive} consecutive optimizer steps had a non-finite loss or gradient "
                 f"(limit {self.max_consecutive}; {self.total_skipped} skipped of {self.total_checked}); last: "
                 f"{'; '.join(what)}. Training has diverged or the data is bad: lower the learning rate, "
@@ -206,3 +208,19 @@ class NonFiniteGuard:
         self.consecutive = int(state["consecutive"])
         self.total_skipped = int(state["total_skipped"])
         self.total_checked = int(state["total_checked"])
+
+
+def nonfinite_names(tensors, device=None) -> list[str]:
+    """Names of the tensors of ``{name: tensor}`` holding a NaN / Inf (their local shards under FSDP); with a
+    process group the flags are MAX-reduced, so every rank returns the same names.  One host sync."""
+    from maskloop.train.sharding import local
+
+    names = list(tensors)
+    if not names:
+        return []
+    flags = torch.stack([~torch.isfinite(local(tensors[n]).detach()).all() for n in names]).to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and flags.device.type != "cuda":
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [n for n, b in zip(names, flags.tolist()) if b]

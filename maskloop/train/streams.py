@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from maskloop.config import ConfigError
+from maskloop.data.robust import SkipCounter
 from maskloop.train import dist
 from maskloop.train.build import build_source
 
@@ -17,7 +18,10 @@ class Stream:
 
         if not specs:
             raise ConfigError(f"the recipe needs data stream {name!r}: add `data: {{{name}: [...]}}` to the config")
-        sources = {f"{s['kind']}{i}": build_source(s, model) for i, s in enumerate(specs)}
+        if not isinstance(specs, (list, tuple)):
+            raise ConfigError(f"data.{name}: expected a list of source specs, got {type(specs).__name__}")
+        built = [build_source(s, model, f"data.{name}[{i}]") for i, s in enumerate(specs)]
+        sources = {f"{s['kind']}{i}": b for i, (s, b) in enumerate(zip(specs, built))}
         repeats = {f"{s['kind']}{i}": s["repeat"] for i, s in enumerate(specs) if "repeat" in s}
         weights = {f"{s['kind']}{i}": s["weight"] for i, s in enumerate(specs) if "weight" in s}
         self.name = name
@@ -30,6 +34,8 @@ class Stream:
         )
         self.consumed = 0  # samples of the current epoch used for training
         self._it = None
+        self.skips = SkipCounter()  # distinct bad items met: index-time skips, then every trained batch's
+        self.skips.update(self.dataset)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -45,6 +51,7 @@ class Stream:
             self._it = iter(self.loader)
             batch = next(self._it)
         self.consumed += self.batch_size
+        self.skips.update(batch)  # the skips the workers met producing it (skipped_keys)
         return batch
 
     def state_dict(self) -> dict:
@@ -55,12 +62,16 @@ class Stream:
         self.consumed = int(state["position"])
         self._it = None
 
-    def skip_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for src in self.dataset.sources:
-            for k, v in getattr(src, "skip_counts", dict)().items():
-                out[k] = out.get(k, 0) + v
-        return out
+    def sync_skips(self) -> dict[str, int]:
+        """The run's skip counts over every worker and rank (a collective: every rank calls it, at log steps
+        and before a checkpoint); afterwards ``self.skips`` is the same on every rank."""
+        return sync_skips(self)
+
+
+def sync_skips(stream) -> dict[str, int]:
+    """:meth:`Stream.sync_skips` for any stream with a ``skips`` counter and a ``dataset``."""
+    stream.skips.update(stream.dataset)  # the main process's own skips (all of them with 0 workers)
+    return stream.skips.reduce()
 
 
 def to_device(batch: dict, device) -> dict:
