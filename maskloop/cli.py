@@ -56,7 +56,8 @@ def _need_file(path: str | None, what: str) -> Path:
 def cmd_demo(args) -> int:
     from maskloop.demo import run_demo
 
-    res = run_demo(args.run_dir, quick=args.quick, threads=args.threads, progress=not args.no_progress)
+    res = run_demo(args.run_dir, quick=args.quick, threads=args.threads, progress=not args.no_progress,
+                   seed=args.seed, logging=args.logging)
     print(f"\nreport: {res['report_html']}")
     return 0
 
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1: robust on small shared machines)")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--seed", type=int, default=0, help="demo seed (0: the published numbers; others shift every stage's seed)")
+    d.add_argument("--logging", choices=("tensorboard", "wandb"), default="tensorboard",
+                   help="training-scalar logger (wandb: pip install 'maskloop[wandb]'; WANDB_MODE=offline works)")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train with a recipe from a YAML config (see configs/)")

@@ -536,6 +536,12 @@ class TrainConfig:
     """Checkpoint every N steps (0: never; the last step is saved when > 0)."""
     keep_last: int = 3
     log_every: int = 10
+    logging: Literal["tensorboard", "wandb"] = "tensorboard"
+    """Where the scalars (and a demo's example grids) go besides metrics.jsonl: TensorBoard (``tb/``) or
+    Weights & Biases (``pip install 'maskloop[wandb]'``; project ``wandb_project``)."""
+    wandb_project: str = "maskloop"
+    wandb_offline: bool = False
+    """W&B without a network: the run is written under ``<run_dir>/wandb`` (as ``WANDB_MODE=offline``)."""
     max_nonfinite: int = 10
     """Stop after this many consecutive non-finite steps (each skipped)."""
     num_workers: int = 0

@@ -1,4 +1,5 @@
-"""The quick embedded demo end to end (what CI runs): metrics computed, report written, training helps."""
+"""The quick embedded demo end to end (what CI runs): metrics computed, report written, training helps, the masks
+follow the text."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def test_quick_demo_metrics_beat_the_untrained_model(demo):
     assert s["dual"]["refer_cIoU"] > s["untrained"]["refer_cIoU"] + 0.1
     assert s["sft"]["caption_CIDEr"] > s["untrained"]["caption_CIDEr"] + 0.5
     assert s["dual"]["cycle_mIoU"] > s["untrained"]["cycle_mIoU"]
+    # the masks follow the text: segmenting each image for another object's expression gives another mask
+    # (1 - mean IoU of the two; 0 for a model that segments the same region whatever it is asked)
+    assert s["untrained"]["refer_text_sensitivity"] < 0.1
+    assert s["sft"]["refer_text_sensitivity"] > 0.3
+    assert s["dual"]["refer_text_sensitivity"] > 0.3
     saved = json.loads((run_dir / "metrics.json").read_text())
     for stage in s:
         assert saved["summary"][stage] == pytest.approx(s[stage])
@@ -48,6 +54,12 @@ def test_quick_demo_report_and_model(demo, capsys):
             assert im.size[0] > 300 and im.size[1] > 200
     assert "after dual loop" in md and "refer_cIoU" in html
     assert (run_dir / "sft" / "metrics.jsonl").is_file() and (run_dir / "dual" / "metrics.jsonl").is_file()
+    # the example grids are in the dual run's scalar log too (TensorBoard here; W&B with --logging wandb)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "dual" / "tb"))
+    events.Reload()
+    assert {"examples/after_sft", "examples/after_dual"} <= set(events.Tags()["images"])
     # the run directory serves inference
     from maskloop.data.sources.shapes import ShapesReferDataset
 
