@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maskloop-installed
-# pip extras of the editable install: dev (pytest, ruff, selenium) and serve (gradio: the web app and its browser test)
-EXTRAS ?= dev,serve
+# pip extras of the editable install: dev (pytest, ruff, selenium), serve (gradio: the web app and its browser
+# test), wandb (the optional W&B logger, tested offline)
+EXTRAS ?= dev,serve,wandb
 
 .PHONY: setup demo test lint clean
 
