@@ -20,16 +20,13 @@ import time
 
 import torch
 import torch.distributed as tdist
+from gpu_loop1 import DEV, full_vocab, make_batch, sync  # the Loop-1 benchmark's model and inputs
+from gpu_loop1 import build as build_model
 
-from maskloop.model.grounded import GroundedMLLM
-from maskloop.model.presets import get_preset
-from maskloop.model.prompts import build_word_tokenizer
 from maskloop.recipes.loop1 import Loop1
 from maskloop.train.ema import EMA
-from maskloop.train.engine import TrainConfig
+from maskloop.train.optim import build_optimizer
 from maskloop.train.sharding import Distributor
-
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def init_group():
@@ -39,47 +36,15 @@ def init_group():
         tdist.init_process_group("nccl" if DEV.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def sync():
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def make_batch(cfg, B, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    S, G, grid = cfg.vision.image_size, cfg.sam2.image_size, cfg.prompt_grid
-    pm = torch.zeros(B, grid, grid, dtype=torch.uint8)
-    for b in range(B):
-        y, x = torch.randint(0, grid - 6, (2,), generator=g).tolist()
-        pm[b, y: y + 4, x: x + 5] = 1
-    masks = torch.nn.functional.interpolate(pm[:, None].float(), size=(G, G), mode="nearest")[:, 0]
-    batch = {"pixel_values1": torch.randn(B, 3, S, S, generator=g), "pixel_values2": torch.randn(B, 3, S, S, generator=g),
-             "g_pixel_values1": torch.randint(0, 256, (B, 3, G, G), generator=g, dtype=torch.uint8),
-             "g_pixel_values2": torch.randint(0, 256, (B, 3, G, G), generator=g, dtype=torch.uint8),
-             "prompt_masks1": pm, "prompt_masks2": pm, "masks1": masks, "masks2": masks}
-    return {k: v.to(DEV) for k, v in batch.items()}
-
-
 def build(preset: str, mode: str, checkpointing: bool, T: int, topk: int):
-    cfg = get_preset(preset)
-    tok = build_word_tokenizer(["a", "red", "blue", "small", "large", "circle", "square", "triangle", "left", "of"])
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        model = GroundedMLLM(cfg, tok)
-    model.set_trainable("default")
-    model.to_training_dtype(torch.bfloat16 if DEV.type == "cuda" else torch.float32)
-    model.train()
+    model, tcfg = build_model(preset, T, topk)  # gpu_loop1's: random init on the device, bf16 frozen / fp32 trained
     d = Distributor(mode, DEV, bf16=DEV.type == "cuda", activation_checkpointing=checkpointing)
     d.prepare(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ema = EMA(params, decay=0.999)
-    tcfg = TrainConfig.from_mapping({"recipe": "loop1", "loop1": {"caption_len": T, "topk": topk}})
     recipe = Loop1(tcfg)
     recipe.setup(model, ema, seed=0)
-    special = torch.tensor(model.builder.special_ids, device=recipe.allowed.device)
-    recipe.allowed.fill_(True)  # noise / Gumbel top-k over the whole vocabulary, as with a real tokenizer
-    recipe.allowed[special] = False
-    from maskloop.train.optim import build_optimizer
-
+    full_vocab(recipe)  # noise / Gumbel top-k over the whole vocabulary, as with a real tokenizer
     opt = build_optimizer(list(params.items()), lr=1e-6)  # the Trainer's: per-tensor AdamW under FSDP
     return model, d, params, ema, recipe, opt
 
@@ -101,7 +66,7 @@ def measure(preset, mode, ckpt, batches, reps, T, topk):
     model, d, params, ema, recipe, opt = build(preset, mode, ckpt, T, topk)
     n_params = sum(p.numel() for p in model.parameters())
     for B in batches:
-        batch = make_batch(model.cfg, B)
+        batch = make_batch(model, B)
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

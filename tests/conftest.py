@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -38,3 +39,17 @@ def tiny_batch(model: GroundedMLLM, B: int = 3, seed: int = 0):
     gp = torch.randint(0, 256, (B, 3, G, G), generator=g, dtype=torch.uint8)
     masks = (torch.rand(B, G, G, generator=g) > 0.6).float()
     return pv, gp, masks
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (a process group's or a local server's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_group(rank, world, port):
+    """torchrun's environment for one of ``world`` local processes (the trainer creates the group)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)

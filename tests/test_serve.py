@@ -8,13 +8,13 @@ when gradio, selenium, chromium or chromedriver is missing (``.ci/run`` installs
 
 import io
 import shutil
-import socket
 import time
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 
@@ -68,12 +68,6 @@ def test_handlers_match_inference_and_the_cycle_iou(served):
     assert score == pytest.approx(inter / union)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _browser_or_skip():
     missing = []
     for mod in ("gradio", "selenium"):
@@ -114,7 +108,7 @@ def test_browser_upload_expression_overlay_and_mask_equals_segment(served, tmp_p
 
     from maskloop.serve import serve
 
-    port = _free_port()
+    port = free_port()
     # in this process (its imports are paid already): `maskloop serve` is this call plus argument parsing
     app = serve(served / "ckpt", host="127.0.0.1", port=port, block=False)
     url = f"http://127.0.0.1:{port}/"

@@ -1,12 +1,12 @@
 """Engine and recipes on the tiny preset: Loop-1 gradient path, resume, DDP vs 1 process, logging."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port as _free_port
+from conftest import join_group as _join_group
 
 from maskloop.recipes import loop1 as loop1_mod
 from maskloop.train.engine import TrainConfig, Trainer
@@ -101,17 +101,6 @@ def test_resume_gives_identical_weights_and_ema(tmp_path):
         torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0, msg=k)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join_group(rank, world, port):
-    """torchrun's environment for one of ``world`` local processes (the trainer creates the group)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
 
 
 def _ddp_worker(rank, world, port, run_dir, out, variant):

@@ -7,8 +7,6 @@ statistics included).  The sharded (DCP) checkpoint resumes to the weights of an
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port, join_group
 
 from maskloop.config import ConfigError
 from maskloop.train.engine import TrainConfig, Trainer
@@ -35,16 +34,6 @@ def cfg_for(recipe, run_dir, batch_size, **kw):
     return TrainConfig.from_mapping(base)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank, world, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
 
 
 def _result(tr):
@@ -54,7 +43,7 @@ def _result(tr):
 
 
 def _modes_worker(rank, world, port, root, mode):
-    _join(rank, world, port)
+    join_group(rank, world, port)
     out = {}
     for recipe in DATA:
         torch.manual_seed(0)
@@ -98,7 +87,7 @@ def _assert_same(run, ref, what):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(tmp_path, single_runs, mode):
-    mp.spawn(_modes_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    mp.spawn(_modes_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
     got = torch.load(tmp_path / f"{mode}.pt")
     for recipe in DATA:
         _assert_same(got[recipe], single_runs[recipe], f"{mode}/{recipe}")
@@ -111,7 +100,7 @@ def test_two_processes_equal_one_process(tmp_path, single_runs, mode):
 
 
 def _resume_worker(rank, world, port, root, phase):
-    _join(rank, world, port)
+    join_group(rank, world, port)
     torch.manual_seed(0)
     steps = 2 if phase == "first" else 4
     tr = Trainer(cfg_for("loop1", Path(root) / "run", 2, distributed="fsdp", steps=4, ckpt_every=2,
@@ -134,12 +123,12 @@ def test_sharded_checkpoint_resumes_exactly_with_two_and_one_processes(tmp_path,
     ref = Trainer(cfg_for("loop1", tmp_path / "ref", 4, steps=4))
     ref.fit()
     ref = _result(ref)
-    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path), "first"), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(2, free_port(), str(tmp_path), "first"), nprocs=2, join=True)
     step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert is_sharded(step2) and len(list((step2 / "dcp").glob("*.distcp"))) == 2
     check_shards(step2)
     # same world size
-    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path), "second"), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(2, free_port(), str(tmp_path), "second"), nprocs=2, join=True)
     _assert_same(torch.load(tmp_path / "resumed2.pt"), ref, "2 -> 2")
     # 2 -> 1 process (batch 4: the same global batch), no process group
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 
 from maskloop.eval.caption_metrics import caption_scores
 from maskloop.eval.data import SkipCounts
-from maskloop.eval.refer import Progress, eval_mode, loader, model_device, to_device
+from maskloop.eval.refer import Progress, eval_mode, loader, model_device, valid_batches
 
 
 def describe_batch(model, batch: dict, max_new_tokens: int = 32):
@@ -54,12 +54,7 @@ def evaluate_captions(
     with eval_mode(model):
         dl = loader(dataset, batch_size, num_workers, max_samples)
         bar = Progress(dl, "eval caption", progress)
-        for batch in dl:
-            skips.add(batch)
-            bar.step(batch["n"] + sum(batch["skipped"].values()))
-            if not batch["n"]:
-                continue
-            batch = to_device(batch, dev)
+        for batch in valid_batches(dl, skips, bar, dev):
             gen, texts = describe_batch(model, batch, max_new_tokens)
             for text, ref, n in zip(texts, batch["caption"], gen.lengths.tolist()):
                 i = len(preds)

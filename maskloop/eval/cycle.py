@@ -17,7 +17,7 @@ from __future__ import annotations
 from maskloop.eval.caption import describe_batch, reference_list, score_captions
 from maskloop.eval.data import SkipCounts
 from maskloop.eval.metrics import CycleMeter
-from maskloop.eval.refer import Progress, eval_mode, loader, model_device, segment_texts, to_device
+from maskloop.eval.refer import Progress, eval_mode, loader, model_device, segment_texts, valid_batches
 from maskloop.model.prompts import Ragged
 
 
@@ -41,12 +41,7 @@ def evaluate_cycle(
     with eval_mode(model):
         dl = loader(dataset, batch_size, num_workers, max_samples)
         bar = Progress(dl, "eval cycle", progress)
-        for batch in dl:
-            skips.add(batch)
-            bar.step(batch["n"] + sum(batch["skipped"].values()))
-            if not batch["n"]:
-                continue
-            batch = to_device(batch, dev)
+        for batch in valid_batches(dl, skips, bar, dev):
             gen, texts = describe_batch(model, batch, max_new_tokens)
             # the caption's own tokens (before the end token) as the referring expression
             reseg = segment_texts(model, batch, expr=Ragged(gen.ids, gen.lengths))

@@ -212,6 +212,16 @@ class Progress:
         return time.perf_counter() - self.t0
 
 
+def valid_batches(dl, skips, bar, dev):
+    """The evaluation loop's batches with at least one valid sample, on ``dev``: every batch's skip markers
+    counted in ``skips`` and its samples (scored or skipped) ticked on the progress ``bar``."""
+    for batch in dl:
+        skips.add(batch)
+        bar.step(batch["n"] + sum(batch["skipped"].values()))
+        if batch["n"]:
+            yield to_device(batch, dev)
+
+
 def evaluate_refer(
     model,
     splits,
@@ -241,12 +251,7 @@ def evaluate_refer(
             meter, skips, at = RefSegMeter(), SkipCounts(), None  # where it scored: "original" | "sam"
             dl = loader(ds, batch_size, num_workers, max_samples)
             bar = Progress(dl, f"eval refer {name}", progress)
-            for batch in dl:
-                skips.add(batch)
-                bar.step(batch["n"] + sum(batch["skipped"].values()))
-                if not batch["n"]:
-                    continue
-                batch = to_device(batch, dev)
+            for batch in valid_batches(dl, skips, bar, dev):
                 if protocol == "generate":
                     out = generate_refer(model, batch, max_new_tokens)
                     logits, has_seg = out["logits"], out["has_seg"]
@@ -306,4 +311,4 @@ def evaluate_text_sensitivity(model, dataset, batch_size: int = 16, max_samples:
 __all__ = ["NO_SEG_POLICIES", "PROTOCOLS", "SA2VA_REFER_QUESTION", "evaluate_refer", "evaluate_text_sensitivity",
            "eval_mode", "first_seg_index", "generate_refer", "image_features", "loader", "logits_at",
            "mllm_image_inputs", "model_device", "sa2va_refer_parts", "score_batch", "segment_texts",
-           "teacher_forced_logits", "to_device"]
+           "teacher_forced_logits", "to_device", "valid_batches"]

@@ -32,21 +32,16 @@ def fix_rope(config, t):
     return config
 
 
+def shape_kwargs(t) -> dict:
+    """The decoder-shape fields every family's transformers config takes, from our ``LLMConfig``, + rope."""
+    return dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+                rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings, **rope_kwargs(t))
+
+
 def text_config(t, attention_bias: bool = False):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=t.max_position_embeddings,
-        rms_norm_eps=t.rms_norm_eps,
-        tie_word_embeddings=t.tie_word_embeddings,
-        attention_bias=attention_bias or t.attention_bias,
-        mlp_bias=False,
-        hidden_act="silu",
-        **rope_kwargs(t),
-    )
+    return LlamaConfig(**shape_kwargs(t), attention_bias=attention_bias or t.attention_bias, mlp_bias=False,
+                       hidden_act="silu")
