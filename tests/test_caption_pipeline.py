@@ -40,11 +40,15 @@ CONSTRUCTS = [
 ]
 
 
+# follows salaniz/pycocoevalcap (commit ad63453):
+#   tokenizer/ptbtokenizer.py L21-L22 (punctuation list) and L65-L66 (the strip)
 @pytest.mark.parametrize("text,expected", CONSTRUCTS)
 def test_ptb_construct(text, expected):
     assert ptb_tokenize(text) == (expected.split() if expected else [])
 
 
+# follows salaniz/pycocoevalcap (commit ad63453):
+#   tokenizer/ptbtokenizer.py L28-L30 (the jar's raw tokens, before the L65-L66 strip)
 def test_raw_tokens_before_the_strip():
     assert ptb_tokens_raw('He said "hi" (twice)...') == ["he", "said", "``", "hi", "''", "-lrb-", "twice", "-rrb-",
                                                          "..."]
@@ -57,6 +61,8 @@ def _need_java():
     pytest.importorskip("pycocoevalcap.meteor.meteor", reason="pycocoevalcap is not installed")
 
 
+# follows salaniz/pycocoevalcap (commit ad63453):
+#   tokenizer/ptbtokenizer.py L18 and L28-L30 (stanford-corenlp-3.4.1 -preserveLines -lowerCase)
 def test_ptb_rules_match_the_java_tokenizer():
     _need_java()
     lines = [t for t, _ in CONSTRUCTS if t] + [
@@ -70,6 +76,8 @@ REFS = {0: ["a small red circle in the top left", "a red circle."], 1: ["a large
 PREDS = {0: "a red circle at the top left", 1: "a big blue square on the right", 2: "", 3: "a circle"}
 
 
+# follows salaniz/pycocoevalcap (commit ad63453):
+#   tokenizer/ptbtokenizer.py L62-L67 (an empty line joins to '')
 def test_empty_prediction_is_a_zero_length_caption():
     """pycocoevalcap scores an empty caption as '' (no tokens): our BLEU / ROUGE-L / CIDEr equal its scorers on
     those streams, and differ from scoring a placeholder token."""
@@ -89,6 +97,8 @@ def test_empty_prediction_is_a_zero_length_caption():
     assert Bleu(4).compute_score(gts, placeholder, verbose=0)[0][0] != pytest.approx(bleu[0])  # the old way
 
 
+# follows salaniz/pycocoevalcap (commit ad63453):
+#   meteor/meteor.py L12 and L18-L19 (meteor-1.5.jar and its arguments)
 def test_meteor_through_java_equals_pycocoevalcaps_pipeline():
     """METEOR 1.5 (Java) on our Python PTB tokens == pycocoevalcap's own pipeline: its Java PTBTokenizer,
     then its Meteor scorer, on the same captions (an empty prediction included)."""

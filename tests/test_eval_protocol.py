@@ -25,6 +25,10 @@ from maskloop.model.grounded import Generated
 
 
 # ------------------------------------------------------------------ no [SEG] -> empty prediction, counted
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/evaluation/refcoco_eval.py L101-L105 (an answer without [SEG] gives a None mask),
+#   projects/llava_sam2/evaluation/dataset/RES.py L196-L248 (evaluate: None skipped L214-L215,
+#   gIoU L233, cIoU L240)
 def test_no_seg_answer_is_counted_as_sa2va_scores_it():
     gt = torch.zeros(2, 4, 4, dtype=torch.bool)
     gt[:, :2] = True  # 8 px each
@@ -42,6 +46,10 @@ def test_no_seg_answer_is_counted_as_sa2va_scores_it():
     assert b["gIoU"] == pytest.approx(0.5) and b["cIoU"] == pytest.approx(8 / 16) and b["no_seg_frac"] == 0.5
 
 
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/hf/models/modeling_sa2va_chat.py L747-L751 and L768-L773
+#   (sequences[0][:-1]: only fed-back [SEG]s),
+#   projects/llava_sam2/evaluation/refcoco_eval.py L107 (the first mask, pred_mask[0])
 def test_first_seg_index_takes_the_first_fed_back_seg(tiny_tokenizer):
     model = make_tiny()
     seg, end, pad = model.builder.seg_id, model.builder.end_id, model.builder.pad_id
@@ -59,6 +67,9 @@ def _batch(model, n=2, seed=0):
             "expression": ["the red circle", "the small blue square"][:n]}
 
 
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/evaluation/dataset/RES.py L163-L168 (the "Please segment {} in this image." question),
+#   projects/llava_sam2/evaluation/refcoco_eval.py L107 (the first [SEG] mask)
 def test_generated_seg_gives_the_teacher_forced_mask_of_the_same_answer(monkeypatch):
     """Free generation answering "sure , [SEG] . [SEG]" (row 0) / "sure ." (row 1): row 0's mask is the one
     the model's own teacher-forced path gives for the same prompt and the answer up to its first [SEG]."""
@@ -93,6 +104,9 @@ def test_generated_seg_gives_the_teacher_forced_mask_of_the_same_answer(monkeypa
     assert "[SEG]" in out["answers"][0]
 
 
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/evaluation/refcoco_eval.py L101-L105,
+#   projects/llava_sam2/evaluation/dataset/RES.py L214-L215
 def test_evaluate_refer_generate_counts_no_seg(monkeypatch):
     model = make_tiny().eval()
     b = model.builder
@@ -113,6 +127,9 @@ def test_evaluate_refer_generate_counts_no_seg(monkeypatch):
 
 
 # ------------------------------------------------------------------ original size vs SAM size
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/hf/models/modeling_sa2va_chat.py L759-L762
+#   (bilinear resize to the original (h, w), sigmoid > 0.5)
 def test_logits_resized_bilinearly_to_the_original_non_square_size():
     g = torch.randn(32, 32)
     got = logits_at(g, (12, 20))
@@ -120,6 +137,9 @@ def test_logits_resized_bilinearly_to_the_original_non_square_size():
     assert got.shape == (12, 20) and torch.equal(got, ref)
 
 
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/hf/models/modeling_sa2va_chat.py L759-L762 (masks at the original size),
+#   projects/llava_sam2/evaluation/dataset/RES.py L235-L240 (cIoU = summed intersection / summed union)
 def test_original_size_scoring_weighs_images_by_their_pixels():
     """Known answers: a 10x20 image predicted wrong, a 100x200 image predicted right (GT = whole image).
     At the original size cIoU = 20000 / (20000 + 200); at a common SAM size both weigh the same: 0.5."""
@@ -245,6 +265,8 @@ def test_degenerate_polygon_keeps_its_sample_in_evaluation(tmp_path):
     assert tr.skip_counts() == {"refcoco/empty_mask": 1}
 
 
+# follows magic-research/Sa2VA (commit d01bf3f):
+#   projects/llava_sam2/evaluation/dataset/RES.py L226-L227 (empty union: gIoU +1) and L240 (cIoU + 1e-10)
 def test_all_empty_split_gives_one_cIoU_in_every_meter():
     from maskloop.eval.metrics import CycleMeter
     from maskloop.eval.psalm_metrics import refer_iou

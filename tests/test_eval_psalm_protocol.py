@@ -10,6 +10,9 @@ from maskloop.data.psalm import PSALMTransform
 from maskloop.eval.psalm_metrics import SemanticConfusion, instance_ap
 
 
+# follows facebookresearch/detectron2 (commit 02b5c4e2):
+#   detectron2/evaluation/sem_seg_evaluation.py L138-L141 (conf[pred, gt]),
+#   L186-L198 (mIoU over classes with ground truth)
 def test_miou_averages_only_classes_with_ground_truth():
     """GT: 4 px of class 0; prediction: 2 of them class 0, 2 class 1 (a class only predicted).
     detectron2: IoU_0 = 2 / 4, class 1 has no GT pixel -> not averaged: mIoU 0.5 (not (0.5 + 0) / 2)."""
@@ -36,6 +39,11 @@ def _small_object_case():
     return m
 
 
+# follows facebookresearch/detectron2 (commit 02b5c4e2):
+#   detectron2/evaluation/coco_evaluation.py L686-L689 (APs/APm/APl),
+#   L475-L478 (the 32^2 / 96^2 bounds, as written in _evaluate_box_proposals)
+# follows zamling/PSALM (commit d5dbfda):
+#   psalm/model/language_model/llava_phi.py L1416-L1429 (masks scored at the original height x width)
 def test_ap_area_ranges_apply_to_original_pixels():
     m = _small_object_case()
     orig = PSALMTransform(image_size=1024, mask_size="original").masks(m)
@@ -53,6 +61,9 @@ def test_ap_area_ranges_apply_to_original_pixels():
     assert b["APs"] == -1.0 and b["APl"] == pytest.approx(1.0)
 
 
+# follows zamling/PSALM (commit d5dbfda):
+#   psalm/model/language_model/llava_phi.py L1416-L1429, through
+#   facebookresearch/detectron2 detectron2/modeling/postprocessing.py L77-L101 (commit 02b5c4e2)
 def test_original_mode_keeps_an_object_that_a_resize_would_lose():
     m = np.zeros((1, 600, 600), bool)
     m[0, 300, 300:302] = True  # a 1x2 px sliver
@@ -62,6 +73,8 @@ def test_original_mode_keeps_an_object_that_a_resize_would_lose():
     assert torch.equal(PSALMTransform(image_size=64, original=True).label_map(ids), torch.from_numpy(ids))
 
 
+# follows zamling/PSALM (commit d5dbfda):
+#   psalm/model/language_model/llava_phi.py L1416-L1429 (scored at the original height x width)
 def test_evaluate_psalm_scores_at_the_original_size(tmp_path, monkeypatch):
     """Shapes scenes of 48x48 px, a model fed 64x64: every task's ground truth reaches the metrics at 48x48,
     the region prompts reach the model at 64x64, and the readers are put back afterwards."""

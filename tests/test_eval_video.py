@@ -8,6 +8,8 @@ import pytest
 from maskloop.eval.video import JFMeter, bound_pixels, db_boundary, db_iou, f_measure, jf_expression, seg2bmap
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L122-L178 (_seg2bmap)
+#   (commit ac7c43f)
 def ref_bmap(seg):
     """DAVIS seg2bmap, pixel by pixel: differs from right / lower / lower-right neighbour (outside = 0);
     the last row compares with the right neighbour only, the last column with the lower one only."""
@@ -28,6 +30,8 @@ def ref_bmap(seg):
     return b
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L57-L119 (f_measure)
+#   (commit ac7c43f)
 def ref_f(gt, pred, bound_th=0.008):
     h, w = gt.shape
     r = bound_th if bound_th >= 1 else math.ceil(bound_th * math.sqrt(h * h + w * w))
@@ -51,6 +55,8 @@ def ref_f(gt, pred, bound_th=0.008):
     return 0.0 if P + R == 0 else 2 * P * R / (P + R)
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L6-L37 (db_eval_iou)
+#   (commit ac7c43f)
 def ref_j(gt, pred):
     inter, union = int((gt & pred).sum()), int((gt | pred).sum())
     return 1.0 if union == 0 else inter / union
@@ -65,6 +71,8 @@ def square(h, w, y, x, s):
 H, W = 40, 60  # diagonal 72.1 -> tolerance ceil(0.577) = 1 pixel
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L57, L77-L78 (bound_th 0.008,
+#   bound_pix) (commit ac7c43f)
 def test_tolerance_is_ceil_of_diagonal_fraction():
     assert bound_pixels((H, W)) == 1
     assert bound_pixels((480, 854)) == math.ceil(0.008 * math.hypot(480, 854)) == 8
@@ -72,6 +80,8 @@ def test_tolerance_is_ceil_of_diagonal_fraction():
     assert bound_pixels((10, 10), bound_th=3) == 3
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L122-L178 (_seg2bmap)
+#   (commit ac7c43f)
 @pytest.mark.parametrize("seed", range(3))
 def test_bmap_matches_pixel_loop(seed):
     rng = np.random.default_rng(seed)
@@ -79,6 +89,8 @@ def test_bmap_matches_pixel_loop(seed):
     np.testing.assert_array_equal(seg2bmap(m), ref_bmap(m))
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L6-L37 (db_eval_iou), L57-L119
+#   (f_measure) (commit ac7c43f)
 def test_known_values():
     empty, full = np.zeros((H, W), bool), np.ones((H, W), bool)
     assert db_iou(empty, empty) == 1.0 and f_measure(empty, empty) == 1.0
@@ -107,6 +119,8 @@ def test_known_values():
     assert f_measure(a, b2) == pytest.approx(0.0)
 
 
+# follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L6-L37 (db_eval_iou), L57-L119
+#   (f_measure, disk dilation L86-L89) (commit ac7c43f)
 @pytest.mark.parametrize("seed", range(4))
 def test_f_and_j_match_reference(seed):
     rng = np.random.default_rng(seed)
@@ -120,6 +134,8 @@ def test_f_and_j_match_reference(seed):
     assert f_measure(gt, pred, bound_th=3) == pytest.approx(ref_f(gt, pred, bound_th=3), abs=1e-12)
 
 
+# db_boundary follows davisvideochallenge/davis2017-evaluation davis2017/metrics.py L40-L54
+#   (db_eval_boundary) (commit ac7c43f); the JFMeter / group means are maskloop's own (not cited)
 def test_expression_and_split_means():
     gt = np.stack([square(H, W, 10, 10, 10), np.zeros((H, W), bool)])
     pred = np.stack([square(H, W, 10, 12, 10), np.zeros((H, W), bool)])

@@ -38,6 +38,7 @@ def _model(cfg, seed=0):
     return GroundedMLLM(copy.deepcopy(cfg), build_word_tokenizer(WORDS))
 
 
+# key names follow InternLM/InternLM tools/convert2llama.py L91-L134 (commit fe4c2eb)
 def internlm2_state(llm, V, seed=1, with_output=True):
     """InternLM2's published language-model keys (remote-code names) at the given sizes."""
     g = torch.Generator().manual_seed(seed)
@@ -63,6 +64,7 @@ def _rms(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+# wqkv grouped layout '(h gs d)' follows InternLM/InternLM tools/convert2llama.py L91-L102 (commit fe4c2eb)
 def internlm2_reference_logits(sd, llm, ids):
     """InternLM2's forward, written from its modeling code: wqkv -> 'b q (h gs d) -> b q h gs d'."""
     D, H, KV = llm.hidden_size, llm.num_heads, llm.num_kv_heads
@@ -113,6 +115,7 @@ def _published(model, llm_sd):
     return sd
 
 
+# follows InternLM/InternLM tools/convert2llama.py L91-L134 (wqkv layout, key names) (commit fe4c2eb)
 def test_internlm2_published_layout_gives_internlm2_logits():
     cfg = _cfg()
     model = _model(cfg)

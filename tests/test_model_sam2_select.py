@@ -75,6 +75,11 @@ def _reference(masks, ious, rule, training):
     return torch.stack(out)
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/models/extension/sam2_base.py L247-L254 (best-IoU multimask pick),
+# third_parts/sam2/sam2_configs/sam2_hiera_l.yaml L113 (multimask_min_pt_num: 0) and
+# third_parts/sam2/modeling/sam2_base.py L802-L810 (_use_multimask) (commit d01bf3f); the "single" rule follows
+# third_parts/sam2/modeling/sam/mask_decoder.py L251-L299 (_get_stability_scores,
+# _dynamic_multimask_via_stability) (commit d01bf3f)
 @pytest.mark.parametrize("confident", [True, False])
 def test_language_mask_choice_matches_sa2va_reference(confident):
     cfg, best, single = _heads()
@@ -108,6 +113,7 @@ def test_language_mask_choice_matches_sa2va_reference(confident):
     assert len(set(ious[:, 1:].argmax(-1).tolist())) > 1
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/models/extension/sam2_base.py L247-L254 (commit d01bf3f)
 def test_segment_loss_is_on_the_selected_mask():
     """Training: GroundedMLLM.segment's mask loss is computed on the best-IoU multimask token (Sa2VA)."""
     model = make_tiny(seed=1)

@@ -15,6 +15,8 @@ from maskloop.config import ConfigError
 from maskloop.model import prompts as P
 from maskloop.model.sequence import assemble
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/templates.py L18-L25 (internlm2_chat), L51-L58 (qwen_chat),
+# L163-L169 (phi3_chat) (commit d01bf3f)
 # the strings as published in Sa2VA's templates.py (written out here, independent of the table)
 SA2VA = {
     "phi3_chat": ("<|user|>\n{input}<|end|>\n<|assistant|>\n", "<|end|>", ["<|end|>"]),
@@ -45,6 +47,7 @@ def _row(parts, pad):
     return a.input_ids[0][a.attention_mask[0].bool()].tolist()
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/templates.py L18-L25, L51-L58, L163-L169 (commit d01bf3f)
 @pytest.mark.parametrize("name", sorted(SA2VA))
 @pytest.mark.parametrize("bos", [False, True])
 def test_template_strings_prompt_ids_and_stop_words(name, bos):
@@ -75,6 +78,7 @@ def test_template_strings_prompt_ids_and_stop_words(name, bos):
     assert b.end_id == tok.convert_tokens_to_ids(suffix)
 
 
+# stop words follow magic-research/Sa2VA projects/llava_sam2/hf/models/templates.py L58 (qwen_chat) (commit d01bf3f)
 def test_generation_stops_at_every_stop_word_multi_token_included(tiny_tokenizer):
     """qwen_chat stops at <|im_end|> or <|endoftext|>; a stop word the tokenizer splits is matched whole."""
     from conftest import make_tiny

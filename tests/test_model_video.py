@@ -61,6 +61,8 @@ def _video(T, G, seed=0):
     return v, [m1, m2]
 
 
+# 'first' follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L631 (frame_idx
+#   < 5, in predict_forward L584-L766) (commit d01bf3f); 'uniform' is maskloop's own (not cited)
 def test_keyframes():
     assert keyframe_indices(100, "first") == [0, 1, 2, 3, 4]
     assert keyframe_indices(3, "first") == [0, 1, 2]
@@ -70,6 +72,10 @@ def test_keyframes():
         keyframe_indices(5, "middle")
 
 
+# follows huggingface/transformers v5.24.0 (installed wheel): src/transformers/models/sam2_video/
+#   modeling_sam2_video.py L109-L348 (Sam2VideoInferenceSession), L1776-L1900 (Sam2VideoModel.forward),
+#   L2802-L2857 (propagate_in_video_iterator); processing_sam2_video.py L736-L801
+#   (process_new_mask_for_video_frame)
 def test_propagation_equals_transformers_video_inference(tiny):
     """Same first-frame mask prompts: our streamed propagation (frames added as reached and released,
     old outputs trimmed) gives the very logits of transformers' whole-video session on every frame."""
@@ -108,6 +114,8 @@ def test_propagation_equals_transformers_video_inference(tiny):
     assert nontrivial >= T // 2  # the masks are not all empty / all full
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/sam2.py L316-L358 (inject_language_embd,
+#   language_embd_inference) and modeling_sa2va_chat.py L758 ([SEG] states -> SAM2) (commit d01bf3f)
 def test_language_keyframes_equal_direct_decoder(tiny):
     """Sa2VA's keyframe prompt: sparse = [empty-point tokens, [SEG] embedding], no mask, no memory,
     SAM2's multimask choice (best predicted IoU) — per object, against our batched-over-objects path."""
@@ -187,6 +195,9 @@ def test_narrow_sam2_is_refused(tiny_model):
         build_sam2_video(tiny_model)
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/evaluation/dataset/refVOS.py L13, L98 ('Please segment
+#   {}.'), projects/llava_sam2/hf/models/modeling_sa2va_chat.py L701 (image tokens once per frame),
+#   projects/llava_sam2/datasets/ReVOS_Dataset.py L49 ('Sure, [SEG].') (commit d01bf3f)
 def test_video_prompt_is_sa2va_string(tiny):
     model, _ = tiny
     b = model.builder

@@ -100,6 +100,8 @@ def test_several_masks_per_sample_as_training_targets():
     none["loss_mask"].backward()
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L744-L766 (predict_forward, one mask per
+# [SEG]) and L768-L773 (get_seg_hidden_states) (commit d01bf3f)
 def _sa2va_generated_masks(model, pv, gp, question, gen_ids, finished):
     """Sa2VA's predict_forward for one sample: prefill, feed the generated tokens back one by one (all but
     the last), keep the last hidden state of each fed token; those fed as [SEG] -> masks."""
@@ -120,6 +122,7 @@ def _sa2va_generated_masks(model, pv, gp, question, gen_ids, finished):
     return out
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L744-L773 (commit d01bf3f)
 def test_free_generation_one_mask_per_generated_seg(monkeypatch):
     model = make_model(2)
     model.eval()
@@ -168,6 +171,7 @@ def test_free_generation_end_to_end_counts():
 # ---------------------------------------------------------------------------------------------- N regions
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L684-L693 (N-region prompt string) (commit d01bf3f)
 def _expanded_ids(model, n_image, ks):
     """The prompt as Sa2VA writes it, expanded to one string and tokenised at once."""
     b, tok = model.builder, model.tokenizer
@@ -177,6 +181,7 @@ def _expanded_ids(model, n_image, ks):
     return b._user + [b.img_ctx_id] * n_image + b._after_img + tok.encode(text, add_special_tokens=False) + b._suffix_ids
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L684-L693 (commit d01bf3f)
 def test_n_region_prompt_string():
     model = make_model()
     b = model.builder

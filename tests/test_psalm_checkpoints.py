@@ -7,6 +7,14 @@ through the map under test. The reference forward passes read that layout direct
 window attention with relative position bias, shifted windows with the cyclic-shift mask,
 padding to the window, patch merging; the MSDeformAttn encoder with grid_sample sampling,
 the sine position encoding, the FPN level and the 1x1 mask-feature conv.
+
+Sources (read from these commits): facebookresearch/Mask2Former (commit 9b0651c)
+mask2former/modeling/backbone/swin.py L74-L171 (WindowAttention), L174-L295 (block),
+L298-L337 (PatchMerging), L687-L770 (D2SwinTransformer);
+mask2former/modeling/pixel_decoder/msdeformattn.py L165-L358 (MSDeformAttnPixelDecoder);
+mask2former/modeling/transformer_decoder/mask2former_transformer_decoder.py L208-L461;
+zamling/PSALM (commit d5dbfda)
+psalm/model/mask_decoder/Mask2Former_Simplify/modeling/pixel_decoder/msdeformattn.py L166-L315.
 """
 
 from __future__ import annotations
@@ -153,6 +161,9 @@ def _unwindows(x, w, B, H, Wd):
     return x.view(B, H // w, Wd // w, w, w, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, H, Wd, -1)
 
 
+# follows facebookresearch/Mask2Former mask2former/modeling/backbone/swin.py L174-L295
+#   (SwinTransformerBlock: pad, cyclic shift, WindowAttention L74-L171), L406-L453 (shift mask)
+#   (commit 9b0651c)
 def ref_block(x, H, Wd, W, p, heads, shift):
     B, L, C = x.shape
     short = x
@@ -297,6 +308,9 @@ def d2_model_and_state(tmp_path_factory):
     return model, sd, report, path
 
 
+# follows facebookresearch/Mask2Former mask2former/modeling/backbone/swin.py L74-L337, L687-L770
+#   (D2SwinTransformer) and mask2former/modeling/pixel_decoder/msdeformattn.py L165-L358
+#   (MSDeformAttnPixelDecoder) (commit 9b0651c)
 def test_pkl_features_match_reference(d2_model_and_state):
     model, sd, report, _ = d2_model_and_state
     img = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
@@ -360,6 +374,8 @@ def test_hostile_pkl_refused(tmp_path):
         read_detectron2_pkl(tpath)
 
 
+# backbone key names follow facebookresearch/Mask2Former mask2former/modeling/backbone/swin.py L588-L616
+#   (layers.N, norm{i}) (commit 9b0651c)
 def test_pkl_mismatch_one_error_listing_all():
     model = PSALMModel(_config())
     sd = d2_state(seed=2)
@@ -374,6 +390,9 @@ def test_pkl_mismatch_one_error_listing_all():
         assert s in msg
 
 
+# PSALM FPN layout follows zamling/PSALM psalm/model/mask_decoder/Mask2Former_Simplify/modeling/
+#   pixel_decoder/msdeformattn.py L246-L262 (adapter_/layer_ conv with bias + ReLU) (commit d5dbfda); the
+#   zero-bias start is not cited
 def test_pkl_into_psalm_fpn_zero_biases():
     """A PSALM-style model (conv biases + lateral ReLU) starts from the .pkl as PSALM does: biases 0."""
     model = PSALMModel(_config("psalm")).eval()
@@ -383,6 +402,8 @@ def test_pkl_into_psalm_fpn_zero_biases():
     assert float(model.pixel_decoder.adapter_1[0].bias.detach().abs().sum()) == 0.0
 
 
+# module names follow zamling/PSALM psalm/model/language_model/llava_phi.py L170-L187 (seg_query,
+#   pixel_decoder, predictor, *_projector) (commit d5dbfda)
 def psalm_state(model, seed):
     """A baseline PSALM checkpoint in PSALM's module names (LLM / projectors from the model's shapes)."""
     from maskloop.model.psalm.adapt import PSALM_TO_MASKLOOP
@@ -416,6 +437,9 @@ def test_adapted_baseline_loads_with_its_deform_projector(tmp_path):
     torch.testing.assert_close(model.mm_projector.fc.weight, base["model.mm_projector.fc.weight"])
 
 
+# follows zamling/PSALM psalm/model/language_model/llava_phi.py L170-L187 and psalm/model/mask_decoder/
+#   Mask2Former_Simplify/modeling/transformer_decoder/mask2former_transformer_decoder.py L482 (SEG_proj)
+#   (commit d5dbfda)
 def test_psalm_full_checkpoint_matches_reference(tmp_path):
     from safetensors.torch import save_file
 
@@ -443,6 +467,8 @@ def test_psalm_full_checkpoint_matches_reference(tmp_path):
         load_psalm_checkpoint(model, sd)
 
 
+# follows zamling/PSALM psalm/model/language_model/llava_phi.py L126-L135 (mm_projector weights by key)
+#   (commit d5dbfda)
 def test_mm_projector_bin(tmp_path):
     model = PSALMModel(_config())
     g = torch.Generator().manual_seed(7)
@@ -539,6 +565,9 @@ def ref_masked_decoder(queries, ms, mask_features, W, n_queries, Q="sem_seg_head
     return all_masks
 
 
+# follows facebookresearch/Mask2Former
+#   mask2former/modeling/transformer_decoder/mask2former_transformer_decoder.py L17-L205 (attention / FFN /
+#   MLP layers), L208-L461 (MultiScaleMaskedTransformerDecoder) (commit 9b0651c)
 def test_pkl_decoder_layers_match_reference(d2_model_and_state):
     """The masked-attention decoder layers (q/k/v split of in_proj, cross-attention, FFN, norms,
     mask MLP, level embedding, query positions) equal detectron2's decoder on the same queries."""

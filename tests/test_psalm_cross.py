@@ -24,6 +24,8 @@ def _png_ids(path, size):
     return np.asarray(Image.open(path).resize((size, size), Image.Resampling.NEAREST))
 
 
+# follows zamling/PSALM datasets/build_DAVIS.py L93-L99 (row keys), L88-L91 (first_frame_anns)
+#   (commit d5dbfda)
 def test_reads_release_layout(cross):
     rows = json.loads(cross["json"].read_text())
     assert len(rows) == 4 and set(rows[0]) == {"image", "image_info", "anns", "first_frame_image", "first_frame_anns",
@@ -43,6 +45,8 @@ def test_reads_release_layout(cross):
         assert np.array_equal(s["masks"][r].numpy() > 0, target == c)
 
 
+# pairing rule follows zamling/PSALM datasets/build_DAVIS.py L88-L91 (commit d5dbfda); the skip counting is
+#   not cited
 def test_bad_rows_skipped_and_counted(cross, tmp_path):
     rows = json.loads(cross["json"].read_text())
     rows[0].pop("first_frame_anns")  # malformed

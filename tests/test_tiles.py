@@ -19,6 +19,9 @@ from maskloop.data.transforms import SampleTransform
 from maskloop.model.presets import get_preset
 
 
+# follows OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py L813-L827 (find_closest_aspect_ratio,
+# commit 2410d1d); same loop in magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py
+# L775-L789 (commit d01bf3f)
 def reference_grid(w, h, lo, hi, size):
     ratios = {(i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1) if lo <= i * j <= hi}
     ratios = sorted(ratios, key=lambda x: x[0] * x[1])
@@ -36,6 +39,7 @@ SIZES = [(448, 448), (1000, 1000), (100, 100), (500, 800), (1500, 1000), (640, 4
          (4000, 300), (300, 4000), (2000, 1000), (895, 448), (1344, 896), (333, 999), (5000, 5000), (50, 1000)]
 
 
+# follows OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py L813-L827 (commit 2410d1d)
 @pytest.mark.parametrize("lo,hi", [(1, 12), (1, 6), (2, 9), (1, 1)])
 def test_grid_choice_matches_internvl_loop(lo, hi):
     rng = np.random.default_rng(0)
@@ -44,6 +48,7 @@ def test_grid_choice_matches_internvl_loop(lo, hi):
         assert closest_grid(w, h, lo, hi, 448) == reference_grid(w, h, lo, hi, 448), (w, h)
 
 
+# follows OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py L813-L827 (area tie-break, commit 2410d1d)
 def test_grid_tie_breaks():
     # equal ratio differences (1x1, 2x2, 3x3 for a square): a later (larger) grid wins only when the image's
     # area exceeds half of its pixels: 600^2 < 0.5 * 448^2 * 4 < 700^2 < 0.5 * 448^2 * 9 < 1000^2
@@ -54,6 +59,9 @@ def test_grid_tie_breaks():
     assert closest_grid(4000, 300) == (12, 1) and closest_grid(300, 4000) == (1, 12)
 
 
+# follows OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py L830-L866 (dynamic_preprocess, thumbnail,
+# commit 2410d1d); same in magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L791-L831
+# (commit d01bf3f)
 def test_tiles_are_crops_of_the_grid_resize_plus_thumbnail():
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (90, 200, 3), dtype=np.uint8))
@@ -110,6 +118,8 @@ def _tiny_tiled_batch(model, shapes, seed=0):
     return items, collate(items)
 
 
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L655-L661 (tiles, regions on the last
+# tile) and L333-L352 (region embeddings gathered from that tile) (commit d01bf3f)
 def test_token_counts_and_region_on_the_thumbnail():
     model = make_tiny()
     model.eval()
