@@ -70,33 +70,68 @@ def peak_rates():
 
 
 class PhaseTimer:
-    """CUDA-event (or wall-clock) time per named phase, summed over calls."""
+    """Exclusive time per named phase: CUDA events (or wall clock) at every phase boundary.
+
+    Phases nest (the ViT inside forward #2, the decode loop inside the teacher's generation): the time
+    between two consecutive boundaries goes to the innermost open phase only, and time inside a
+    :meth:`step` but in no phase goes to ``glue`` (host code between phases: prompt assembly, the
+    recipe's checks and their host syncs).  The phases of a step therefore add up to the step exactly.
+    """
 
     def __init__(self):
-        self.events: dict[str, list] = {}
+        self.spans: dict[str, list] = {}
+        self.stack: list[str] = []
+        self.last = None
+
+    @staticmethod
+    def _mark():
+        if DEV.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _close(self, now):
+        if self.last is not None and self.stack:
+            self.spans.setdefault(self.stack[-1], []).append((self.last, now))
+        self.last = now
 
     @contextmanager
     def __call__(self, name):
-        if DEV.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            yield
-            e.record()
-            self.events.setdefault(name, []).append((s, e))
+        if not self.stack:  # a phase outside step(): time it on its own
+            self.stack.append("glue")
+            self.last = self._mark()
+            outer = True
         else:
-            t = time.perf_counter()
+            outer = False
+        self._close(self._mark())
+        self.stack.append(name)
+        try:
             yield
-            self.events.setdefault(name, []).append(time.perf_counter() - t)
+        finally:
+            self._close(self._mark())
+            self.stack.pop()
+            if outer:
+                self._close(self._mark())
+                self.stack.pop()
+                self.last = None
+
+    @contextmanager
+    def step(self):
+        self.stack, self.last = ["glue"], self._mark()
+        try:
+            yield
+        finally:
+            self._close(self._mark())
+            self.stack, self.last = [], None
 
     def totals(self) -> dict[str, float]:
         sync()
-        out = {}
-        for k, v in self.events.items():
-            out[k] = sum(s.elapsed_time(e) / 1e3 for s, e in v) if DEV.type == "cuda" else sum(v)
-        return out
+        el = (lambda s, e: s.elapsed_time(e) / 1e3) if DEV.type == "cuda" else (lambda s, e: e - s)
+        return {k: sum(el(s, e) for s, e in v) for k, v in self.spans.items()}
 
     def reset(self):
-        self.events = {}
+        self.spans, self.stack, self.last = {}, [], None
 
 
 def wrap(obj, name, phase, timer):
@@ -107,6 +142,25 @@ def wrap(obj, name, phase, timer):
             return real(*a, **k)
 
     setattr(obj, name, f)
+    return real
+
+
+def wrap_swap(ema, timer):
+    """Time the EMA swap's copy-in and copy-back (the context manager's enter and exit) as ``ema_swap``."""
+    real = ema.swap
+
+    @contextmanager
+    def swap():
+        cm = real()
+        with timer("ema_swap"):
+            cm.__enter__()
+        try:
+            yield
+        finally:
+            with timer("ema_swap"):
+                cm.__exit__(None, None, None)
+
+    ema.swap = swap
     return real
 
 
@@ -223,6 +277,22 @@ class PlainLoop1(Loop1):
 # ---------------------------------------------------------------------------------------------- measurements
 
 
+#: phases outside the trainable forward/backward (MFU counts the rest of the step, glue included)
+NOT_FWD_BWD = ("teacher_prefill", "teacher_merge_lora", "teacher_decode", "ema_swap", "optimizer", "ema_update")
+
+
+def decode_bytes(model) -> dict:
+    """Bytes one decode step must read: every decoder layer's weights (norms included) and the lm head, in
+    the dtype they decode in, plus the KV cache is small and left out.  ``old`` is the figure used before
+    2026-12-01: every LLM parameter, the input embedding table and the fp32 LoRA adapters included (none of
+    which a merged-weight decode step reads), i.e. a looser bound."""
+    layers = sum(p.numel() * 2 for n, p in model.llm.layers.named_parameters() if "lora_" not in n)
+    head = model.internvl.lm_head.weight.numel() * 2 + model.llm.norm.weight.numel() * 2
+    old = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+              if n.startswith("internvl.model.language_model.") or n.startswith("internvl.lm_head"))
+    return {"layers": layers, "head": head, "total": layers + head, "old": old}
+
+
 def full_vocab(recipe):
     """Noise and the Gumbel top-k draw from the whole vocabulary, as with a real tokenizer."""
     special = torch.tensor(recipe.model.builder.special_ids, device=recipe.allowed.device)
@@ -231,18 +301,21 @@ def full_vocab(recipe):
 
 
 def loop1_step(model, recipe, ema, opt, batch, timer=None):
-    with autocast():
-        loss, _ = recipe.loss(batch)
-    ctx = timer("backward") if timer else contextmanager(lambda: (yield))()
-    with ctx:
-        loss.backward()
-    ctx = timer("optimizer+ema") if timer else contextmanager(lambda: (yield))()
-    with ctx:
-        params = [p for p in model.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update()
+    def phase(name):
+        return timer(name) if timer else contextmanager(lambda: (yield))()
+
+    with timer.step() if timer else contextmanager(lambda: (yield))():
+        with autocast():
+            loss, _ = recipe.loss(batch)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            params = [p for p in model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with phase("ema_update"):
+            ema.update()
     return loss
 
 
@@ -256,16 +329,21 @@ def set_decode(model, compiled: bool):
 
 
 def set_variant(model, variant: str):
-    """'base': the configuration before this round of work (peft casting every LoRA input to fp32, eager
-    graph-captured decode step); 'ours': the defaults; 'compiled': ours + every LLM decoder layer compiled."""
+    """'base': peft casting every LoRA input to fp32 and the eager graph-captured decode step (the 2026-11-24
+    configuration); 'ours': the defaults; 'compiled': ours + every LLM decoder layer compiled
+    (``compile_layers: true``); 'compiled_all': compiled + every InternViT layer and SAM2 Hiera block
+    compiled (``compile_encoders: true``)."""
+    if variant not in ("base", "ours", "compiled", "compiled_all", "plain"):
+        raise SystemExit(f"unknown variant {variant!r}")
     set_decode(model, compiled=variant != "base")
     model.set_lora_input_cast(variant == "base" or DEV.type != "cuda")
-    layers = model.llm.layers
-    if variant == "compiled":
+    mods = list(model.llm.layers) + list(model.vision.encoder.layer) + list(model.sam.sam.vision_encoder.backbone.blocks)
+    for m in mods:  # undo a previous compile
+        m._compiled_call_impl = None
+    if variant in ("compiled", "compiled_all"):
         model.compile_llm_layers()
-    else:  # undo a previous compile
-        for layer in layers:
-            layer._compiled_call_impl = None
+    if variant == "compiled_all":
+        model.compile_encoders()
 
 
 def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
@@ -284,10 +362,19 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
     timer = PhaseTimer()
     restore = []
     if not plain:
-        restore.append((model, "describe", wrap(model, "describe", "teacher_generate", timer)))
+        from maskloop.model.fast_decode import StaticGreedyDecoder
+
+        restore.append((model, "describe", wrap(model, "describe", "teacher_prefill", timer)))
+        restore.append((StaticGreedyDecoder, "refresh_merged",
+                        wrap(StaticGreedyDecoder, "refresh_merged", "teacher_merge_lora", timer)))
+        restore.append((StaticGreedyDecoder, "decode", wrap(StaticGreedyDecoder, "decode", "teacher_decode", timer)))
         restore.append((model, "caption_logits", wrap(model, "caption_logits", "forward1", timer)))
-        restore.append((model, "segment", wrap(model, "segment", "forward2+sam2", timer)))
+        restore.append((model, "segment", wrap(model, "segment", "forward2+sam2_decoder", timer)))
         restore.append((loop1_mod, "gumbel_topk_embed", wrap(loop1_mod, "gumbel_topk_embed", "gumbel", timer)))
+        restore.append((ema, "swap", wrap_swap(ema, timer)))
+    # the frozen encoders, wherever they are called (the ViT inside forward #2 included)
+    restore.append((model, "vision_features", wrap(model, "vision_features", "vit", timer)))
+    restore.append((model, "sam_features", wrap(model, "sam_features", "sam2_encoder", timer)))
     batch = make_batch(model, B)
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -302,8 +389,11 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         sync()
         dt = (time.perf_counter() - t) / reps
     finally:
-        for obj, name, real in restore:
-            setattr(obj, name, real)
+        for obj, name, real in reversed(restore):
+            if isinstance(obj, type) or obj is loop1_mod:
+                setattr(obj, name, real)
+            else:  # an instance attribute shadowing the class's method: drop it
+                obj.__dict__.pop(name, None)
     res = {"batch": B, "plain": plain, "variant": "plain" if plain else variant, "step_s": dt, "samples_per_s": B / dt,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() / 1e9) if DEV.type == "cuda" else float("nan"),
            "ema_extra_gb": ema.num_bytes() / 1e9,
@@ -342,8 +432,35 @@ def count_flops(model, tcfg, B):
     return fc.get_total_flops() / B, fc_gen.get_total_flops() / B
 
 
+@contextmanager
+def decode_timer():
+    """CUDA-event (or wall) time of each static decode loop (the T - 1 steps after the prefill)."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder
+
+    real, spans = StaticGreedyDecoder.decode, []
+
+    def decode(self, steps):
+        s = PhaseTimer._mark()
+        real(self, steps)
+        spans.append((s, PhaseTimer._mark(), steps))
+
+    StaticGreedyDecoder.decode = decode
+    try:
+        yield spans
+    finally:
+        StaticGreedyDecoder.decode = real
+
+
+def per_step_ms(spans) -> float:
+    sync()
+    el = (lambda s, e: s.elapsed_time(e)) if DEV.type == "cuda" else (lambda s, e: (e - s) * 1e3)
+    vals = sorted(el(s, e) / n for s, e, n in spans)
+    return vals[len(vals) // 2]
+
+
 def measure_generation(model, B, T):
-    """Per decode step: ours (static cache + CUDA graph), our dynamic loop, transformers generate()."""
+    """Per decode step: ours (static cache + CUDA graph; the decode loop timed on its own, no prefill or
+    weight merge), the graph-captured eager step, our dynamic-cache loop, transformers generate()."""
     model.eval()
     batch = make_batch(model, B, seed=1)
     pm = batch["prompt_masks1"]
@@ -351,27 +468,41 @@ def measure_generation(model, B, T):
         feats = model.image_tokens(batch["pixel_values1"])
         k = pm.flatten(1).sum(1).long()
         emb, asm = model.build_inputs(model.builder.caption_parts(k), feats, pm)
+        gen = lambda static: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=static)  # noqa: E731
         prefill = timed(lambda: model.run_llm(emb, asm.attention_mask, asm.position_ids), reps=5)
         set_decode(model, compiled=False)
-        graph = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True), reps=5)
-        g_ids = model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True).ids
+        with decode_timer() as spans:
+            timed(lambda: gen(True), reps=5)
+        graph_ms = per_step_ms(spans[-5:])
+        g_ids = gen(True).ids
         set_decode(model, compiled=True)
-        ours = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True), reps=5)
-        loop = timed(lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=False), reps=3, warmup=1)
+        with decode_timer() as spans:
+            total = timed(lambda: gen(True), reps=5)
+        ours_ms = per_step_ms(spans[-5:])
+        loop = timed(lambda: gen(False), reps=3, warmup=1)
         hf = timed(lambda: model.internvl.generate(inputs_embeds=emb, attention_mask=asm.attention_mask, max_new_tokens=T,
                                                    min_new_tokens=T, do_sample=False, pad_token_id=model.builder.pad_id),
                    reps=3, warmup=1)
-        a = model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True).ids
-        b = model.generate(emb, asm.attention_mask, asm.position_ids, T, static=False).ids
+        a = gen(True).ids
+        b = gen(False).ids
     model.train()
     per = lambda total: (total - prefill) / max(T - 1, 1)  # noqa: E731
-    llm_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                    if n.startswith("internvl.model.language_model.") or n.startswith("internvl.lm_head"))
-    return {"batch": B, "T": T, "prefill_s": prefill, "ours_step_ms": per(ours) * 1e3, "graph_only_step_ms": per(graph) * 1e3,
-            "graph_only_equals_dynamic": bool(torch.equal(g_ids, b)),
+    nb = decode_bytes(model)
+    return {"batch": B, "T": T, "prefill_s": prefill, "ours_total_s": total, "ours_step_ms": ours_ms,
+            "graph_only_step_ms": graph_ms, "graph_only_equals_dynamic": bool(torch.equal(g_ids, b)),
             "compiled_token_agreement": float((a == b).float().mean()), "loop_step_ms": per(loop) * 1e3,
-            "hf_generate_step_ms": per(hf) * 1e3, "ours_tokens_per_s": B * T / ours, "hf_tokens_per_s": B * T / hf,
-            "llm_weight_gb": llm_bytes / 1e9, "static_equals_dynamic": bool(torch.equal(a, b))}
+            "hf_generate_step_ms": per(hf) * 1e3, "ours_tokens_per_s": B * T / total, "hf_tokens_per_s": B * T / hf,
+            "decode_read_gb": nb["total"] / 1e9, "llm_weight_gb_old": nb["old"] / 1e9,
+            "static_equals_dynamic": bool(torch.equal(a, b))}
+
+
+def add_bound(r, gbps):
+    """The bandwidth bound of one decode step (bytes it must read / measured copy rate) and our fraction."""
+    r["bandwidth_bound_ms"] = r["decode_read_gb"] / gbps * 1e3
+    r["bandwidth_bound_ms_old"] = r["llm_weight_gb_old"] / gbps * 1e3
+    r["ours_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["ours_step_ms"]
+    r["graph_only_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["graph_only_step_ms"]
+    return r
 
 
 def measure_gumbel(model, B=16, T=64, k=512):
@@ -399,7 +530,9 @@ def measure_gumbel(model, B=16, T=64, k=512):
     return res
 
 
-def profile_step(model, tcfg, B):
+def profile_step(model, tcfg, B, out=None, T=64):
+    """Profile one Loop-1 step and one teacher generation at batch B: top kernels by CUDA time, the kernel
+    count; written to ``out`` (text) when given."""
     from torch.profiler import ProfilerActivity, profile
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -411,13 +544,36 @@ def profile_step(model, tcfg, B):
     for _ in range(2):
         loop1_step(model, recipe, ema, opt, batch)
     sync()
+    lines = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         loop1_step(model, recipe, ema, opt, batch)
         sync()
     ev = prof.key_averages()
-    print(ev.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
-    n_kernels = sum(e.count for e in ev if e.device_type.name == "CUDA")
-    print(f"CUDA kernels in one step at B={B}: {n_kernels}")
+    kern = [e for e in ev if e.device_type.name == "CUDA"]
+    cuda_total = sum(e.self_device_time_total for e in kern) / 1e3
+    lines.append(f"## One Loop-1 step at B={B}: {sum(e.count for e in kern)} CUDA kernels, {cuda_total:.0f} ms of kernel time")
+    lines.append(ev.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    from maskloop.recipes.common import region_prompts
+
+    model.eval()
+    pm1, _ = region_prompts(batch, "1")
+    with torch.no_grad(), autocast():
+        model.describe(batch["pixel_values1"], pm1, max_new_tokens=T)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.describe(batch["pixel_values1"], pm1, max_new_tokens=T)
+            sync()
+    model.train()
+    ev = prof.key_averages()
+    kern = [e for e in ev if e.device_type.name == "CUDA"]
+    lines.append(f"## One teacher generation at B={B} (T={T}): {sum(e.count for e in kern)} CUDA kernels, "
+                 f"{sum(e.self_device_time_total for e in kern) / 1e3:.1f} ms of kernel time")
+    lines.append(ev.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
+    text = "\n\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
 
 
 def main():
@@ -432,7 +588,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only-generation", action="store_true", help="measure generation only (e.g. with a compiled step)")
     ap.add_argument("--profile", type=int, default=0, help="profile one Loop-1 step at this batch and print the top ops")
-    ap.add_argument("--compare", default="8", help="batches at which 'base' and 'compiled' variants are also measured")
+    ap.add_argument("--profile-out", default=None, help="write the profile summary to this file")
+    ap.add_argument("--compare", default="8", help="batches at which --variants are also measured")
+    ap.add_argument("--variants", default="base,compiled", help="comma list of: base, compiled, compiled_all")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: flops,plain,generation,gumbel")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -454,12 +612,12 @@ def main():
                 json.dump(results, f, indent=1)
 
     if args.profile:
-        profile_step(model, tcfg, args.profile)
+        set_variant(model, "ours")
+        profile_step(model, tcfg, args.profile, args.profile_out, args.T)
         return
     if args.only_generation:
         for B in (1, 8):
-            r = measure_generation(model, B, args.T)
-            r["bandwidth_bound_ms"] = r["llm_weight_gb"] / gbps * 1e3
+            r = add_bound(measure_generation(model, B, args.T), gbps)
             print(f"gen B={B}: ours {r['ours_step_ms']:.2f} ms/step, bound {r['bandwidth_bound_ms']:.2f} ms -> "
                   f"{r['bandwidth_bound_ms'] / r['ours_step_ms']:.0%}; same tokens as the dynamic loop: {r['static_equals_dynamic']}")
             results["generation"].append(r)
@@ -488,7 +646,8 @@ def main():
             r = {"batch": B, "plain": plain, "variant": "plain" if plain else variant, "oom": True}
             torch.cuda.empty_cache()
         ph = r.get("phases_s", {})
-        fb = r["step_s"] - ph.get("teacher_generate", 0) - ph.get("optimizer+ema", 0) if "step_s" in r else 0
+        fb = r["step_s"] - sum(v for k, v in ph.items() if k in NOT_FWD_BWD) if "step_s" in r else 0
+        r["phases_sum_s"] = sum(ph.values())
         if fb and not plain and tflops == tflops and flops == flops:
             r["mfu_fwd_bwd"] = flops * B / fb / (tflops * 1e12)
         (results["plain_steps"] if plain else results["steps"]).append(r)
@@ -500,10 +659,7 @@ def main():
     if "generation" not in skip:
         set_variant(model, "ours")
         for B in (1, 8):
-            r = measure_generation(model, B, args.T)
-            r["bandwidth_bound_ms"] = r["llm_weight_gb"] / gbps * 1e3 if gbps == gbps else float("nan")
-            r["ours_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["ours_step_ms"] if gbps == gbps else float("nan")
-            r["graph_only_fraction_of_bound"] = r["bandwidth_bound_ms"] / r["graph_only_step_ms"] if gbps == gbps else float("nan")
+            r = add_bound(measure_generation(model, B, args.T), gbps)
             results["generation"].append(r)
             print("gen", json.dumps(r), flush=True)
             save()
@@ -516,7 +672,7 @@ def main():
         for B in [int(x) for x in args.plain_batches.split(",") if x]:
             step_row(B, "plain", plain=True)
     compare = [int(x) for x in args.compare.split(",") if x]
-    for variant in ("base", "compiled"):
+    for variant in filter(None, args.variants.split(",")):
         for B in compare:
             step_row(B, variant)
     set_variant(model, "ours")

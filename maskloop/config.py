@@ -525,6 +525,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile_layers: bool = False
     """torch.compile each LLM decoder layer (regional; CUDA runs, first steps slower)."""
+    compile_encoders: bool = False
+    """torch.compile each InternViT layer and SAM2 Hiera block (regional; with ``compile_layers`` the fastest
+    Loop-1 step measured, benchmarks/results/gpu_loop1.md)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     freeze: str | tuple[str, ...] = "default"

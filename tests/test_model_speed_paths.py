@@ -93,3 +93,64 @@ def test_compile_decode_switch(monkeypatch):
     monkeypatch.setenv("MASKLOOP_COMPILE_DECODE", "yes")
     with pytest.raises(ValueError, match="0 or 1"):
         compile_decode_enabled(torch.device("cuda"))
+
+
+def test_fused_decode_weights_are_the_merged_projections():
+    """q/k/v and gate/up concatenated, each row block W + s * B @ A of its own projection (biases too)."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder
+
+    model = _model_with_nonzero_lora()
+    dec = StaticGreedyDecoder(model, batch=2, max_len=64, use_graph=False)
+    dec.refresh_merged()
+    for layer, entry in zip(model.llm.layers, dec.groups):
+        a, mlp = layer.self_attn, layer.mlp
+        for group, mods in (("qkv", [a.q_proj, a.k_proj, a.v_proj]), ("o", [a.o_proj]),
+                            ("gate_up", [mlp.gate_proj, mlp.up_proj]), ("down", [mlp.down_proj])):
+            want_w, want_b = [], []
+            for m in mods:  # peft's own merge arithmetic: W + scaling * B @ A
+                d = m.base_layer.weight + m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+                want_w.append(d)
+                b = m.base_layer.bias
+                want_b.append(b if b is not None else torch.zeros(d.shape[0]))
+            weight, bias, _ = entry[group]
+            torch.testing.assert_close(weight, torch.cat(want_w), rtol=1e-6, atol=1e-6)
+            if bias is not None:
+                torch.testing.assert_close(bias, torch.cat(want_b))
+            x = torch.randn(3, weight.shape[1])
+            ref = torch.cat([m(x) for m in mods], -1)  # the adapted modules' own forward
+            torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_decode_attention_equals_sdpa_with_gqa():
+    from maskloop.model.fast_decode import StaticGreedyDecoder
+
+    model = _model_with_nonzero_lora()
+    dec = StaticGreedyDecoder(model, batch=3, max_len=64, use_graph=False)
+    g = torch.Generator().manual_seed(0)
+    for t in dec.k + dec.v:
+        t.normal_(generator=g)
+    valid = torch.rand(3, 64, generator=g) < 0.6
+    valid[:, 0] = True
+    q = torch.randn(3, dec.H, 1, dec.hd, generator=g)
+    mask = valid[:, None, None, :]
+    out = dec._attend(q, 1, mask, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, dec.k[1], dec.v[1], attn_mask=mask, scale=0.3,
+                                                           enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_encoders_match_eager():
+    """Regionally compiled InternViT layers and SAM2 Hiera blocks give the eager features."""
+    model = make_tiny()
+    model.eval()
+    pv, g, _ = tiny_batch(model, B=2)
+    with torch.no_grad():
+        vit_e, sam_e = model.vision_features(pv), model.sam_features(g)
+        n = model.compile_encoders(backend="aot_eager")
+        assert n == model.cfg.vision.num_layers + sum(model.cfg.sam2.hiera_stages)
+        vit_c, sam_c = model.vision_features(pv), model.sam_features(g)
+    torch.testing.assert_close(vit_c, vit_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sam_c.embed, sam_e.embed, rtol=1e-5, atol=1e-6)
+    for a, b in zip(sam_c.high_res, sam_e.high_res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

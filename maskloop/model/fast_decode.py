@@ -3,9 +3,9 @@
 The plain loop (transformers' dynamic cache, one Python-driven forward per token) is launch-bound at
 small batch: each step issues hundreds of kernels and a host sync.  Here the prompt is prefilled by the
 transformers model itself; its K/V are copied into preallocated buffers of a bucketed length, and one
-decode step — embedding, every decoder layer (the model's own norms and rotary embedding; each projection
-one matmul with the LoRA update merged into a per-call copy of its weight), attention over the static cache, the lm head, argmax and the bookkeeping
-of finished rows — reads and writes only those buffers.  On CUDA that step is ``torch.compile``d (by default;
+decode step — embedding, every decoder layer (the model's own norms and rotary embedding; q/k/v and gate/up
+each one matmul over a per-call copy of their weights with the LoRA update merged in), attention over the
+static cache, the lm head, argmax and the bookkeeping of finished rows — reads and writes only those buffers.  On CUDA that step is ``torch.compile``d (by default;
 ``MASKLOOP_COMPILE_DECODE=0`` keeps it eager), captured as a graph and replayed T times with no host
 synchronisation; on the CPU it simply runs eagerly (same arithmetic).
 """
@@ -84,35 +84,58 @@ class StaticGreedyDecoder:
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graph = None
         self.T = 0
-        # LoRA merged into one weight per projection for decoding: W + s * B @ A (refreshed every call),
-        # so a decode step runs one matmul per projection instead of the adapter's five kernels.
-        self.linears = []
+        # LoRA merged into the weights for decoding (W + s * B @ A, refreshed every call), and the projections
+        # that read one input concatenated into one weight: q/k/v -> one matmul, gate/up -> one matmul.  A
+        # decode step then runs four matmuls a layer (each reading its whole weight once) instead of seven
+        # plus the adapters' kernels; at batch 1-16 every matmul is bandwidth- and launch-bound.
+        self.groups = []  # per layer: {group: (fused weight, fused bias or None, [(module, base, rows), ...])}
         for layer in self.llm.layers:
-            mods = {n: getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            mods.update({n: getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")})
+            a, mlp = layer.self_attn, layer.mlp
+            spec = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "o": [a.o_proj], "gate_up": [mlp.gate_proj, mlp.up_proj],
+                    "down": [mlp.down_proj]}
             entry = {}
-            for n, mod in mods.items():
-                base = getattr(mod, "base_layer", mod)
-                merged = torch.empty_like(base.weight) if hasattr(mod, "lora_A") else None
-                entry[n] = (mod, base, merged)
-            self.linears.append(entry)
+            for g, mods in spec.items():
+                bases = [getattr(m, "base_layer", m) for m in mods]
+                rows, off = [], 0
+                for m, b in zip(mods, bases):
+                    rows.append((m, b, slice(off, off + b.weight.shape[0])))
+                    off += b.weight.shape[0]
+                weight = torch.empty(off, bases[0].weight.shape[1], device=dev, dtype=bases[0].weight.dtype)
+                has_bias = [b.bias is not None for b in bases]
+                bias = torch.zeros(off, device=dev, dtype=weight.dtype) if any(has_bias) else None
+                entry[g] = (weight, bias, rows)
+            self.groups.append(entry)
 
     @torch.no_grad()
     def refresh_merged(self) -> None:
-        for entry in self.linears:
-            for mod, base, merged in entry.values():
-                if merged is None:
-                    continue
-                merged.copy_(base.weight)
-                for name in mod.active_adapters:
-                    A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
-                    merged.addmm_(B.to(merged.dtype), A.to(merged.dtype), alpha=mod.scaling[name])
+        """Copy the current weights (LoRA merged) into the fused decode weights."""
+        for entry in self.groups:
+            for weight, bias, rows in entry.values():
+                for mod, base, r in rows:
+                    w = weight[r]
+                    w.copy_(base.weight)
+                    if bias is not None and base.bias is not None:
+                        bias[r].copy_(base.bias)
+                    for name in getattr(mod, "active_adapters", ()) if hasattr(mod, "lora_A") else ():
+                        A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
+                        w.addmm_(B.to(w.dtype), A.to(w.dtype), alpha=mod.scaling[name])
 
-    def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        mod, base, merged = self.linears[i][name]
-        if merged is None:
-            return mod(x)
-        return F.linear(x, merged, base.bias)
+    def _proj(self, i: int, group: str, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, _ = self.groups[i][group]
+        return F.linear(x, weight, bias)
+
+    def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """One query a row over the static cache: q (B, H, 1, hd) -> (B, H, 1, hd).
+
+        The query heads of one KV head are grouped (B, KV, G, hd) so each cached K/V row is read once,
+        with fp32 softmax; ``mask`` (B, 1, 1, Lmax) is True at the filled slots."""
+        B, H, _, hd = q.shape
+        k, v = self.k[i], self.v[i]  # (B, KV, Lmax, hd)
+        qg = q.reshape(B, self.KV, H // self.KV, hd)
+        s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, KV, G, Lmax)
+        s = s.masked_fill(~mask, float("-inf"))
+        o = torch.matmul(torch.softmax(s, -1).to(v.dtype), v)  # (B, KV, G, hd)
+        return o.reshape(B, H, 1, hd)
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -126,21 +149,22 @@ class StaticGreedyDecoder:
         cos, sin = llm.rotary_emb(x, self.pos)
         self.valid.index_fill_(1, self.cur, True)
         mask = self.valid[:, None, None, :]  # (B, 1, 1, Lmax)
+        nq, nkv = self.H * self.hd, self.KV * self.hd
         for i, layer in enumerate(llm.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._linear(i, "q_proj", h).view(B, 1, self.H, self.hd).transpose(1, 2)
-            k = self._linear(i, "k_proj", h).view(B, 1, self.KV, self.hd).transpose(1, 2)
-            v = self._linear(i, "v_proj", h).view(B, 1, self.KV, self.hd).transpose(1, 2)
+            q, k, v = self._proj(i, "qkv", h).split((nq, nkv, nkv), -1)
+            q = q.view(B, 1, self.H, self.hd).transpose(1, 2)
+            k = k.reshape(B, 1, self.KV, self.hd).transpose(1, 2)
+            v = v.reshape(B, 1, self.KV, self.hd).transpose(1, 2)
             q, k = self._rope(q, k, cos, sin)
             self.k[i].index_copy_(2, self.cur, k.to(self.k[i].dtype))
             self.v[i].index_copy_(2, self.cur, v.to(self.v[i].dtype))
-            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=a.scaling,
-                                               enable_gqa=self.KV != self.H)
-            x = x + self._linear(i, "o_proj", o.transpose(1, 2).reshape(B, 1, self.H * self.hd))
+            o = self._attend(q, i, mask, a.scaling)
+            x = x + self._proj(i, "o", o.transpose(1, 2).reshape(B, 1, nq))
             h = layer.post_attention_layernorm(x)
-            mlp = layer.mlp
-            x = x + self._linear(i, "down_proj", mlp.act_fn(self._linear(i, "gate_proj", h)) * self._linear(i, "up_proj", h))
+            gate, up = self._proj(i, "gate_up", h).chunk(2, -1)
+            x = x + self._proj(i, "down", layer.mlp.act_fn(gate) * up)
         nxt = m.lm_logits(llm.norm(x)[:, 0]).masked_fill(self.banned, float("-inf")).argmax(-1)  # (B,)
         nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
         self.ids.index_copy_(1, self.t, nxt[:, None])
@@ -194,17 +218,21 @@ class StaticGreedyDecoder:
         self.ids.fill_(m.builder.pad_id)
         self._first(hidden)
         if max_new_tokens > 1:
-            if self.use_graph and max_new_tokens >= 4:
-                if self.graph is None:
-                    self._capture()
-                    # the capture ran warm-up steps: redo this call's state
-                    return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens, banned)
-                for _ in range(max_new_tokens - 1):
-                    self.graph.replay()
-            else:
-                for _ in range(max_new_tokens - 1):
-                    self.step_fn()
+            if self.use_graph and max_new_tokens >= 4 and self.graph is None:
+                self._capture()
+                # the capture ran warm-up steps: redo this call's state
+                return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens, banned)
+            self.decode(max_new_tokens - 1)
         return self.ids.clone(), self.lengths.clone(), self.done.clone()
+
+    def decode(self, steps: int) -> None:
+        """``steps`` decode steps from the current buffers (graph replays on CUDA, no host sync)."""
+        if self.graph is not None:
+            for _ in range(steps):
+                self.graph.replay()
+        else:
+            for _ in range(steps):
+                self.step_fn()
 
     def _capture(self) -> None:
         s = torch.cuda.Stream()

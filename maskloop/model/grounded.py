@@ -228,6 +228,14 @@ class GroundedMLLM(nn.Module):
             layer.compile(**kwargs)
         return len(layers)
 
+    def compile_encoders(self, **kwargs) -> int:
+        """``torch.compile`` every InternViT encoder layer and every SAM2 Hiera block in place (regional
+        compilation, as :meth:`compile_llm_layers`).  Returns the number of modules compiled."""
+        mods = list(self.vision.encoder.layer) + list(self.sam.sam.vision_encoder.backbone.blocks)
+        for m in mods:
+            m.compile(**kwargs)
+        return len(mods)
+
     def sam_features(self, g_pixel_values: torch.Tensor) -> SamFeatures:
         return self.sam.encode(g_pixel_values)
 

@@ -27,15 +27,14 @@ def centroid_cells(masks: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def ensure_nonempty(prompt: torch.Tensor, fallback_cells: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Rows of ``prompt`` (B, g, g) with no 1-cell get the cell ``fallback_cells[b]``; returns (prompt, count)."""
+    """Rows of ``prompt`` (B, g, g) with no 1-cell get the cell ``fallback_cells[b]``; returns (prompt, count).
+
+    The count is a 0-d tensor on the prompt's device (no host sync: it is read when logged)."""
     B, g, _ = prompt.shape
     flat = prompt.reshape(B, g * g).bool()
     empty = ~flat.any(1)
-    n = int(empty.sum())
-    if n:
-        fix = F.one_hot(fallback_cells, g * g).bool() & empty[:, None]
-        flat = flat | fix
-    return flat.reshape(B, g, g).to(prompt.dtype), n
+    flat = flat | (F.one_hot(fallback_cells, g * g).bool() & empty[:, None])
+    return flat.reshape(B, g, g).to(prompt.dtype), empty.sum()
 
 
 def logits_to_prompt(mask_logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, int]:
@@ -100,11 +99,15 @@ def inject_visual_tokens(
     else:
         cell = rank.clamp(0, N - 1)
         n_expected = n_img
-    if not torch.equal(ctx.sum(1), n_expected.to(ctx.device)):
-        raise ValueError(
-            f"<IMG_CONTEXT> count per row {ctx.sum(1).tolist()} does not match image tokens + region cells "
-            f"{n_expected.tolist()}"
-        )
-    src = (torch.arange(B, device=ctx.device)[:, None] * N + cell)[ctx]  # (n_ctx,)
-    vis = image_feats.reshape(B * N, D)[src].to(inputs_embeds.dtype)
-    return inputs_embeds.masked_scatter(ctx[..., None], vis)
+    counts_ok = (ctx.sum(1) == n_expected.to(ctx.device)).all()
+    if ctx.device.type == "cpu":
+        if not counts_ok:
+            raise ValueError(
+                f"<IMG_CONTEXT> count per row {ctx.sum(1).tolist()} does not match image tokens + region cells "
+                f"{n_expected.tolist()}"
+            )
+    else:  # checked on the device: a forward pass makes no host sync here
+        torch._assert_async(counts_ok, "<IMG_CONTEXT> count per row does not match image tokens + region cells")
+    src = torch.arange(B, device=ctx.device)[:, None] * N + cell  # (B, L); read only where ctx
+    vis = image_feats.reshape(B * N, D)[src.reshape(-1)].reshape(B, -1, D).to(inputs_embeds.dtype)
+    return torch.where(ctx[..., None], vis, inputs_embeds)

@@ -85,14 +85,15 @@ def noise_tokens(
 ) -> torch.Tensor:
     """Replace ``ratio`` of the first lengths[b] tokens of each row with random allowed ids (B, T).
 
-    ``shard`` (world, rank): draw for the global batch and keep this rank's rows (:func:`global_rows`).
+    ``allowed``: a (V,) bool mask, or the allowed ids themselves (an integer tensor, e.g. the mask's
+    ``nonzero()`` computed once: no host sync per call).  ``shard`` (world, rank): draw for the global batch and keep this rank's rows (:func:`global_rows`).
     """
     B, T = ids.shape
     dev = ids.device
     real = torch.arange(T, device=dev)[None] < lengths[:, None]
     u = global_rows(lambda n: torch.rand(n, T, device=dev, generator=generator), B, shard)
     flip = (u < ratio) & real
-    pool = allowed.nonzero().squeeze(1)
+    pool = allowed.nonzero().squeeze(1) if allowed.dtype == torch.bool else allowed
     pick = global_rows(lambda n: torch.randint(0, len(pool), (n, T), device=dev, generator=generator), B, shard)
     return torch.where(flip, pool[pick], ids)
 

@@ -59,6 +59,14 @@ class Loop1(Recipe):
         # sliced (``global_rows``), so N processes train exactly as one process with the same global batch
         self.gen = torch.Generator(device=model.embed_matrix.device).manual_seed(self.cfg.seed)
         self.allowed = allowed_vocab(model)
+        self._pool = (None, -1)
+
+    @property
+    def pool(self) -> torch.Tensor:
+        """The allowed ids (``allowed.nonzero()``), recomputed only when ``allowed`` changes."""
+        if self._pool[1] != self.allowed._version:
+            self._pool = (self.allowed.nonzero().squeeze(1), self.allowed._version)
+        return self._pool[0]
 
     def draw(self, streams: dict, micro: int) -> dict:
         """A referring batch every ``round(1 + 1 / refer_ratio)`` micro-steps (the first one included), a
@@ -112,7 +120,7 @@ class Loop1(Recipe):
         else:
             # 2. token noise on the caption tokens (never special / image ids)
             shard = (dist.world_size(), dist.rank())
-            noised = noise_tokens(ids, lengths, self.allowed, c.noise_ratio, self.gen, shard)
+            noised = noise_tokens(ids, lengths, self.pool, c.noise_ratio, self.gen, shard)
             # 3. trainable forward #1: teacher forcing on the noised caption (+ end token)
             answer = with_end(noised, lengths, model.builder.answer_end_ids)
             feats1 = model.image_tokens(b["pixel_values1"] if vision_trains else None, vit_feats=vit1)

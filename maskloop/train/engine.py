@@ -98,10 +98,11 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         if use_bf16 and self.device.type == "cuda" and hasattr(model, "to_training_dtype"):
             model.to_training_dtype(torch.bfloat16)  # frozen base in bf16, trained weights fp32
-        if cfg.compile_layers:
-            if not hasattr(model, "compile_llm_layers"):
-                raise ConfigError(f"compile_layers is not supported by {type(model).__name__}")
-            model.compile_llm_layers()
+        for key, method in (("compile_layers", "compile_llm_layers"), ("compile_encoders", "compile_encoders")):
+            if getattr(cfg, key):
+                if not hasattr(model, method):
+                    raise ConfigError(f"{key} is not supported by {type(model).__name__}")
+                getattr(model, method)()
         return model
 
     def _batches(self) -> dict:

@@ -77,9 +77,12 @@ def gumbel_topk_weights(
                 f"valid_ids_mask must be a bool tensor of shape ({V},), got "
                 f"{valid_ids_mask.dtype} {tuple(valid_ids_mask.shape)}"
             )
-        n_valid = int(valid_ids_mask.sum())
-        if k > n_valid:
-            raise ValueError(f"k={k} exceeds the {n_valid} selectable ids left by valid_ids_mask")
+        if valid_ids_mask.device.type == "cpu":
+            n_valid = int(valid_ids_mask.sum())
+            if k > n_valid:
+                raise ValueError(f"k={k} exceeds the {n_valid} selectable ids left by valid_ids_mask")
+        else:  # checked on the device: no host sync per call (a failure is a device-side assert)
+            torch._assert_async(valid_ids_mask.sum() >= k, f"k={k} exceeds the selectable ids left by valid_ids_mask")
         logits = logits.masked_fill(~valid_ids_mask.to(logits.device), float("-inf"))
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V={V}], got {k}")
