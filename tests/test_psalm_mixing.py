@@ -1,0 +1,91 @@
+"""PSALM's task mixing as its train.py builds it, and the recipe switches around it.
+
+PSALM (zamling/PSALM, commit d5dbfda): psalm/train/train.py L333-L352 (make_unify_datamodule: the
+``data_ratio`` 'a||b||c||d' repeats of panoptic || refcoco || region || mm_conv, then
+``UnifyDatasetSingleDatasetForBatch(datasets, data_ratio, 16)``), L78 / L366 (``--seg_task`` ->
+MASK_FORMER.SEG_TASK); psalm/train/train_datasets.py L721-L795 (UnifyDatasetSingleDatasetForBatch:
+``cur_dataset_index`` advances round-robin after ``bs`` samples, ``idx % len(dataset)``);
+psalm/model/language_model/llava_phi.py L268-L300 (SEG_TASK only sets the inference flags).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskloop.config import ConfigError, PsalmConfig
+from maskloop.data.fixtures import write_shapes_psalm
+from maskloop.data.psalm import SourceBatchSampler
+from maskloop.recipes.psalm import build_psalm, train_psalm
+
+
+def _psalm_unify_sources(sizes, n_samples, switch):
+    """PSALM's UnifyDatasetSingleDatasetForBatch.__getitem__ walk: the sub-dataset of each sample."""
+    cur, cnt, out = 0, 0, []
+    for _ in range(n_samples):
+        out.append(cur)
+        cnt += 1
+        if cnt == switch:
+            cnt, cur = 0, (cur + 1) % len(sizes)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_task_switch_takes_turns_like_psalm(world):
+    sizes, bs, switch = [10, 6, 8], 2, 4
+    offsets = [0, 10, 16]
+    per_rank = []
+    for rank in range(world):
+        s = SourceBatchSampler(sizes, bs, seed=3, num_replicas=world, rank=rank, task_switch=switch)
+        batches = list(s)
+        assert len(batches) == len(s) == sum(n // bs for n in sizes) // world
+        src = [max(i for i, o in enumerate(offsets) if b[0] >= o) for b in batches]
+        for b, i in zip(batches, src):  # one source per batch
+            assert all(offsets[i] <= x < offsets[i] + sizes[i] for x in b)
+        # each rank walks the sources as PSALM's dataset does in each process
+        assert src == _psalm_unify_sources(sizes, len(batches) * bs, switch)[::bs]
+        per_rank.append(batches)
+    if world == 2:  # within a turn the ranks read different samples
+        a, b = per_rank[0][0] + per_rank[0][1], per_rank[1][0] + per_rank[1][1]
+        assert not set(a) & set(b)
+    # every sample of a source is read before any repeats (indices cycle like idx % len)
+    first = [x for bt in per_rank[0] for x in bt if x < 10]  # fewer than 10 in one epoch here
+    assert len(set(first)) == len(first)
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        SourceBatchSampler(sizes, 4, task_switch=6)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    p = write_shapes_psalm(tmp_path_factory.mktemp("mix") / "data", n=2)
+    return [
+        {"kind": "coco_panoptic", "root": str(p["coco_root"]), "split": "train2017"},
+        {"kind": "refcoco", "root": str(p["refer_root"])},
+        {"kind": "coco_interactive", "json_path": str(p["interactive_json"]), "image_dir": str(p["images"]),
+         "prompt_type": "box"},
+    ]
+
+
+def test_data_ratio_sets_repeats_by_task(shapes):
+    built = build_psalm({"model": "psalm-tiny", "data": shapes, "data_ratio": "2||1||3||0"})
+    assert built["dataset"].repeats == [2, 1, 3]
+    with pytest.raises(ConfigError, match="mm_conv"):
+        build_psalm({"model": "psalm-tiny", "data": shapes, "data_ratio": "1||1||1||1"})
+    with pytest.raises(ConfigError, match="a\\|\\|b\\|\\|c\\|\\|d"):
+        build_psalm({"model": "psalm-tiny", "data": shapes, "data_ratio": "1,1,1"})
+    with pytest.raises(ConfigError, match="give one"):
+        build_psalm({"model": "psalm-tiny", "data": [{**shapes[0], "repeat": 2}], "data_ratio": "1||0||0||0"})
+    with pytest.raises(ConfigError, match="seg_task"):
+        PsalmConfig(seg_task="detection")
+    assert PsalmConfig(seg_task="referring+region").seg_task == "referring+region"
+
+
+def test_recipe_trains_in_psalms_turns(shapes, tmp_path):
+    """task_switch through the Trainer: steps come from the sources in turn, task_switch / batch each."""
+    torch.set_num_threads(1)
+    cfg = dict(model="psalm-tiny", data=shapes, data_ratio="1||1||1||0", task_switch=4, max_steps=6, batch_size=2,
+               accumulation=1, lr=1e-3, warmup_ratio=0.0, num_workers=0, num_points=32,
+               run_dir=str(tmp_path / "run"), progress=False, ckpt_every=100, seed=0)
+    hist = train_psalm(cfg)
+    tasks = [next(k for k in h if k.startswith("loss/"))[5:] for h in hist]
+    assert tasks == ["panoptic", "panoptic", "referring", "referring", "region", "region"], tasks
