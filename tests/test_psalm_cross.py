@@ -134,3 +134,30 @@ def test_cross_image_switch_and_its_data_agree(cross, tmp_path):
     built = build_psalm(cfg)
     assert [s.psalm_task for s in built["dataset"].sources] == ["cross_image"]
     assert build_psalm({"model": "psalm-tiny", "data": data}, eval_mode=True)["dataset"].repeats == [1]
+
+
+def test_data_check_counts_and_lists_skipped_rows(cross, tmp_path, capsys):
+    """`maskloop data check --source coco_interactive_cross JSON` on the fixture, good and damaged."""
+    from maskloop.cli import main
+    from maskloop.data.check import main_check
+
+    args = ["--sam-size", "32", "--no-progress"]
+    assert main_check(["--source", "coco_interactive_cross", str(cross["json"]), *args]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4 indexed, 4 ok, 0 skipped" in out and "bad items by reason: none" in out
+    rows = json.loads(cross["json"].read_text())
+    rows[0].pop("first_frame_anns")  # malformed: dropped at indexing
+    rows[2]["anns"][0]["segmentation"] = {"counts": "@@@not-rle", "size": [48, 64]}  # undecodable: skipped at read
+    rows.append({**rows[3], "image": "2017/trainval/JPEGImages/480p/nope/00001.jpg"})  # missing image
+    bad = cross["json"].parent / "damaged.json"  # beside the release json: image_dir found above it
+    bad.write_text(json.dumps(rows))
+    assert main_check(["--source", "coco_interactive_cross", str(bad), *args]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4 indexed, 2 ok, 2 skipped" in out, out
+    assert "bad_json=1" in out and "bad_rle=1" in out and "missing_file=1" in out
+    assert "[missing_file]" in out and "nope/00001.jpg" in out
+    # through the CLI, with an explicit image_dir; a json that is not there is unusable (exit 1)
+    assert main(["data", "check", "--source", f"coco_interactive_cross:image_dir={cross['root']}", str(bad),
+                 *args]) == 0
+    assert main(["data", "check", "--source", "coco_interactive_cross", str(tmp_path / "none.json"), *args]) == 1
+    assert "UNUSABLE" in capsys.readouterr().out
