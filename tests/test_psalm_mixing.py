@@ -89,3 +89,38 @@ def test_recipe_trains_in_psalms_turns(shapes, tmp_path):
     hist = train_psalm(cfg)
     tasks = [next(k for k in h if k.startswith("loss/"))[5:] for h in hist]
     assert tasks == ["panoptic", "panoptic", "referring", "referring", "region", "region"], tasks
+
+
+def _panoptic_case():
+    """16x16: two thing instances of class 0 and the class-1 stuff around them; four queries, q0/q1 the
+    things, q2 the stuff, q3 no object -- a perfect prediction."""
+    from maskloop.model.psalm.model import PSALMOutput
+
+    pan = torch.full((16, 16), 2)
+    pan[2:6, 2:6], pan[10:14, 2:6] = 1, 3
+    segs = [{"id": 1, "category_id": 0, "iscrowd": 0}, {"id": 2, "category_id": 1, "iscrowd": 0},
+            {"id": 3, "category_id": 0, "iscrowd": 0}]
+    sem = torch.where(pan == 2, 1, 0)
+    masks = torch.stack([(pan == i).float() * 20 - 10 for i in (1, 3, 2)] + [torch.full((16, 16), -10.0)])
+    cls = torch.tensor([[10.0, 0, 0], [10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    out = PSALMOutput([masks[None]], [cls[None]], None, [torch.zeros(1, 4)], None, None, None)
+    meta = {"semantic_map": sem, "class_names": ["box", "ground"], "isthing": [True, False], "panoptic_map": pan,
+            "segments": segs}
+    return out, meta
+
+
+@pytest.mark.parametrize("seg_task,want", [("panoptic", {"PQ", "mIoU", "AP"}), ("semantic", {"mIoU"}),
+                                           ("instance", {"AP"}), ("instance+semantic", {"AP", "mIoU"})])
+def test_seg_task_picks_the_panoptic_data_inferences(seg_task, want):
+    """PSALM's SEG_TASK flags (llava_phi.py L268-L300): which inferences run on COCO panoptic data."""
+    from maskloop.eval.psalm_eval import _Task
+
+    out, meta = _panoptic_case()
+    t = _Task("panoptic", seg_task)
+    t.add(out, 0, meta, {})
+    r = t.compute()
+    assert {k for k in ("PQ", "mIoU", "AP") if k in r} == want, r
+    for k in want:  # the perfect prediction scores 1 on each
+        assert r[k] == pytest.approx(1.0), (k, r)
+    with pytest.raises(ValueError, match="seg_task"):
+        _Task("panoptic", "detection")
