@@ -680,3 +680,58 @@ def test_psalm_heads_match_reference(seg_norm):
     # the heads are part of the map: a model without them refuses a checkpoint that has them
     with pytest.raises(CheckpointError, match="SEG_proj"):
         load_psalm_checkpoint(PSALMModel(_config("psalm", seg_proj=False, seg_norm=False)), sd)
+
+
+# PSALM's no-object class: zamling/PSALM (commit d5dbfda) psalm/train/train_datasets.py L67 / L276 / L397
+#   (coco_class_name + ['background']), psalm/model/mask_decoder/mask_criterion/pretrain_criterion.py
+#   L211-L232 (the last class is the no-object target, weight 0.1)
+def test_background_class_is_psalms_no_object():
+    from maskloop.data.psalm import BACKGROUND, PSALMCollator
+    from maskloop.model.psalm.losses import LossWeights, PSALMCriterion
+
+    torch.manual_seed(0)
+    model = PSALMModel(_config("psalm", no_object="background")).eval()
+    sd = psalm_state(model, seed=31)
+    for k in sd:
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
+            sd[k] = sd[k] * 0.1
+        elif k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
+    load_psalm_checkpoint(model, sd)
+    grab = {}
+    model.llm.register_forward_hook(lambda m, a, o: grab.__setitem__("hidden", o.hidden_states[-1]))
+    kw = _head_inputs(model.config, "panoptic")  # 3 names per sample; the last plays background
+    kw["class_valid"] = torch.tensor([[True, True, True], [True, True, False]])  # sample 1: background 2nd
+    kw["input_ids"][1][(kw["input_ids"][1] == model.config.tokens.cls).nonzero()[-1]] = 0
+    img = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(32))
+    with torch.no_grad():
+        out = model("panoptic", img, **kw)
+    h, ids = grab["hidden"], kw["input_ids"]
+    cls_h = h[ids == model.config.tokens.cls]  # 3 + 2 rows
+    states = []
+    ref_masked_decoder(_lin(h[ids == model.config.tokens.seg].view(2, NQ, -1), sd, "seg_query_projector."),
+                       list(model.pixel_decoder(list(model.vision_tower(img).feature_maps)).multi_scale_features),
+                       model.pixel_decoder(list(model.vision_tower(img).feature_maps)).mask_features, sd, NQ,
+                       "predictor.", states)
+    logits = out.class_logits[-1]
+    assert logits.shape == (2, NQ, 4)
+    for b, (rows, n) in enumerate(((cls_h[:3], 3), (cls_h[3:], 2))):
+        ref = _mlp(states[-1][b], sd, "predictor.CLASS_proj.", 2) @ _lin(rows, sd, "class_name_projector.").T
+        torch.testing.assert_close(logits[b, :, : n - 1], ref[:, : n - 1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[b, :, -1], ref[:, n - 1], atol=1e-4, rtol=1e-4)  # no-object = background
+        assert bool(torch.isinf(logits[b, :, n - 1 : -1]).all())  # the background slot and padding
+    # the collator appends PSALM's class name; a from-scratch model trains with it
+    tok = type("Tok", (), {"encode": lambda self, t, add_special_tokens=False: [5 + len(w) % 50 for w in t.split()],
+                           "pad_token_id": 0})()
+    cfg = psalm_config("psalm-tiny", no_object="background")
+    sample = {"task": "panoptic", "pixel_values": torch.zeros(3, 64, 64), "class_names": ["box", "disc"],
+              "masks": torch.ones(1, 16, 16), "labels": torch.tensor([1])}
+    one = {**sample, "class_names": ["box"], "labels": torch.tensor([0])}
+    g = PSALMCollator(cfg, tok)([sample, one])["groups"][0]
+    assert g["inputs"]["class_name_ids"].shape[1] == 3 and BACKGROUND == "background"
+    assert (g["inputs"]["input_ids"] == cfg.tokens.cls).sum(1).tolist() == [3, 2]
+    assert g["inputs"]["class_valid"].tolist() == [[True, True, True], [True, True, False]]
+    fresh = PSALMModel(cfg)
+    loss, _ = PSALMCriterion(LossWeights(num_points=16))(fresh("panoptic", **g["inputs"]), g["targets"])
+    loss.backward()
+    assert torch.isfinite(loss) and fresh.predictor.CLASS_proj.layers[0].weight.grad is not None

@@ -68,6 +68,9 @@ INSTRUCTIONS = {
     "cross_image": "Please segment by given regions. This is all regions:",
 }
 CLASS_TASKS = ("panoptic", "semantic", "instance")
+#: PSALM's no-object class name (``coco_class_name + ['background']`` in its train_datasets.py), appended
+#: last under ``PSALMConfig.no_object = "background"``
+BACKGROUND = "background"
 
 
 class PSALMTransform:
@@ -323,6 +326,11 @@ class PSALMCollator:
             self._cache[text] = ids
         return self._cache[text]
 
+    def _class_names(self, sample: dict) -> list[str]:
+        """The sample's class names; with ``no_object: background`` PSALM's ``background`` appended last."""
+        names = list(sample["class_names"])
+        return names + [BACKGROUND] if getattr(self.config, "no_object", "embed") == "background" else names
+
     @worker_errors("collate")
     def __call__(self, samples: list[dict]) -> dict:
         order: dict[str, list[int]] = {}
@@ -343,7 +351,7 @@ class PSALMCollator:
         for s in samples:
             kw = {}
             if task in CLASS_TASKS:
-                kw["n_cls"] = len(s["class_names"])
+                kw["n_cls"] = len(self._class_names(s))
             elif task in ("region", "cross_image"):
                 kw["n_regions"] = int(s["region_masks"].shape[0])
             elif task == "referring":
@@ -366,7 +374,7 @@ class PSALMCollator:
         if self.lm_labels:
             inputs["labels"] = torch.where(input_ids == tok.seg_token, input_ids, torch.full_like(input_ids, -100))
         if task in CLASS_TASKS:
-            names = [[self.encode(n) for n in s["class_names"]] for s in samples]
+            names = [[self.encode(n) for n in self._class_names(s)] for s in samples]
             K = max(len(n) for n in names)
             L = max((len(x) for n in names for x in n), default=1)
             cid = torch.full((B, K, max(L, 1)), self.pad_id, dtype=torch.long)

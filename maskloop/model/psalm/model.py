@@ -110,6 +110,10 @@ class PSALMConfig:
     # and class-name embeddings (SEG_norm + seg_proj_after_norm, class_name_norm + class_name_proj_after_norm)
     seg_proj: bool = True
     seg_norm: bool = False
+    # the no-object logit of the class-name tasks: "embed" a learned vector (maskloop's); "background" PSALM's
+    # way -- the class name ``background`` is the last of every sample's class names (the collator appends
+    # it) and its similarity is the no-object column
+    no_object: str = "embed"
     gradient_checkpointing: bool = False  # Swin blocks, Phi layers, pixel-decoder encoder layers
     # Connectors
     connector_mid: int | None = None  # swin_conv inner width; default 2 * res5 dim
@@ -352,6 +356,8 @@ class PSALMModel(nn.Module):
             _psalm_fpn(self.pixel_decoder, list(c.level_dims), c.mask_hidden)
         elif c.fpn_style != "detectron2":
             raise ValueError(f"fpn_style must be 'psalm' or 'detectron2', got {c.fpn_style!r}")
+        if c.no_object not in ("embed", "background"):
+            raise ValueError(f"no_object must be 'embed' or 'background' (PSALM's), got {c.no_object!r}")
         self.predictor = _QueryDecoder(m2f, seg_proj=c.seg_proj, seg_norm=c.seg_norm)
         self.seg_query = nn.Parameter(torch.zeros(c.num_queries, c.llm_hidden))
         self.seg_query_projector = nn.Linear(c.llm_hidden, c.mask_hidden)
@@ -480,7 +486,10 @@ class PSALMModel(nn.Module):
                 names = names.masked_scatter(class_valid[..., None], hidden[input_ids == tok.cls])
                 valid = class_valid
             names = P.class_name_embedding(self.class_name_projector(names))
-            class_logits = [self._similarity(P.head_states("CLASS", s), names, valid, noobj) for s in states]
+            if task != "referring" and c.no_object == "background":
+                class_logits = [self._background_similarity(P.head_states("CLASS", s), names, valid) for s in states]
+            else:
+                class_logits = [self._similarity(P.head_states("CLASS", s), names, valid, noobj) for s in states]
         if task in ("region", "cross_image"):
             R = region_valid.shape[1]
             regs = torch.zeros(B, R, c.llm_hidden, dtype=hidden.dtype, device=hidden.device)
@@ -490,6 +499,16 @@ class PSALMModel(nn.Module):
         seg_logits = [(P.head_states("SEG", s) * seg_emb).sum(-1) for s in states]
         return PSALMOutput(masks, class_logits, region_logits, seg_logits, llm_out.logits,
                            llm_out.loss if labels is not None else None, deform)
+
+    @staticmethod
+    def _background_similarity(states, emb, valid):
+        """PSALM's no-object: the last valid class of each row is ``background``. -> (B, Nq, K+1): its
+        similarity moved to the last column, its own column -inf (no target points at it)."""
+        logits = torch.einsum("bqc,bkc->bqk", states, emb).masked_fill(~valid[:, None, :], float("-inf"))
+        bg = (valid.sum(1) - 1).clamp_min(0)  # (B,)
+        bg_col = logits.gather(2, bg[:, None, None].expand(-1, logits.shape[1], 1))
+        at_bg = F.one_hot(bg, logits.shape[2]).bool()[:, None, :]
+        return torch.cat([logits.masked_fill(at_bg, float("-inf")), bg_col], dim=-1)
 
     @staticmethod
     def _similarity(states, emb, valid, noobj):
