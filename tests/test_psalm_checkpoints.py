@@ -735,3 +735,77 @@ def test_background_class_is_psalms_no_object():
     loss, _ = PSALMCriterion(LossWeights(num_points=16))(fresh("panoptic", **g["inputs"]), g["targets"])
     loss.backward()
     assert torch.isfinite(loss) and fresh.predictor.CLASS_proj.layers[0].weight.grad is not None
+
+
+# PSALM's class-name spans: zamling/PSALM (commit d5dbfda) psalm/train/train_datasets.py L175-L184
+#   (preprocess_class_name: each name's tokens + the [SEG] token, cls_indices), psalm/model/language_model/
+#   llava_phi.py L566-L574 (embed_class_ids), L652-L676 (a <cls> chunk -> its class's embeddings),
+#   L552-L565 (get_class_name_embedding: hidden states of the span, AdaptiveAvgPool1d(1))
+def test_class_name_spans_are_psalms():
+    from maskloop.model.psalm.model import build_prompt_ids, n_image_tokens
+
+    torch.manual_seed(0)
+    model = PSALMModel(_config("psalm", class_name_tokens="span", no_object="background")).eval()
+    sd = psalm_state(model, seed=41)
+    for k in sd:
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
+            sd[k] = sd[k] * 0.1
+        elif k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
+    load_psalm_checkpoint(model, sd)
+    cfg, tok = model.config, model.config.tokens
+    # sample 0: names of 2, 1, 3 tokens; sample 1: 2, 2 tokens (its third class is padding)
+    names = [[[11, 12], [13], [14, 15, 16]], [[17, 18], [19, 20]]]
+    ids = [build_prompt_ids(cfg, "panoptic", [5, 6], n_image_tokens(cfg), NQ, cls_lengths=[len(x) + 1 for x in n])[0]
+           for n in names]
+    T = max(map(len, ids))
+    input_ids = torch.tensor([i + [0] * (T - len(i)) for i in ids])
+    cid, cmask = torch.zeros(2, 3, 3, dtype=torch.long), torch.zeros(2, 3, 3, dtype=torch.bool)
+    for b, n in enumerate(names):
+        for k, x in enumerate(n):
+            cid[b, k, :len(x)], cmask[b, k, :len(x)] = torch.tensor(x), True
+    valid = cmask.any(-1)
+    grab = {}
+    model.llm.register_forward_hook(lambda m, a, o: grab.__setitem__("hidden", o.hidden_states[-1]))
+    model.llm.register_forward_pre_hook(lambda m, a, kw: grab.__setitem__("embeds", kw["inputs_embeds"]),
+                                        with_kwargs=True)
+    img = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(42))
+    with torch.no_grad():
+        out = model("panoptic", img, input_ids=input_ids, attention_mask=(input_ids != 0).long(), class_name_ids=cid,
+                    class_name_mask=cmask, class_valid=valid)
+        emb_table = sd["model.embed_tokens.weight"]
+        states = []
+        pix = model.pixel_decoder(list(model.vision_tower(img).feature_maps))
+        h = grab["hidden"]
+        ref_masked_decoder(_lin(h[input_ids == tok.seg].view(2, NQ, -1), sd, "seg_query_projector."),
+                           list(pix.multi_scale_features), pix.mask_features, sd, NQ, "predictor.", states)
+    for b, n in enumerate(names):
+        pos = (input_ids[b] == tok.cls).nonzero()[:, 0].tolist()
+        want = [t for x in n for t in x + [tok.seg_token]]  # PSALM: the name's tokens, then [SEG]
+        assert len(pos) == len(want)
+        torch.testing.assert_close(grab["embeds"][b, pos], emb_table[want])
+        spans, start = [], 0
+        for x in n:  # average-pool the hidden states over each class's span
+            spans.append(h[b, pos[start:start + len(x) + 1]].mean(0))
+            start += len(x) + 1
+        ref = _mlp(states[-1][b], sd, "predictor.CLASS_proj.", 2) @ _lin(torch.stack(spans), sd,
+                                                                          "class_name_projector.").T
+        K = len(n)  # the last name plays background (no_object: background)
+        torch.testing.assert_close(out.class_logits[-1][b, :, :K - 1], ref[:, :K - 1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.class_logits[-1][b, :, -1], ref[:, K - 1], atol=1e-4, rtol=1e-4)
+    # the collator lays the spans out (names + PSALM's background, each + [SEG]); a fresh model trains on them
+    from maskloop.data.psalm import PSALMCollator
+    from maskloop.model.psalm.losses import LossWeights, PSALMCriterion
+
+    tk = type("Tok", (), {"encode": lambda self, t, add_special_tokens=False: [5 + len(w) % 50 for w in t.split()],
+                          "pad_token_id": 0})()
+    tiny = psalm_config("psalm-tiny", class_name_tokens="span", no_object="background")
+    s0 = {"task": "panoptic", "pixel_values": torch.zeros(3, 64, 64), "class_names": ["red box", "disc"],
+          "masks": torch.ones(1, 16, 16), "labels": torch.tensor([1])}
+    s1 = {**s0, "class_names": ["big blue disc"], "labels": torch.tensor([0])}
+    g = PSALMCollator(tiny, tk)([s0, s1])["groups"][0]
+    assert (g["inputs"]["input_ids"] == tiny.tokens.cls).sum(1).tolist() == [(2 + 1) + (1 + 1) + (1 + 1), (3 + 1) + 2]
+    fresh = PSALMModel(tiny)
+    loss, _ = PSALMCriterion(LossWeights(num_points=16))(fresh("panoptic", **g["inputs"]), g["targets"])
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -124,3 +124,21 @@ def test_seg_task_picks_the_panoptic_data_inferences(seg_task, want):
         assert r[k] == pytest.approx(1.0), (k, r)
     with pytest.raises(ValueError, match="seg_task"):
         _Task("panoptic", "detection")
+
+
+def test_psalm_layout_switches_train_and_evaluate(shapes, tmp_path):
+    """model_overrides {class_name_tokens: span, no_object: background} (PSALM's class-name layout) through
+    the recipe and the evaluation."""
+    from maskloop.eval.psalm_eval import evaluate_psalm
+
+    torch.set_num_threads(1)
+    over = {"class_name_tokens": "span", "no_object": "background"}
+    cfg = dict(model="psalm-tiny", data=shapes[:1], model_overrides=over, max_steps=3, batch_size=2,
+               accumulation=1, lr=1e-3, warmup_ratio=0.0, num_workers=0, num_points=32,
+               run_dir=str(tmp_path / "run"), progress=False, ckpt_every=100, seed=0)
+    hist = train_psalm(cfg)
+    assert len(hist) == 3 and all(h["loss"] == h["loss"] for h in hist)
+    built = build_psalm({"model": "psalm-tiny", "data": shapes[:1], "model_overrides": over}, eval_mode=True)
+    res = evaluate_psalm(built["model"], built["dataset"], built["collator"], max_batches=1, print_table=False,
+                         seg_task="panoptic")
+    assert {"panoptic/coco_panoptic0/PQ", "panoptic/coco_panoptic0/AP", "panoptic/coco_panoptic0/mIoU"} <= set(res)

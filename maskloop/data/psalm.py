@@ -351,7 +351,10 @@ class PSALMCollator:
         for s in samples:
             kw = {}
             if task in CLASS_TASKS:
-                kw["n_cls"] = len(self._class_names(s))
+                if getattr(cfg, "class_name_tokens", "token") == "span":  # PSALM: name tokens + [SEG] each
+                    kw["cls_lengths"] = [len(self.encode(n)) + 1 for n in self._class_names(s)]
+                else:
+                    kw["n_cls"] = len(self._class_names(s))
             elif task in ("region", "cross_image"):
                 kw["n_regions"] = int(s["region_masks"].shape[0])
             elif task == "referring":

@@ -114,6 +114,11 @@ class PSALMConfig:
     # way -- the class name ``background`` is the last of every sample's class names (the collator appends
     # it) and its similarity is the no-object column
     no_object: str = "embed"
+    # how a class name enters the prompt: "token" one <cls> position holding the name's pooled word embeddings
+    # (maskloop's); "span" PSALM's -- the name's own word embeddings followed by the [SEG] embedding
+    # (preprocess_class_name(CLS_token='[SEG]')), one <cls> position each, and the class-name embedding is
+    # the average of the LLM's hidden states over that span (get_class_name_embedding)
+    class_name_tokens: str = "token"
     gradient_checkpointing: bool = False  # Swin blocks, Phi layers, pixel-decoder encoder layers
     # Connectors
     connector_mid: int | None = None  # swin_conv inner width; default 2 * res5 dim
@@ -356,6 +361,8 @@ class PSALMModel(nn.Module):
             _psalm_fpn(self.pixel_decoder, list(c.level_dims), c.mask_hidden)
         elif c.fpn_style != "detectron2":
             raise ValueError(f"fpn_style must be 'psalm' or 'detectron2', got {c.fpn_style!r}")
+        if c.class_name_tokens not in ("token", "span"):
+            raise ValueError(f"class_name_tokens must be 'token' or 'span' (PSALM's), got {c.class_name_tokens!r}")
         if c.no_object not in ("embed", "background"):
             raise ValueError(f"no_object must be 'embed' or 'background' (PSALM's), got {c.no_object!r}")
         self.predictor = _QueryDecoder(m2f, seg_proj=c.seg_proj, seg_norm=c.seg_norm)
@@ -390,6 +397,16 @@ class PSALMModel(nn.Module):
 
     def word_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
+
+    def class_name_spans(self, class_name_ids, class_name_mask, class_valid):
+        """PSALM's class-name spans: (rows (N, D) = each valid class's word embeddings then the [SEG]
+        embedding, in prompt order; owner (N,) = the flat (b * K + k) class index of each row)."""
+        B, K, L = class_name_ids.shape
+        e = self.word_embeddings(class_name_ids)  # (B, K, L, D)
+        seg = self.word_embeddings(torch.full((B, K, 1), self.config.tokens.seg_token, device=e.device))
+        keep = torch.cat([class_name_mask.bool() & class_valid[..., None], class_valid[..., None]], dim=2)
+        owner = torch.arange(B * K, device=e.device).view(B, K, 1).expand(B, K, L + 1)[keep]
+        return torch.cat([e, seg], dim=2)[keep], owner
 
     def class_name_embeddings(self, class_name_ids: torch.Tensor, class_name_mask: torch.Tensor) -> torch.Tensor:
         """Pooled word embeddings of each category name: (B, K, Lc) -> (B, K, D)."""
@@ -426,7 +443,11 @@ class PSALMModel(nn.Module):
             cls_emb = self.class_name_embeddings(class_name_ids, class_name_mask)  # (B, K, D)
             if class_valid is None:
                 class_valid = torch.ones(cls_emb.shape[:2], dtype=torch.bool, device=cls_emb.device)
-            embeds = _scatter_rows(embeds, input_ids == tok.cls, cls_emb[class_valid], "<cls>")
+            if c.class_name_tokens == "span":
+                rows, cls_owner = self.class_name_spans(class_name_ids, class_name_mask, class_valid)
+            else:
+                rows = cls_emb[class_valid]
+            embeds = _scatter_rows(embeds, input_ids == tok.cls, rows, "<cls>")
             z_q, q_mask = cls_emb, class_valid
         elif task in ("region", "cross_image"):
             if region_valid is None:
@@ -482,8 +503,14 @@ class PSALMModel(nn.Module):
                 valid = torch.ones(B, 1, dtype=torch.bool, device=hidden.device)
             else:
                 K = class_valid.shape[1]
-                names = torch.zeros(B, K, c.llm_hidden, dtype=hidden.dtype, device=hidden.device)
-                names = names.masked_scatter(class_valid[..., None], hidden[input_ids == tok.cls])
+                if c.class_name_tokens == "span":  # average over each class's span (PSALM's class_name_pooling)
+                    h = hidden[input_ids == tok.cls]
+                    sums = h.new_zeros(B * K, h.shape[-1]).index_add_(0, cls_owner, h)
+                    n = torch.bincount(cls_owner, minlength=B * K).clamp_min(1).to(h.dtype)
+                    names = (sums / n[:, None]).view(B, K, -1)
+                else:
+                    names = torch.zeros(B, K, c.llm_hidden, dtype=hidden.dtype, device=hidden.device)
+                    names = names.masked_scatter(class_valid[..., None], hidden[input_ids == tok.cls])
                 valid = class_valid
             names = P.class_name_embedding(self.class_name_projector(names))
             if task != "referring" and c.no_object == "background":
@@ -527,11 +554,16 @@ def build_prompt_ids(
     n_cls: int = 0,
     n_regions: int = 0,
     refer_ids: list[int] | None = None,
+    cls_lengths: list[int] | None = None,
 ) -> tuple[list[int], list[bool]]:
     """One prompt's ids and refer mask, in the layout of the module docstring (no tokenizer).
 
-    ``text_ids`` is the instruction text (already tokenised); ``refer_ids`` the expression.
+    ``text_ids`` is the instruction text (already tokenised); ``refer_ids`` the expression;
+    ``cls_lengths`` (``class_name_tokens: span``): the span length of each class name (its tokens + 1
+    for [SEG]), in place of ``n_cls`` single positions.
     """
+    if cls_lengths is not None:
+        n_cls = int(sum(cls_lengths))
     tok = config.tokens
     ids: list[int] = []
     if task == "cross_image":
