@@ -677,6 +677,15 @@ def test_psalm_heads_match_reference(seg_norm):
                                       "SEG_token_projector."), "SEG")
                 ref = torch.einsum("bld,bcd->blc", _mlp(d, sd, Q + "SEG_proj.", 2), emb)[..., 0]
                 torch.testing.assert_close(out.seg_logits[layer], ref, atol=1e-4, rtol=1e-4)
+    # exported back in PSALM's layout, the heads carry the loaded tensors
+    from maskloop.model.psalm.checkpoints import PSALM_PREFIXES
+
+    back = native_to_detectron2(model, prefixes=PSALM_PREFIXES)
+    heads = [k for k in sd if k.startswith(("predictor.SEG_proj", "predictor.CLASS_proj", "predictor.REGION_proj",
+                                            "predictor.SEG_norm", "predictor.seg_proj_after_norm", "predictor.class_name_"))]
+    assert len(heads) == (24 if seg_norm else 12)
+    for k in heads:
+        torch.testing.assert_close(back[k], sd[k])
     # the heads are part of the map: a model without them refuses a checkpoint that has them
     with pytest.raises(CheckpointError, match="SEG_proj"):
         load_psalm_checkpoint(PSALMModel(_config("psalm", seg_proj=False, seg_norm=False)), sd)
