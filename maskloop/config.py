@@ -455,6 +455,9 @@ class DualConfig:
         check_range("dual.surgery_beta", self.surgery_beta, 0 <= self.surgery_beta <= 1, "a value in [0, 1]")
 
 
+_PSALM_SEG_TASKS = ("semantic", "instance", "panoptic", "referring", "region")
+
+
 @dataclass
 class PsalmConfig:
     """PSALM joint segmentation training (the model is the TrainConfig's ``model`` preset)."""
@@ -490,8 +493,27 @@ class PsalmConfig:
     """Loss on every decoder layer's predictions."""
     lm_weight: float = 1.0
     """Weight of the [SEG] LM term."""
+    cross_image: bool = False
+    """Train the cross-image task (regions on a prompt image segmented in a target image) from the
+    ``coco_interactive_cross`` sources of ``data``; such a source needs it and it needs one."""
+    seg_task: str = "panoptic"
+    """PSALM's ``--seg_task``: the inferences its evaluation runs on COCO panoptic data (``panoptic`` =
+    panoptic + semantic + instance, ``semantic``, ``instance``; ``referring`` / ``region`` switch those off).
+    It does not choose training data (neither does PSALM's); ``data_ratio`` does."""
+    data_ratio: str | None = None
+    """PSALM's ``--data_ratio`` ``"a||b||c||d"``: repeats of the panoptic (coco_panoptic / coco_semantic /
+    coco_instances) || referring (refcoco) || region (coco_interactive) || LLaVA-conversation sources; the
+    last must be 0 (no conversation reader here). None: each source's ``repeat``."""
+    task_switch: int | None = None
+    """PSALM's ``UnifyDatasetSingleDatasetForBatch`` mixing: visit the sources in turn, this many samples
+    (a multiple of the batch size; PSALM's script: 16) from each. None: shuffle the single-source batches."""
 
     def __post_init__(self):
+        bad = [t for t in str(self.seg_task).split("+") if t not in _PSALM_SEG_TASKS]  # model.psalm.SEG_TASKS' keys
+        if bad:
+            raise ConfigError(f"psalm.seg_task: unknown {bad}; one of {list(_PSALM_SEG_TASKS)} (join with '+')")
+        if self.task_switch is not None:
+            check_range("psalm.task_switch", self.task_switch, self.task_switch >= 1, "an integer >= 1 or null")
         check_range("psalm.epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
         check_range("psalm.num_points", self.num_points, self.num_points >= 1, "an integer >= 1")
 

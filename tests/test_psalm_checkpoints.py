@@ -449,7 +449,7 @@ def test_psalm_full_checkpoint_matches_reference(tmp_path):
     g = torch.Generator().manual_seed(6)
     save_file(sd, str(tmp_path / "model.safetensors"))
     rep = load_psalm_checkpoint(model, tmp_path)
-    assert "predictor.SEG_proj.layers.0.weight" in rep["aside"]
+    assert "predictor.SEG_proj.layers.0.weight" in rep["loaded"] and "predictor.SEG_query_embed.weight" in rep["aside"]
     img = torch.randn(1, 3, IMG, IMG, generator=g)
     with torch.no_grad():
         ref = ref_swin(img, sd, "model.vision_tower.")
@@ -522,8 +522,9 @@ def _mlp(x, W, p, n=3):
     return x
 
 
-def ref_masked_decoder(queries, ms, mask_features, W, n_queries, Q="sem_seg_head.predictor."):
-    """detectron2's MultiScaleMaskedTransformerDecoder (post-norm), fed external queries (B, Nq, C)."""
+def ref_masked_decoder(queries, ms, mask_features, W, n_queries, Q="sem_seg_head.predictor.", states=None):
+    """detectron2's MultiScaleMaskedTransformerDecoder (post-norm), fed external queries (B, Nq, C).
+    ``states``: a list that receives each layer's normed query states (B, Nq, C) (``decoder_output``)."""
     B, Nq, C = queries.shape
     srcs, poss, sizes = [], [], []
     for lvl in range(3):
@@ -536,6 +537,8 @@ def ref_masked_decoder(queries, ms, mask_features, W, n_queries, Q="sem_seg_head
 
     def heads(o, size):
         d = _ln(o, W, Q + "decoder_norm.").transpose(0, 1)
+        if states is not None:
+            states.append(d)
         m = torch.einsum("bqc,bchw->bqhw", _mlp(d, W, Q + "mask_embed."), mask_features)
         am = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
         am = (am.sigmoid().flatten(2)[:, None].repeat(1, PD_HEADS, 1, 1).flatten(0, 1) < 0.5)
@@ -582,3 +585,236 @@ def test_pkl_decoder_layers_match_reference(d2_model_and_state):
     assert len(ours) == len(ref) == DEC
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# PSALM's classification heads, written from zamling/PSALM (commit d5dbfda):
+#   psalm/model/mask_decoder/Mask2Former_Simplify/modeling/transformer_decoder/mask2former_transformer_decoder.py
+#   L187-L199 (MLP), L455-L461 (SEG_NORM modules), L482-L484 (SEG_proj / CLASS_proj / REGION_proj),
+#   L564-L660 (forward_woconcat: query_embed positions, the heads after every layer),
+#   L662-L745 (forward_prediction_heads: decoder_norm -> *_proj -> einsum with the embeddings);
+#   psalm/model/language_model/llava_phi.py L453-L481 (seg_concat False), L972-L978 (SEG embedding = pooled
+#   refer span), L1044-L1056 (class_name_projector / region_projector), L1072-L1087 (SEG_token_projector).
+def _head_inputs(cfg, task, B=2, seed=0):
+    from maskloop.model.psalm.model import build_prompt_ids, n_image_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    n_img = n_image_tokens(cfg)
+    if task == "panoptic":
+        ids = [build_prompt_ids(cfg, task, [5, 6], n_img, cfg.num_queries, n_cls=3)[0] for _ in range(B)]
+        names = torch.randint(10, 40, (B, 3, 2), generator=g)
+        return dict(input_ids=torch.tensor(ids), class_name_ids=names, class_name_mask=torch.ones_like(names).bool())
+    if task == "referring":
+        built = [build_prompt_ids(cfg, task, [5], n_img, cfg.num_queries, refer_ids=[11, 12, 13]) for _ in range(B)]
+        return dict(input_ids=torch.tensor([b[0] for b in built]), refer_mask=torch.tensor([b[1] for b in built]))
+    ids = [build_prompt_ids(cfg, task, [5], n_img, cfg.num_queries, n_regions=2)[0] for _ in range(B)]
+    regions = torch.zeros(B, 2, 16, 16)
+    regions[:, 0, :8], regions[:, 1, 8:, 4:] = 1, 1
+    return dict(input_ids=torch.tensor(ids), region_masks=regions)
+
+
+def _lin(x, W, p):
+    return x @ W[p + "weight"].T + W[p + "bias"]
+
+
+@pytest.mark.parametrize("seg_norm", [False, True])
+def test_psalm_heads_match_reference(seg_norm):
+    """A PSALM-layout checkpoint loaded through the map gives PSALM's class-name, region and SEG logits and
+    masks (PSALM's heads recomputed here from the raw checkpoint tensors on the LLM's hidden states)."""
+    torch.manual_seed(0)
+    model = PSALMModel(_config("psalm", seg_norm=seg_norm)).eval()
+    sd = psalm_state(model, seed=21)
+    for k in sd:  # psalm_state's N(0, 1) Phi overflows; smaller LLM weights keep the hidden states finite
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
+            sd[k] = sd[k] * 0.1
+        elif k.endswith("running_var"):  # a BatchNorm variance is positive
+            sd[k] = sd[k].abs() + 0.5
+    g = torch.Generator().manual_seed(22)
+    if seg_norm:  # PSALM's SEG_NORM modules
+        for m in ("seg_proj_after_norm", "class_name_proj_after_norm"):
+            for k in range(2):
+                sd[f"predictor.{m}.layers.{k}.weight"] = torch.randn(CONV, CONV, generator=g) * 0.2
+                sd[f"predictor.{m}.layers.{k}.bias"] = torch.randn(CONV, generator=g) * 0.2
+        for m in ("SEG_norm", "class_name_norm"):
+            sd[f"predictor.{m}.weight"] = 1 + 0.1 * torch.randn(CONV, generator=g)
+            sd[f"predictor.{m}.bias"] = 0.1 * torch.randn(CONV, generator=g)
+    load_psalm_checkpoint(model, sd)
+    tok = model.config.tokens
+    Q = "predictor."
+
+    def after_norm(e, kind):
+        if not seg_norm:
+            return e
+        return _mlp(_ln(e, sd, f"{Q}{kind}_norm."), sd, f"{Q}{'seg' if kind == 'SEG' else kind}_proj_after_norm.", 2)
+
+    grab = {}
+    model.llm.register_forward_hook(lambda m, a, o: grab.__setitem__("hidden", o.hidden_states[-1]))
+    model.pixel_decoder.register_forward_hook(lambda m, a, o: grab.__setitem__("pix", o))
+    img = torch.randn(2, 3, IMG, IMG, generator=g)
+    for task in ("panoptic", "region", "referring"):
+        kw = _head_inputs(model.config, task)
+        with torch.no_grad():
+            out = model(task, img, **kw)
+        h, ids, pix = grab["hidden"], kw["input_ids"], grab["pix"]
+        B = h.shape[0]
+        queries = _lin(h[ids == tok.seg].view(B, NQ, -1), sd, "seg_query_projector.")
+        states = []
+        ref_masks = ref_masked_decoder(queries, list(pix.multi_scale_features), pix.mask_features, sd, NQ, Q, states)
+        assert len(states) == len(out.pred_masks) == DEC
+        for layer, d in enumerate(states):
+            torch.testing.assert_close(out.pred_masks[layer], ref_masks[layer], atol=1e-4, rtol=1e-4)
+            if task == "panoptic":  # einsum('bld,bcd->blc', CLASS_proj(decoder_output), class_name_embedding)
+                emb = after_norm(_lin(h[ids == tok.cls].view(B, 3, -1), sd, "class_name_projector."), "class_name")
+                ref = torch.einsum("bld,bcd->blc", _mlp(d, sd, Q + "CLASS_proj.", 2), emb)
+                torch.testing.assert_close(out.class_logits[layer][..., :3], ref, atol=1e-4, rtol=1e-4)
+            elif task == "region":  # per sample einsum('kd,ld->kl', region_embedding, REGION_proj(decoder_output))
+                emb = _lin(h[ids == tok.region].view(B, 2, -1), sd, "region_projector.")
+                for b in range(B):
+                    ref = torch.einsum("kd,ld->kl", emb[b], _mlp(d[b], sd, Q + "REGION_proj.", 2))
+                    torch.testing.assert_close(out.region_logits[layer][b, :, :2].T, ref, atol=1e-4, rtol=1e-4)
+            else:  # SEG embedding: the refer span's hidden states average-pooled, SEG_token_projector
+                m = kw["refer_mask"].float()[..., None]
+                emb = after_norm(_lin((h * m).sum(1, keepdim=True) / m.sum(1, keepdim=True), sd,
+                                      "SEG_token_projector."), "SEG")
+                ref = torch.einsum("bld,bcd->blc", _mlp(d, sd, Q + "SEG_proj.", 2), emb)[..., 0]
+                torch.testing.assert_close(out.seg_logits[layer], ref, atol=1e-4, rtol=1e-4)
+    # exported back in PSALM's layout, the heads carry the loaded tensors
+    from maskloop.model.psalm.checkpoints import PSALM_PREFIXES
+
+    back = native_to_detectron2(model, prefixes=PSALM_PREFIXES)
+    heads = [k for k in sd if k.startswith(("predictor.SEG_proj", "predictor.CLASS_proj", "predictor.REGION_proj",
+                                            "predictor.SEG_norm", "predictor.seg_proj_after_norm", "predictor.class_name_"))]
+    assert len(heads) == (24 if seg_norm else 12)
+    for k in heads:
+        torch.testing.assert_close(back[k], sd[k])
+    # the heads are part of the map: a model without them refuses a checkpoint that has them
+    with pytest.raises(CheckpointError, match="SEG_proj"):
+        load_psalm_checkpoint(PSALMModel(_config("psalm", seg_proj=False, seg_norm=False)), sd)
+
+
+# PSALM's no-object class: zamling/PSALM (commit d5dbfda) psalm/train/train_datasets.py L67 / L276 / L397
+#   (coco_class_name + ['background']), psalm/model/mask_decoder/mask_criterion/pretrain_criterion.py
+#   L211-L232 (the last class is the no-object target, weight 0.1)
+def test_background_class_is_psalms_no_object():
+    from maskloop.data.psalm import BACKGROUND, PSALMCollator
+    from maskloop.model.psalm.losses import LossWeights, PSALMCriterion
+
+    torch.manual_seed(0)
+    model = PSALMModel(_config("psalm", no_object="background")).eval()
+    sd = psalm_state(model, seed=31)
+    for k in sd:
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
+            sd[k] = sd[k] * 0.1
+        elif k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
+    load_psalm_checkpoint(model, sd)
+    grab = {}
+    model.llm.register_forward_hook(lambda m, a, o: grab.__setitem__("hidden", o.hidden_states[-1]))
+    kw = _head_inputs(model.config, "panoptic")  # 3 names per sample; the last plays background
+    kw["class_valid"] = torch.tensor([[True, True, True], [True, True, False]])  # sample 1: background 2nd
+    kw["input_ids"][1][(kw["input_ids"][1] == model.config.tokens.cls).nonzero()[-1]] = 0
+    img = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(32))
+    with torch.no_grad():
+        out = model("panoptic", img, **kw)
+    h, ids = grab["hidden"], kw["input_ids"]
+    cls_h = h[ids == model.config.tokens.cls]  # 3 + 2 rows
+    states = []
+    ref_masked_decoder(_lin(h[ids == model.config.tokens.seg].view(2, NQ, -1), sd, "seg_query_projector."),
+                       list(model.pixel_decoder(list(model.vision_tower(img).feature_maps)).multi_scale_features),
+                       model.pixel_decoder(list(model.vision_tower(img).feature_maps)).mask_features, sd, NQ,
+                       "predictor.", states)
+    logits = out.class_logits[-1]
+    assert logits.shape == (2, NQ, 4)
+    for b, (rows, n) in enumerate(((cls_h[:3], 3), (cls_h[3:], 2))):
+        ref = _mlp(states[-1][b], sd, "predictor.CLASS_proj.", 2) @ _lin(rows, sd, "class_name_projector.").T
+        torch.testing.assert_close(logits[b, :, : n - 1], ref[:, : n - 1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[b, :, -1], ref[:, n - 1], atol=1e-4, rtol=1e-4)  # no-object = background
+        assert bool(torch.isinf(logits[b, :, n - 1 : -1]).all())  # the background slot and padding
+    # the collator appends PSALM's class name; a from-scratch model trains with it
+    tok = type("Tok", (), {"encode": lambda self, t, add_special_tokens=False: [5 + len(w) % 50 for w in t.split()],
+                           "pad_token_id": 0})()
+    cfg = psalm_config("psalm-tiny", no_object="background")
+    sample = {"task": "panoptic", "pixel_values": torch.zeros(3, 64, 64), "class_names": ["box", "disc"],
+              "masks": torch.ones(1, 16, 16), "labels": torch.tensor([1])}
+    one = {**sample, "class_names": ["box"], "labels": torch.tensor([0])}
+    g = PSALMCollator(cfg, tok)([sample, one])["groups"][0]
+    assert g["inputs"]["class_name_ids"].shape[1] == 3 and BACKGROUND == "background"
+    assert (g["inputs"]["input_ids"] == cfg.tokens.cls).sum(1).tolist() == [3, 2]
+    assert g["inputs"]["class_valid"].tolist() == [[True, True, True], [True, True, False]]
+    fresh = PSALMModel(cfg)
+    loss, _ = PSALMCriterion(LossWeights(num_points=16))(fresh("panoptic", **g["inputs"]), g["targets"])
+    loss.backward()
+    assert torch.isfinite(loss) and fresh.predictor.CLASS_proj.layers[0].weight.grad is not None
+
+
+# PSALM's class-name spans: zamling/PSALM (commit d5dbfda) psalm/train/train_datasets.py L175-L184
+#   (preprocess_class_name: each name's tokens + the [SEG] token, cls_indices), psalm/model/language_model/
+#   llava_phi.py L566-L574 (embed_class_ids), L652-L676 (a <cls> chunk -> its class's embeddings),
+#   L552-L565 (get_class_name_embedding: hidden states of the span, AdaptiveAvgPool1d(1))
+def test_class_name_spans_are_psalms():
+    from maskloop.model.psalm.model import build_prompt_ids, n_image_tokens
+
+    torch.manual_seed(0)
+    model = PSALMModel(_config("psalm", class_name_tokens="span", no_object="background")).eval()
+    sd = psalm_state(model, seed=41)
+    for k in sd:
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
+            sd[k] = sd[k] * 0.1
+        elif k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
+    load_psalm_checkpoint(model, sd)
+    cfg, tok = model.config, model.config.tokens
+    # sample 0: names of 2, 1, 3 tokens; sample 1: 2, 2 tokens (its third class is padding)
+    names = [[[11, 12], [13], [14, 15, 16]], [[17, 18], [19, 20]]]
+    ids = [build_prompt_ids(cfg, "panoptic", [5, 6], n_image_tokens(cfg), NQ, cls_lengths=[len(x) + 1 for x in n])[0]
+           for n in names]
+    T = max(map(len, ids))
+    input_ids = torch.tensor([i + [0] * (T - len(i)) for i in ids])
+    cid, cmask = torch.zeros(2, 3, 3, dtype=torch.long), torch.zeros(2, 3, 3, dtype=torch.bool)
+    for b, n in enumerate(names):
+        for k, x in enumerate(n):
+            cid[b, k, :len(x)], cmask[b, k, :len(x)] = torch.tensor(x), True
+    valid = cmask.any(-1)
+    grab = {}
+    model.llm.register_forward_hook(lambda m, a, o: grab.__setitem__("hidden", o.hidden_states[-1]))
+    model.llm.register_forward_pre_hook(lambda m, a, kw: grab.__setitem__("embeds", kw["inputs_embeds"]),
+                                        with_kwargs=True)
+    img = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(42))
+    with torch.no_grad():
+        out = model("panoptic", img, input_ids=input_ids, attention_mask=(input_ids != 0).long(), class_name_ids=cid,
+                    class_name_mask=cmask, class_valid=valid)
+        emb_table = sd["model.embed_tokens.weight"]
+        states = []
+        pix = model.pixel_decoder(list(model.vision_tower(img).feature_maps))
+        h = grab["hidden"]
+        ref_masked_decoder(_lin(h[input_ids == tok.seg].view(2, NQ, -1), sd, "seg_query_projector."),
+                           list(pix.multi_scale_features), pix.mask_features, sd, NQ, "predictor.", states)
+    for b, n in enumerate(names):
+        pos = (input_ids[b] == tok.cls).nonzero()[:, 0].tolist()
+        want = [t for x in n for t in x + [tok.seg_token]]  # PSALM: the name's tokens, then [SEG]
+        assert len(pos) == len(want)
+        torch.testing.assert_close(grab["embeds"][b, pos], emb_table[want])
+        spans, start = [], 0
+        for x in n:  # average-pool the hidden states over each class's span
+            spans.append(h[b, pos[start:start + len(x) + 1]].mean(0))
+            start += len(x) + 1
+        ref = _mlp(states[-1][b], sd, "predictor.CLASS_proj.", 2) @ _lin(torch.stack(spans), sd,
+                                                                          "class_name_projector.").T
+        K = len(n)  # the last name plays background (no_object: background)
+        torch.testing.assert_close(out.class_logits[-1][b, :, :K - 1], ref[:, :K - 1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.class_logits[-1][b, :, -1], ref[:, K - 1], atol=1e-4, rtol=1e-4)
+    # the collator lays the spans out (names + PSALM's background, each + [SEG]); a fresh model trains on them
+    from maskloop.data.psalm import PSALMCollator
+    from maskloop.model.psalm.losses import LossWeights, PSALMCriterion
+
+    tk = type("Tok", (), {"encode": lambda self, t, add_special_tokens=False: [5 + len(w) % 50 for w in t.split()],
+                          "pad_token_id": 0})()
+    tiny = psalm_config("psalm-tiny", class_name_tokens="span", no_object="background")
+    s0 = {"task": "panoptic", "pixel_values": torch.zeros(3, 64, 64), "class_names": ["red box", "disc"],
+          "masks": torch.ones(1, 16, 16), "labels": torch.tensor([1])}
+    s1 = {**s0, "class_names": ["big blue disc"], "labels": torch.tensor([0])}
+    g = PSALMCollator(tiny, tk)([s0, s1])["groups"][0]
+    assert (g["inputs"]["input_ids"] == tiny.tokens.cls).sum(1).tolist() == [(2 + 1) + (1 + 1) + (1 + 1), (3 + 1) + 2]
+    fresh = PSALMModel(tiny)
+    loss, _ = PSALMCriterion(LossWeights(num_points=16))(fresh("panoptic", **g["inputs"]), g["targets"])
+    loss.backward()
+    assert torch.isfinite(loss)

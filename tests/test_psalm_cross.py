@@ -89,11 +89,12 @@ def test_mixed_task_collate_and_forward(cross):
 
 
 def test_tiny_cross_image_training_loss_falls(cross, tmp_path):
+    """`recipe: psalm` with `cross_image: true` trains the cross-image task through the Trainer."""
     from maskloop.recipes.psalm import train_psalm
 
     torch.set_num_threads(1)
     data = [{"kind": "coco_interactive_cross", "json_path": str(cross["json"]), "image_dir": str(cross["root"])}]
-    cfg = dict(model="psalm-tiny", data=data, max_steps=10, batch_size=2, accumulation=1, lr=1e-3, warmup_ratio=0.0,
+    cfg = dict(model="psalm-tiny", data=data, cross_image=True, max_steps=10, batch_size=2, accumulation=1, lr=1e-3, warmup_ratio=0.0,
                num_workers=0, num_points=64, run_dir=str(tmp_path / "run"), progress=False, ckpt_every=100, seed=0)
     hist = train_psalm(cfg)
     loss = [h["loss/cross_image"] for h in hist]
@@ -110,8 +111,53 @@ def test_recipe_starts_from_the_mask2former_pkl(cross, tmp_path):
     donor = PSALMModel(psalm_config("psalm-tiny"))
     pkl = write_detectron2_pkl(tmp_path / "model_final_x.pkl", native_to_detectron2(donor))
     data = [{"kind": "coco_interactive_cross", "json_path": str(cross["json"]), "image_dir": str(cross["root"])}]
-    built = build_psalm({"model": "psalm-tiny", "data": data, "vision_tower": str(pkl)})
+    built = build_psalm({"model": "psalm-tiny", "data": data, "cross_image": True, "vision_tower": str(pkl)})
     m = built["model"]
     torch.testing.assert_close(m.vision_tower.hidden_states_norms["stage1"].weight,
                                donor.vision_tower.hidden_states_norms["stage1"].weight)
     torch.testing.assert_close(m.pixel_decoder.level_embed, donor.pixel_decoder.level_embed)
+
+
+def test_cross_image_switch_and_its_data_agree(cross, tmp_path):
+    from maskloop.config import ConfigError, TrainConfig
+    from maskloop.recipes.psalm import build_psalm
+
+    data = [{"kind": "coco_interactive_cross", "json_path": str(cross["json"]), "image_dir": str(cross["root"])}]
+    with pytest.raises(ConfigError, match="cross_image: true"):
+        build_psalm({"model": "psalm-tiny", "data": data})
+    other = [{"kind": "coco_interactive", "json_path": str(tmp_path / "x.json"), "image_dir": str(tmp_path)}]
+    with pytest.raises(ConfigError, match="no cross-image source"):
+        build_psalm({"model": "psalm-tiny", "data": other, "cross_image": True})
+    # the nested `recipe: psalm` config (maskloop train --config) reads the switch too
+    cfg = TrainConfig.from_mapping({"recipe": "psalm", "model": "psalm-tiny", "psalm": {"data": data,
+                                                                                        "cross_image": True}})
+    built = build_psalm(cfg)
+    assert [s.psalm_task for s in built["dataset"].sources] == ["cross_image"]
+    assert build_psalm({"model": "psalm-tiny", "data": data}, eval_mode=True)["dataset"].repeats == [1]
+
+
+def test_data_check_counts_and_lists_skipped_rows(cross, tmp_path, capsys):
+    """`maskloop data check --source coco_interactive_cross JSON` on the fixture, good and damaged."""
+    from maskloop.cli import main
+    from maskloop.data.check import main_check
+
+    args = ["--sam-size", "32", "--no-progress"]
+    assert main_check(["--source", "coco_interactive_cross", str(cross["json"]), *args]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4 indexed, 4 ok, 0 skipped" in out and "bad items by reason: none" in out
+    rows = json.loads(cross["json"].read_text())
+    rows[0].pop("first_frame_anns")  # malformed: dropped at indexing
+    rows[2]["anns"][0]["segmentation"] = {"counts": "@@@not-rle", "size": [48, 64]}  # undecodable: skipped at read
+    rows.append({**rows[3], "image": "2017/trainval/JPEGImages/480p/nope/00001.jpg"})  # missing image
+    bad = cross["json"].parent / "damaged.json"  # beside the release json: image_dir found above it
+    bad.write_text(json.dumps(rows))
+    assert main_check(["--source", "coco_interactive_cross", str(bad), *args]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4 indexed, 2 ok, 2 skipped" in out, out
+    assert "bad_json=1" in out and "bad_rle=1" in out and "missing_file=1" in out
+    assert "[missing_file]" in out and "nope/00001.jpg" in out
+    # through the CLI, with an explicit image_dir; a json that is not there is unusable (exit 1)
+    assert main(["data", "check", "--source", f"coco_interactive_cross:image_dir={cross['root']}", str(bad),
+                 *args]) == 0
+    assert main(["data", "check", "--source", "coco_interactive_cross", str(tmp_path / "none.json"), *args]) == 1
+    assert "UNUSABLE" in capsys.readouterr().out

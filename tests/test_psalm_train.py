@@ -122,7 +122,7 @@ def test_recipe_trains_tiny_and_checkpoints(shapes):
     assert [h["step"] for h in main_train([f"{k}={json.dumps(v)}" for k, v in cfg.items()])] == [13]
     res = main_eval(["--model", "psalm-tiny", "--checkpoint", str(run / "checkpoints"), "--data", json.dumps(data[0]),
                      "--max-batches", "1"])
-    assert "panoptic/coco_panoptic0/PQ" in res
+    assert "panoptic/coco_panoptic0/PQ" in res and "panoptic/coco_panoptic0/AP" in res  # seg_task: panoptic
 
 
 def test_psalm_eval_end_to_end(shapes, capsys):

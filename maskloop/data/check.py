@@ -7,8 +7,11 @@ their reasons. It exits 1 when any source is unusable (cannot be indexed, or has
 sample), else 0.
 
 KIND is one of ``sav``, ``sav-pairs``, ``sa1b``, ``refcoco``, ``refcoco+``, ``refcocog``,
-``openimages``, ``dam``, and the own-data kinds ``coco``, ``folder``, ``sa2va`` (option
-``mode=masks|refer|caption``, see :mod:`maskloop.data.sources.own_common`); reader options go after a colon, comma separated, e.g.
+``openimages``, ``dam``, the own-data kinds ``coco``, ``folder``, ``sa2va`` (option
+``mode=masks|refer|caption``, see :mod:`maskloop.data.sources.own_common`), and PSALM's
+``coco_interactive_cross`` (PATH = the cross-image json; option ``image_dir``, default the nearest
+folder above the json that holds its rows' images; read with the PSALM transform at ``--sam-size``,
+PSALM's 1024 input); reader options go after a colon, comma separated, e.g.
 ``refcocog:split_by=umd,split=val`` or ``dam:splits=COCOStuff+LVIS`` (``+`` separates list
 items) or ``sav:use_auto=true``.
 
@@ -50,10 +53,31 @@ def _builders() -> dict[str, Callable[..., RobustDataset]]:
         "openimages": OpenImagesDataset,
         "dam": DAMDataset,
         **OWN_KINDS,
+        "coco_interactive_cross": _cross_image,
     }
 
 
-KINDS = ("sav", "sav-pairs", "sa1b", "refcoco", "refcoco+", "refcocog", "openimages", "dam", "coco", "folder", "sa2va")
+KINDS = ("sav", "sav-pairs", "sa1b", "refcoco", "refcoco+", "refcocog", "openimages", "dam", "coco", "folder", "sa2va",
+         "coco_interactive_cross")
+#: kinds read with PSALM's transform (:class:`~maskloop.data.psalm.PSALMTransform`), not the Sa2VA one
+PSALM_KINDS = ("coco_interactive_cross",)
+
+
+def _cross_image(path, transform=None, image_dir=None, **kw):
+    """PSALM's cross-image json; ``image_dir`` defaults to the nearest folder above it holding the first row's image."""
+    from pathlib import Path
+
+    from .io import read_json
+    from .sources.coco_interactive_cross import COCOInteractiveCrossDataset
+
+    path = Path(path)
+    if image_dir is None:
+        image_dir = path.parent
+        rows = read_json(path) if path.is_file() else None
+        first = rows[0].get("image") if isinstance(rows, list) and rows and isinstance(rows[0], dict) else None
+        if isinstance(first, str):
+            image_dir = next((d for d in path.parents if (d / first).is_file()), path.parent)
+    return COCOInteractiveCrossDataset(path, image_dir, transform=transform, **kw)
 
 
 def _value(v: str):
@@ -86,9 +110,11 @@ def parse_kind(spec: str) -> tuple[str, dict]:
     return kind, kwargs
 
 
-def build_source(spec: str, path: str, transform: SampleTransform | None = None) -> RobustDataset:
+def build_source(spec: str, path: str, transform: SampleTransform | None = None,
+                 psalm_transform=None) -> RobustDataset:
     kind, kwargs = parse_kind(spec)
-    return _builders()[kind](path, transform=transform, **kwargs)
+    tf = psalm_transform if kind in PSALM_KINDS else transform
+    return _builders()[kind](path, transform=tf, **kwargs)
 
 
 def _scan(ds: RobustDataset, label: str, limit: int | None, progress: bool) -> tuple[int, bool]:
@@ -129,13 +155,16 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from .psalm import PSALMTransform
+
     transform = SampleTransform(args.image_size, args.sam_size, args.prompt_grid)
+    psalm_transform = PSALMTransform(args.sam_size)
     failed = False
     for spec, path in args.source:
         label = f"{spec} {path}"
         print(f"== {label}")
         try:
-            ds = build_source(spec, path, transform)
+            ds = build_source(spec, path, transform, psalm_transform)
         except (DataError, FileNotFoundError, ValueError) as e:
             print(f"   UNUSABLE: {e}")
             failed = True

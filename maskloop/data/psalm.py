@@ -68,6 +68,9 @@ INSTRUCTIONS = {
     "cross_image": "Please segment by given regions. This is all regions:",
 }
 CLASS_TASKS = ("panoptic", "semantic", "instance")
+#: PSALM's no-object class name (``coco_class_name + ['background']`` in its train_datasets.py), appended
+#: last under ``PSALMConfig.no_object = "background"``
+BACKGROUND = "background"
 
 
 class PSALMTransform:
@@ -197,12 +200,23 @@ class SourceBatchSampler(Sampler[list[int]]):
     Every sub-dataset's indices are shuffled (seed + epoch), cut into batches, the batches
     of all sub-datasets shuffled together, then dealt round-robin to the ``num_replicas``
     ranks (each rank gets ``len // num_replicas`` batches, so ranks stay in step).
+
+    ``task_switch`` (PSALM's ``UnifyDatasetSingleDatasetForBatch``, which its ``train.py`` builds with
+    16): instead of shuffling the batches of all sub-datasets together, visit the sub-datasets in
+    turn (their order in the ``ConcatDataset``, a repeated source once per repeat), ``task_switch``
+    samples of one before moving to the next, each sub-dataset's shuffled indices taken cyclically
+    (PSALM's ``idx % len``); every rank sees the same turn order. An epoch has as many batches as the
+    shuffled scheme.
     """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0, drop_last: bool = True, shuffle: bool = True):
+                 rank: int = 0, drop_last: bool = True, shuffle: bool = True, task_switch: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if task_switch is not None and (task_switch < batch_size or task_switch % batch_size):
+            raise ValueError(f"task_switch={task_switch} must be a multiple of batch_size={batch_size}: PSALM "
+                             "switches source after that many samples and a batch holds one source")
+        self.task_switch = task_switch
         self.sizes = list(sizes)
         self.batch_size = int(batch_size)
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
@@ -214,8 +228,30 @@ class SourceBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
         self.skip = 0
 
+    def _round_robin(self, g: torch.Generator) -> list[list[int]]:
+        """PSALM's turn-taking: ``task_switch / batch_size`` batches per rank from each sub-dataset in turn."""
+        per_turn = self.task_switch // self.batch_size * self.num_replicas
+        n_batches = len(self) * self.num_replicas
+        offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        live = [i for i, n in enumerate(self.sizes) if n > 0]
+        perms = {i: (torch.randperm(self.sizes[i], generator=g) if self.shuffle else torch.arange(self.sizes[i]))
+                 for i in live}
+        pos = dict.fromkeys(live, 0)
+        batches: list[list[int]] = []
+        turn = 0
+        while len(batches) < n_batches and live:
+            i = live[turn % len(live)]
+            for _ in range(min(per_turn, n_batches - len(batches))):
+                idx = [int(perms[i][(pos[i] + k) % self.sizes[i]]) + offsets[i] for k in range(self.batch_size)]
+                pos[i] += self.batch_size
+                batches.append(idx)
+            turn += 1
+        return batches[self.rank::self.num_replicas]
+
     def _all_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.task_switch is not None:
+            return self._round_robin(g)
         batches, offset = [], 0
         for n in self.sizes:
             idx = (torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)) + offset
@@ -290,6 +326,11 @@ class PSALMCollator:
             self._cache[text] = ids
         return self._cache[text]
 
+    def _class_names(self, sample: dict) -> list[str]:
+        """The sample's class names; with ``no_object: background`` PSALM's ``background`` appended last."""
+        names = list(sample["class_names"])
+        return names + [BACKGROUND] if getattr(self.config, "no_object", "embed") == "background" else names
+
     @worker_errors("collate")
     def __call__(self, samples: list[dict]) -> dict:
         order: dict[str, list[int]] = {}
@@ -310,7 +351,10 @@ class PSALMCollator:
         for s in samples:
             kw = {}
             if task in CLASS_TASKS:
-                kw["n_cls"] = len(s["class_names"])
+                if getattr(cfg, "class_name_tokens", "token") == "span":  # PSALM: name tokens + [SEG] each
+                    kw["cls_lengths"] = [len(self.encode(n)) + 1 for n in self._class_names(s)]
+                else:
+                    kw["n_cls"] = len(self._class_names(s))
             elif task in ("region", "cross_image"):
                 kw["n_regions"] = int(s["region_masks"].shape[0])
             elif task == "referring":
@@ -333,7 +377,7 @@ class PSALMCollator:
         if self.lm_labels:
             inputs["labels"] = torch.where(input_ids == tok.seg_token, input_ids, torch.full_like(input_ids, -100))
         if task in CLASS_TASKS:
-            names = [[self.encode(n) for n in s["class_names"]] for s in samples]
+            names = [[self.encode(n) for n in self._class_names(s)] for s in samples]
             K = max(len(n) for n in names)
             L = max((len(x) for n in names for x in n), default=1)
             cid = torch.full((B, K, max(L, 1)), self.pad_id, dtype=torch.long)

@@ -8,8 +8,10 @@ with :mod:`maskloop.model.psalm.postprocess` at the ground truth's resolution (t
 =============  =========================================================================
 task           metrics (keys ``{task}/{dataset}/{name}``, fractions in [0, 1])
 =============  =========================================================================
-panoptic       PQ, SQ, RQ, PQ_th, PQ_st (panopticapi rules) and mIoU of the semantic
-               inference of the same outputs against ``semantic_map``
+panoptic       PQ, SQ, RQ, PQ_th, PQ_st (panopticapi rules), mIoU of the semantic
+               inference of the same outputs against ``semantic_map`` and, under
+               ``seg_task: panoptic`` (PSALM's default) or ``instance``, mask AP of the instance
+               inference against the thing segments (PSALM's SEG_TASK flags pick which)
 semantic       mIoU, pixel_acc
 instance       AP, AP50, AP75, APs, APm, APl (COCO mask AP; crowd regions as crowd)
 referring      cIoU, gIoU
@@ -53,8 +55,10 @@ __all__ = ["evaluate_psalm", "format_table", "main_eval"]
 class _Task:
     """Accumulates one (task, dataset) pair."""
 
-    def __init__(self, task: str):
+    def __init__(self, task: str, seg_task: str | None = None):
         self.task, self.n = task, 0
+        # PSALM's SEG_TASK inference flags on panoptic data (semantic_on / instance_on / panoptic_on)
+        self.panoptic_tasks = _panoptic_family(seg_task) if task == "panoptic" else ()
         self.pq: PQAccumulator | None = None
         self.conf: SemanticConfusion | None = None
         self.gts, self.preds, self.pred_masks, self.gt_masks = [], [], [], []
@@ -67,11 +71,14 @@ class _Task:
             size = tuple(meta["semantic_map"].shape[-2:])
             cls = out.class_logits[-1][b].float()
             K = len(meta["class_names"])
-            if self.conf is None:
-                self.conf = SemanticConfusion(K, ignore_index=255)
-            sem = semantic_inference(cls[:, list(range(K)) + [-1]], masks, size=size).argmax(0)
-            self.conf.add(sem.cpu(), meta["semantic_map"])
-            if task == "panoptic":
+            if task == "semantic" or "semantic" in self.panoptic_tasks:
+                if self.conf is None:
+                    self.conf = SemanticConfusion(K, ignore_index=255)
+                sem = semantic_inference(cls[:, list(range(K)) + [-1]], masks, size=size).argmax(0)
+                self.conf.add(sem.cpu(), meta["semantic_map"])
+            if "instance" in self.panoptic_tasks:  # thing segments of the panoptic ground truth; crowd as crowd
+                self._add_instance_from_panoptic(cls[:, list(range(K)) + [-1]], masks, meta, size, post)
+            if "panoptic" in self.panoptic_tasks:
                 if self.pq is None:
                     self.pq = PQAccumulator(dict(enumerate(meta["isthing"])))
                 pan, segs = panoptic_inference(cls[:, list(range(K)) + [-1]], masks, meta["isthing"], size=size,
@@ -101,6 +108,15 @@ class _Task:
         else:
             raise ValueError(f"no metric for task {task!r}")
 
+    def _add_instance_from_panoptic(self, cls, masks, meta, size, post) -> None:
+        isthing, pan = meta["isthing"], meta["panoptic_map"]
+        segs = [sg for sg in meta["segments"] if isthing[sg["category_id"]]]
+        gm = torch.stack([pan == sg["id"] for sg in segs]) if segs else torch.zeros(0, *size, dtype=torch.bool)
+        self.gts.append({"masks": gm.bool(), "labels": torch.tensor([sg["category_id"] for sg in segs], dtype=torch.long),
+                         "iscrowd": torch.tensor([int(sg["iscrowd"]) for sg in segs], dtype=torch.long)})
+        res = instance_inference(cls, masks, isthing=isthing, size=size, **post.get("instance", {}))
+        self.preds.append({k: res[k].cpu() for k in ("masks", "labels", "scores")})
+
     def compute(self) -> dict:
         r: dict = {"n": self.n}
         if self.pq is not None:
@@ -112,7 +128,7 @@ class _Task:
             r["mIoU"] = c["miou"]
             if self.task == "semantic":
                 r["pixel_acc"] = c["pixel_acc"]
-        if self.task == "instance":
+        if self.task == "instance" or (self.task == "panoptic" and self.gts):
             r.update(instance_ap(self.gts, self.preds))
         if self.task == "referring":
             iou = refer_iou(self.pred_masks, self.gt_masks)
@@ -183,9 +199,15 @@ def evaluate_psalm(
     print_table: bool = True,
     progress: bool = False,
     original_size: bool = True,
+    seg_task: str | None = None,
 ) -> dict:
     """Run ``model`` over ``dataset``; returns ``{"{task}/{dataset}/{metric}": value}`` plus
     ``eval/n_scored``, ``eval/n_skipped`` and ``eval/skipped/<reason>``.
+
+    ``seg_task``: PSALM's ``--seg_task`` (the recipe's ``psalm.seg_task``), which picks the inferences
+    run on COCO panoptic data as PSALM's flags do: ``panoptic`` -> PQ + semantic mIoU + instance AP (of the
+    thing segments), ``semantic`` -> mIoU, ``instance`` -> AP, ``+``-joined to combine. None: PQ + mIoU.
+    Other tasks' data get their own metrics whatever it says.
 
     ``original_size``: score at each image's own size (default; False: at the readers' ``mask_size``).
 
@@ -203,6 +225,7 @@ def evaluate_psalm(
 
     loader = torch.utils.data.DataLoader(EvalSplit(dataset), batch_size=batch_size, shuffle=False,
                                          collate_fn=SkippingCollate(collator), num_workers=num_workers)
+    _panoptic_family(seg_task)  # an unknown name fails before the run
     acc: dict[tuple[str, str], _Task] = {}
     post = postprocess or {}
     skipped: Counter = Counter()
@@ -213,7 +236,7 @@ def evaluate_psalm(
                 break
             skipped.update(batch["eval_skipped"])
             n_scored += batch["eval_n"]
-            _run_batch(model, batch, acc, post, device, autocast)
+            _run_batch(model, batch, acc, post, device, autocast, seg_task)
     if was_training:
         model.train()
     results = {}
@@ -228,7 +251,17 @@ def evaluate_psalm(
     return results
 
 
-def _run_batch(model, batch, acc, post, device, autocast) -> None:
+def _panoptic_family(seg_task: str | None) -> tuple[str, ...]:
+    """The panoptic / semantic / instance inferences ``seg_task`` switches on for panoptic data."""
+    if seg_task is None:
+        return ("semantic", "panoptic")
+    from maskloop.model.psalm.model import seg_task_tasks
+
+    tasks = tuple(t for t in seg_task_tasks(seg_task) if t in ("semantic", "instance", "panoptic"))
+    return tasks
+
+
+def _run_batch(model, batch, acc, post, device, autocast, seg_task=None) -> None:
     """One collated batch: the model per task group, each sample into its (task, dataset) accumulator."""
     for g in batch.get("groups", []):
         g = group_to(g, device)
@@ -236,7 +269,7 @@ def _run_batch(model, batch, acc, post, device, autocast) -> None:
             out = model(g["task"], **g["inputs"])
         for b, meta in enumerate(g["meta"]):
             key = (g["task"], str(meta.get("dataset") or "data"))
-            acc.setdefault(key, _Task(g["task"])).add(out, b, meta, post)
+            acc.setdefault(key, _Task(g["task"], seg_task)).add(out, b, meta, post)
 
 
 def format_table(results: dict) -> str:
@@ -271,6 +304,8 @@ def main_eval(argv: list[str] | None = None) -> dict:
     p.add_argument("--mask-size", type=int)
     p.add_argument("--device")
     p.add_argument("--max-batches", type=int)
+    p.add_argument("--seg-task", help="PSALM's --seg_task: the inferences on panoptic data (default: the config's "
+                   "psalm.seg_task, panoptic = PQ + mIoU + AP)")
     p.add_argument("--out", help="write the metrics as JSON here")
     a = p.parse_args(argv)
     cfg = load_config_file(a.config) if a.config else {}
@@ -278,7 +313,8 @@ def main_eval(argv: list[str] | None = None) -> dict:
         cfg["data"] = [json.loads(d) for d in a.data]
     elif cfg.get("eval_data"):
         cfg["data"] = cfg["eval_data"]
-    for k, v in (("model", a.model), ("image_size", a.image_size), ("mask_size", a.mask_size)):
+    for k, v in (("model", a.model), ("image_size", a.image_size), ("mask_size", a.mask_size),
+                 ("seg_task", a.seg_task)):
         if v is not None:
             cfg[k] = v
     if not cfg.get("data"):
@@ -291,7 +327,8 @@ def main_eval(argv: list[str] | None = None) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results = evaluate_psalm(model, built["dataset"], built["collator"], batch_size=a.batch_size, device=device,
-                             num_workers=a.num_workers, max_batches=a.max_batches)
+                             num_workers=a.num_workers, max_batches=a.max_batches,
+                             seg_task=built["config"].psalm.seg_task)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)

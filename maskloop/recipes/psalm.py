@@ -113,6 +113,37 @@ def build_source(spec: dict, image_size: int, mask_size: int, seed: int = 0):
                       "coco_interactive, coco_interactive_cross, refcoco")
 
 
+# PSALM's --data_ratio fields (train.py make_unify_datamodule): panoptic || referring || region || mm_conv
+_RATIO_GROUP = {"coco_panoptic": 0, "coco_semantic": 0, "coco_instances": 0, "refcoco": 1, "coco_interactive": 2}
+
+
+def _data_ratio(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        r = [int(x) for x in str(text).split("||")]
+    except ValueError:
+        r = []
+    if len(r) != 4 or min(r) < 0:
+        raise ConfigError(f"psalm.data_ratio must be PSALM's 'a||b||c||d' (non-negative integers: panoptic || "
+                          f"referring || region || mm_conv repeats), got {text!r}")
+    if r[3]:
+        raise ConfigError(f"psalm.data_ratio {text!r}: maskloop has no LLaVA conversation (mm_conv) reader; set the "
+                          "4th field to 0")
+    return r
+
+
+def _check_cross_image(p: PsalmConfig, eval_mode: bool) -> None:
+    """``cross_image: true`` <-> a ``coco_interactive_cross`` source in the training data."""
+    n_cross = sum(1 for s in p.data if s.get("kind") == "coco_interactive_cross")
+    if p.cross_image and not n_cross:
+        raise ConfigError("psalm.cross_image is true but `data` has no cross-image source; add "
+                          "{kind: coco_interactive_cross, json_path: <PSALM's cross-image json>, image_dir: <root>}")
+    if n_cross and not p.cross_image and not eval_mode:
+        raise ConfigError("`data` has a coco_interactive_cross source but psalm.cross_image is false; set "
+                          "psalm.cross_image: true to train the cross-image task (or drop the source)")
+
+
 def _tokenizer(cfg, class_names: list[str]):
     path = cfg["tokenizer"] if isinstance(cfg, dict) else cfg.psalm.tokenizer
     if path:
@@ -146,13 +177,22 @@ def build_psalm(config: dict | TrainConfig, eval_mode: bool = False) -> dict:
     if not p.data:
         raise ConfigError("the PSALM recipe needs `data`: a list of source specs, e.g. "
                           "[{kind: coco_panoptic, root: /data/coco, split: train2017}, ...]")
+    _check_cross_image(p, eval_mode)
+    ratio = _data_ratio(p.data_ratio)
     sources, repeats = {}, {}
     for i, spec in enumerate(p.data):
         name = spec.get("name") or f"{spec['kind']}{i}"
         s = dict(spec)
         s.setdefault("name", name)
         sources[name] = build_source(s, image_size, mask_size, cfg.seed)
-        repeats[name] = int(spec.get("repeat", 1)) if not eval_mode else 1
+        rep = int(spec.get("repeat", 1))
+        if ratio is not None and spec["kind"] in _RATIO_GROUP:
+            if "repeat" in spec:
+                raise ConfigError(f"data source {name!r} sets `repeat` and psalm.data_ratio is set too; give one")
+            rep = ratio[_RATIO_GROUP[spec["kind"]]]
+        repeats[name] = rep if not eval_mode else 1
+    if not eval_mode and not any(repeats.values()):
+        raise ConfigError("every PSALM data source has repeat 0 (psalm.data_ratio / repeat): nothing to train on")
     class_names = sorted({n for s in sources.values() for n in getattr(s, "class_names", [])})
     tok = _tokenizer(cfg, class_names)
     if len(tok) > mcfg.base_vocab:  # the word tokenizer of the tiny preset may outgrow its base vocabulary
@@ -203,7 +243,14 @@ class PSALMStream:
 
         self.dataset = dataset
         sizes = dataset.source_sizes() if cfg.psalm.single_task_batches else [len(dataset)]
-        self.sampler = SourceBatchSampler(sizes, cfg.batch_size, seed=cfg.seed, num_replicas=world, rank=rank)
+        if cfg.psalm.task_switch is not None and not cfg.psalm.single_task_batches:
+            raise ConfigError("psalm.task_switch (PSALM's turn-taking between sources) needs "
+                              "psalm.single_task_batches: true")
+        try:
+            self.sampler = SourceBatchSampler(sizes, cfg.batch_size, seed=cfg.seed, num_replicas=world, rank=rank,
+                                              task_switch=cfg.psalm.task_switch)
+        except ValueError as e:
+            raise ConfigError(f"psalm.task_switch: {e}") from None
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
                                                   num_workers=cfg.num_workers)
         self.consumed = 0  # batches of the current epoch used

@@ -23,8 +23,12 @@ linear2 / norm2`` become ``self_attn_layer_norm / fc1 / fc2 / final_layer_norm``
 names are resolved against the model's own state dict, so the maps follow transformers'
 renames (``attention.self.query`` -> ``attention.q_proj`` ...). Keys with no counterpart in
 maskloop's model (the derived ``relative_position_index`` buffers, Mask2Former's
-``class_embed`` / ``query_feat``, PSALM's ``SEG_proj`` / ``CLASS_proj`` / ``REGION_proj`` MLPs)
-are kept aside and written back on export. Unknown, missing or wrong-shaped keys raise one
+``class_embed`` / ``query_feat``, PSALM's unused ``SEG_query_embed`` / ``static_query``) are kept
+aside and written back on export. PSALM's classification heads (``predictor.SEG_proj`` /
+``CLASS_proj`` / ``REGION_proj``, and ``SEG_norm`` / ``class_name_norm`` / ``seg_proj_after_norm`` /
+``class_name_proj_after_norm`` when it was trained with ``SEG_NORM``) load by their own names into
+the same modules of :class:`PSALMModel` (``seg_proj`` / ``seg_norm`` in its config); a Mask2Former
+``.pkl`` has none, so they keep their initialisation, as in PSALM. Unknown, missing or wrong-shaped keys raise one
 :class:`~maskloop.model.checkpoints.CheckpointError` listing them all.
 """
 
@@ -135,17 +139,17 @@ class Entry:
     op: str = "copy"  # copy | split3 | rows (leading rows of a larger table, as PSALM trims 200 -> 100 queries)
 
 
+# ``heads``: the file carries PSALM's classification heads (predictor.SEG_proj / CLASS_proj / REGION_proj and,
+# under SEG_NORM, SEG_norm / class_name_norm / *_proj_after_norm); Mask2Former's own decoder has none.
 D2_PREFIXES = {"backbone": "backbone.", "pixel_decoder": "sem_seg_head.pixel_decoder.",
-               "predictor": "sem_seg_head.predictor.", "fpn": "detectron2"}
+               "predictor": "sem_seg_head.predictor.", "fpn": "detectron2", "heads": False}
 PSALM_PREFIXES = {"backbone": "model.vision_tower.", "pixel_decoder": "pixel_decoder.",
-                  "predictor": "predictor.", "fpn": "sequential"}
+                  "predictor": "predictor.", "fpn": "sequential", "heads": True}
 
 # Published keys with no counterpart in PSALMModel: kept aside (export writes them back).
 _ASIDE = [
     r".*\.attn\.relative_position_index",  # derived buffer (recomputed from the window size)
     r".*predictor\.(class_embed|query_feat|static_query|new_query_feat|SEG_query_embed)\..*",
-    r".*predictor\.(SEG_proj|CLASS_proj|REGION_proj|seg_proj_after_norm|class_name_proj_after_norm)\..*",
-    r".*predictor\.(SEG_norm|class_name_norm)\..*",
     r"criterion\..*", r"pixel_(mean|std)",
 ]
 _ASIDE_RE = re.compile("|".join(f"(?:{p})" for p in _ASIDE))
@@ -256,6 +260,12 @@ def mask2former_entries(model, prefixes: dict = D2_PREFIXES) -> list[Entry]:
     e(f"{PR}query_embed.weight", "predictor.query_pos.weight", op="rows")
     for k in sorted(x for x in keys if x.startswith(f"{M}input_projections.")):  # only when in != hidden dim
         e(PR + "input_proj." + k[len(f"{M}input_projections."):], k)
+    if prefixes.get("heads"):  # PSALM's heads, same module names in both (predictor.<name>.layers.{k} / LayerNorm)
+        heads = sorted(k for k in keys if re.match(
+            r"predictor\.(SEG_proj|CLASS_proj|REGION_proj|seg_proj_after_norm|class_name_proj_after_norm|SEG_norm"
+            r"|class_name_norm)\.", k))
+        for k in heads:
+            e(PR + k[len("predictor."):], k)
     return out
 
 
@@ -302,7 +312,8 @@ def _report(what: str, **lists: list[str]) -> str:
         if items:
             lines.append(f"  {name.replace('_', ' ')} ({len(items)}):")
             lines += [f"    {x}" for x in items[:40]] + ([f"    ... and {len(items) - 40} more"] if len(items) > 40 else [])
-    lines.append("Check the preset (swin_type base/large, depths, enc_layers, dec_layers, fpn_style) against the file.")
+    lines.append("Check the preset (swin_type base/large, depths, enc_layers, dec_layers, fpn_style, seg_proj, "
+                 "seg_norm) against the file.")
     return "\n".join(lines)
 
 

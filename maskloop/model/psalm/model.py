@@ -22,8 +22,11 @@ Data flow (B = batch, T = prompt length, D = LLM width, C = mask-head width 256)
    the masked-attention decoder (transformers ``Mask2FormerTransformerModule``'s layers,
    fed our queries instead of its learned ones) -> per-layer masks (B, Nq, H/4, W/4) and
    query states (B, Nq, C).
-8. Class logits by similarity: query . class-name embedding (+ a learned no-object
-   logit), query . region embedding (+ no-object), and query . [SEG] embedding (objectness).
+8. Class logits by similarity, PSALM's ``forward_prediction_heads``: the decoder's normed query
+   states go through PSALM's 2-layer MLPs ``predictor.CLASS_proj`` / ``REGION_proj`` / ``SEG_proj``
+   (``seg_proj``), then . class-name embedding (+ a learned no-object logit; PSALM instead lists
+   ``background`` among the class names), . region embedding (+ no-object), . [SEG] embedding
+   (objectness; for referring PSALM's SEG embedding, the pooled ``<refer>`` span).
 
 Token layout per task (``PSALMTokens``):
     single image : ... <image>*N_img [<image_deform>] ...  <cls>*K | <region>*R | refer text
@@ -101,6 +104,21 @@ class PSALMConfig:
     # (convs with bias, ReLU after the lateral GroupNorm), "detectron2" as Mask2Former's own
     # (bias-free convs, no lateral activation; transformers' module as it is)
     fpn_style: str = "psalm"
+    # PSALM's classification heads (MASK_FORMER.SEG_PROJ / SEG_NORM of its mask config; PSALM trains with
+    # SEG_PROJ True, SEG_NORM False): ``seg_proj`` puts the 2-layer MLPs SEG_proj / CLASS_proj / REGION_proj on
+    # the decoder's normed query states before each similarity; ``seg_norm`` adds LayerNorm + MLP on the [SEG]
+    # and class-name embeddings (SEG_norm + seg_proj_after_norm, class_name_norm + class_name_proj_after_norm)
+    seg_proj: bool = True
+    seg_norm: bool = False
+    # the no-object logit of the class-name tasks: "embed" a learned vector (maskloop's); "background" PSALM's
+    # way -- the class name ``background`` is the last of every sample's class names (the collator appends
+    # it) and its similarity is the no-object column
+    no_object: str = "embed"
+    # how a class name enters the prompt: "token" one <cls> position holding the name's pooled word embeddings
+    # (maskloop's); "span" PSALM's -- the name's own word embeddings followed by the [SEG] embedding
+    # (preprocess_class_name(CLS_token='[SEG]')), one <cls> position each, and the class-name embedding is
+    # the average of the LLM's hidden states over that span (get_class_name_embedding)
+    class_name_tokens: str = "token"
     gradient_checkpointing: bool = False  # Swin blocks, Phi layers, pixel-decoder encoder layers
     # Connectors
     connector_mid: int | None = None  # swin_conv inner width; default 2 * res5 dim
@@ -218,15 +236,49 @@ class PSALMOutput:
     deform_tokens: torch.Tensor | None  # (B, 1 or Q, D)
 
 
-class _QueryDecoder(nn.Module):
-    """Mask2Former masked-attention decoder (transformers module) with external queries."""
+class PSALMMLP(nn.Module):
+    """PSALM's ``MLP(d, d, d, n)``: Linear layers ``layers.{i}``, ReLU between them (not after the last)."""
 
-    def __init__(self, config: Mask2FormerConfig):
+    def __init__(self, dim: int, num_layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class _QueryDecoder(nn.Module):
+    """Mask2Former masked-attention decoder (transformers module) with external queries, and PSALM's
+    classification heads on its normed query states (``SEG_proj`` / ``CLASS_proj`` / ``REGION_proj``,
+    PSALM's ``forward_prediction_heads``)."""
+
+    def __init__(self, config: Mask2FormerConfig, seg_proj: bool = True, seg_norm: bool = False):
         super().__init__()
         # reuse transformers' module for its layers; its own learned queries are unused
         self.module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
         del self.module.queries_embedder, self.module.queries_features
         self.query_pos = nn.Embedding(config.num_queries, config.hidden_dim)
+        C = config.hidden_dim
+        self.seg_proj, self.seg_norm = seg_proj, seg_norm
+        if seg_proj:  # PSALM leaves them at nn.Linear's default init
+            self.SEG_proj, self.CLASS_proj, self.REGION_proj = PSALMMLP(C), PSALMMLP(C), PSALMMLP(C)
+        if seg_norm:
+            self.SEG_norm, self.class_name_norm = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.seg_proj_after_norm, self.class_name_proj_after_norm = PSALMMLP(C), PSALMMLP(C)
+
+    def head_states(self, kind: str, states: torch.Tensor) -> torch.Tensor:
+        """Normed query states (B, Nq, C) through the ``kind`` ('SEG' / 'CLASS' / 'REGION') MLP."""
+        return getattr(self, f"{kind}_proj")(states) if self.seg_proj else states
+
+    def seg_embedding(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.seg_proj_after_norm(self.SEG_norm(emb)) if self.seg_norm else emb
+
+    def class_name_embedding(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.class_name_proj_after_norm(self.class_name_norm(emb)) if self.seg_norm else emb
 
     def forward(self, queries: torch.Tensor, multi_scale: list[torch.Tensor], mask_features: torch.Tensor):
         """queries (B, Nq, C) -> (masks [(B, Nq, h, w)] per layer, states [(B, Nq, C)] per layer)."""
@@ -309,7 +361,11 @@ class PSALMModel(nn.Module):
             _psalm_fpn(self.pixel_decoder, list(c.level_dims), c.mask_hidden)
         elif c.fpn_style != "detectron2":
             raise ValueError(f"fpn_style must be 'psalm' or 'detectron2', got {c.fpn_style!r}")
-        self.predictor = _QueryDecoder(m2f)
+        if c.class_name_tokens not in ("token", "span"):
+            raise ValueError(f"class_name_tokens must be 'token' or 'span' (PSALM's), got {c.class_name_tokens!r}")
+        if c.no_object not in ("embed", "background"):
+            raise ValueError(f"no_object must be 'embed' or 'background' (PSALM's), got {c.no_object!r}")
+        self.predictor = _QueryDecoder(m2f, seg_proj=c.seg_proj, seg_norm=c.seg_norm)
         self.seg_query = nn.Parameter(torch.zeros(c.num_queries, c.llm_hidden))
         self.seg_query_projector = nn.Linear(c.llm_hidden, c.mask_hidden)
         self.SEG_token_projector = nn.Linear(c.llm_hidden, c.mask_hidden)
@@ -341,6 +397,16 @@ class PSALMModel(nn.Module):
 
     def word_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
+
+    def class_name_spans(self, class_name_ids, class_name_mask, class_valid):
+        """PSALM's class-name spans: (rows (N, D) = each valid class's word embeddings then the [SEG]
+        embedding, in prompt order; owner (N,) = the flat (b * K + k) class index of each row)."""
+        B, K, L = class_name_ids.shape
+        e = self.word_embeddings(class_name_ids)  # (B, K, L, D)
+        seg = self.word_embeddings(torch.full((B, K, 1), self.config.tokens.seg_token, device=e.device))
+        keep = torch.cat([class_name_mask.bool() & class_valid[..., None], class_valid[..., None]], dim=2)
+        owner = torch.arange(B * K, device=e.device).view(B, K, 1).expand(B, K, L + 1)[keep]
+        return torch.cat([e, seg], dim=2)[keep], owner
 
     def class_name_embeddings(self, class_name_ids: torch.Tensor, class_name_mask: torch.Tensor) -> torch.Tensor:
         """Pooled word embeddings of each category name: (B, K, Lc) -> (B, K, D)."""
@@ -377,7 +443,11 @@ class PSALMModel(nn.Module):
             cls_emb = self.class_name_embeddings(class_name_ids, class_name_mask)  # (B, K, D)
             if class_valid is None:
                 class_valid = torch.ones(cls_emb.shape[:2], dtype=torch.bool, device=cls_emb.device)
-            embeds = _scatter_rows(embeds, input_ids == tok.cls, cls_emb[class_valid], "<cls>")
+            if c.class_name_tokens == "span":
+                rows, cls_owner = self.class_name_spans(class_name_ids, class_name_mask, class_valid)
+            else:
+                rows = cls_emb[class_valid]
+            embeds = _scatter_rows(embeds, input_ids == tok.cls, rows, "<cls>")
             z_q, q_mask = cls_emb, class_valid
         elif task in ("region", "cross_image"):
             if region_valid is None:
@@ -412,31 +482,60 @@ class PSALMModel(nn.Module):
         hidden = llm_out.hidden_states[-1]  # (B, T, D)
 
         queries = self.seg_query_projector(_gather_rows(hidden, seg_where, nq))  # (B, Nq, C)
-        seg_emb = self.SEG_token_projector(_gather_rows(hidden, input_ids == tok.seg_token, 1))  # (B, 1, C)
+        P = self.predictor
+        refer_pooled = None
+        if task == "referring":  # PSALM's get_SEG_embedding: the <refer> span's hidden states, average-pooled
+            m = refer_mask.to(hidden.dtype)[..., None]
+            refer_pooled = ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))[:, None]  # (B, 1, D)
+            seg_src = refer_pooled
+        else:  # PSALM has no [SEG] embedding here; ours is the [SEG] token's hidden state
+            seg_src = _gather_rows(hidden, input_ids == tok.seg_token, 1)
+        seg_emb = P.seg_embedding(self.SEG_token_projector(seg_src))  # (B, 1, C)
         pix = self.pixel_decoder(levels)
-        masks, states = self.predictor(queries, list(pix.multi_scale_features), pix.mask_features)
+        masks, states = P(queries, list(pix.multi_scale_features), pix.mask_features)
 
+        # PSALM's forward_prediction_heads: each similarity sees the normed query states through its MLP
         class_logits = region_logits = None
         noobj = self.no_object_embed
         if task in ("panoptic", "semantic", "instance", "referring"):
             if task == "referring":
-                m = refer_mask.to(hidden.dtype)[..., None]
-                names = ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))[:, None]  # (B, 1, D)
+                names = refer_pooled
                 valid = torch.ones(B, 1, dtype=torch.bool, device=hidden.device)
             else:
                 K = class_valid.shape[1]
-                names = torch.zeros(B, K, c.llm_hidden, dtype=hidden.dtype, device=hidden.device)
-                names = names.masked_scatter(class_valid[..., None], hidden[input_ids == tok.cls])
+                if c.class_name_tokens == "span":  # average over each class's span (PSALM's class_name_pooling)
+                    h = hidden[input_ids == tok.cls]
+                    sums = h.new_zeros(B * K, h.shape[-1]).index_add_(0, cls_owner, h)
+                    n = torch.bincount(cls_owner, minlength=B * K).clamp_min(1).to(h.dtype)
+                    names = (sums / n[:, None]).view(B, K, -1)
+                else:
+                    names = torch.zeros(B, K, c.llm_hidden, dtype=hidden.dtype, device=hidden.device)
+                    names = names.masked_scatter(class_valid[..., None], hidden[input_ids == tok.cls])
                 valid = class_valid
-            class_logits = [self._similarity(s, self.class_name_projector(names), valid, noobj) for s in states]
+            names = P.class_name_embedding(self.class_name_projector(names))
+            if task != "referring" and c.no_object == "background":
+                class_logits = [self._background_similarity(P.head_states("CLASS", s), names, valid) for s in states]
+            else:
+                class_logits = [self._similarity(P.head_states("CLASS", s), names, valid, noobj) for s in states]
         if task in ("region", "cross_image"):
             R = region_valid.shape[1]
             regs = torch.zeros(B, R, c.llm_hidden, dtype=hidden.dtype, device=hidden.device)
             regs = regs.masked_scatter(region_valid[..., None], hidden[input_ids == tok.region])
-            region_logits = [self._similarity(s, self.region_projector(regs), region_valid, noobj) for s in states]
-        seg_logits = [(s * seg_emb).sum(-1) for s in states]
+            regs = self.region_projector(regs)
+            region_logits = [self._similarity(P.head_states("REGION", s), regs, region_valid, noobj) for s in states]
+        seg_logits = [(P.head_states("SEG", s) * seg_emb).sum(-1) for s in states]
         return PSALMOutput(masks, class_logits, region_logits, seg_logits, llm_out.logits,
                            llm_out.loss if labels is not None else None, deform)
+
+    @staticmethod
+    def _background_similarity(states, emb, valid):
+        """PSALM's no-object: the last valid class of each row is ``background``. -> (B, Nq, K+1): its
+        similarity moved to the last column, its own column -inf (no target points at it)."""
+        logits = torch.einsum("bqc,bkc->bqk", states, emb).masked_fill(~valid[:, None, :], float("-inf"))
+        bg = (valid.sum(1) - 1).clamp_min(0)  # (B,)
+        bg_col = logits.gather(2, bg[:, None, None].expand(-1, logits.shape[1], 1))
+        at_bg = F.one_hot(bg, logits.shape[2]).bool()[:, None, :]
+        return torch.cat([logits.masked_fill(at_bg, float("-inf")), bg_col], dim=-1)
 
     @staticmethod
     def _similarity(states, emb, valid, noobj):
@@ -455,11 +554,16 @@ def build_prompt_ids(
     n_cls: int = 0,
     n_regions: int = 0,
     refer_ids: list[int] | None = None,
+    cls_lengths: list[int] | None = None,
 ) -> tuple[list[int], list[bool]]:
     """One prompt's ids and refer mask, in the layout of the module docstring (no tokenizer).
 
-    ``text_ids`` is the instruction text (already tokenised); ``refer_ids`` the expression.
+    ``text_ids`` is the instruction text (already tokenised); ``refer_ids`` the expression;
+    ``cls_lengths`` (``class_name_tokens: span``): the span length of each class name (its tokens + 1
+    for [SEG]), in place of ``n_cls`` single positions.
     """
+    if cls_lengths is not None:
+        n_cls = int(sum(cls_lengths))
     tok = config.tokens
     ids: list[int] = []
     if task == "cross_image":
