@@ -15,9 +15,11 @@ from maskloop.model.video import (
     Prompt,
     SAM2Propagator,
     VideoSegmenter,
+    _video_model_class,
     build_sam2_video,
     hf_key_to_memory,
     keyframe_indices,
+    memory_dim,
     memory_key_to_hf,
     seg_prompts,
     video_seg_parts,
@@ -86,7 +88,8 @@ def test_propagation_equals_transformers_video_inference(tiny):
     model, vm0 = tiny
     cfg = copy.deepcopy(vm0.config)
     cfg.max_object_pointers_in_encoder = 8  # an 8-frame memory window: 11 frames exercise the trimming
-    vm = Sam2VideoModel(cfg).eval()
+    vm = _video_model_class()(cfg).eval()  # ours, with SAM2's 64-wide memory: transformers' own modules
+    vm.keep_absent_logits = False  # transformers' NO_OBJ_SCORE fill (the reference's)
     vm.load_state_dict(vm0.state_dict())
     G = model.cfg.sam2.image_size
     T = 11
@@ -146,7 +149,7 @@ def test_language_keyframes_equal_direct_decoder(tiny):
                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
                     high_resolution_features=list(feats.high_res))
                 best = low[0, 0, int(iou[0, 0].argmax())] if multimask else low[0, 0, 0]
-                if float(score.flatten()[0]) <= 0:
+                if float(score.flatten()[0]) <= 0 and not vm.keep_absent_logits:
                     best = torch.full_like(best, -1024.0)
                 got = session.output_dict_per_obj[i]["cond_frame_outputs"][k]
                 torch.testing.assert_close(got["pred_masks"][0, 0], best, atol=1e-5, rtol=1e-5)
@@ -188,11 +191,42 @@ def test_memory_key_map_round_trip(tiny):
     del m2.sam_memory_weights
 
 
-def test_narrow_sam2_is_refused(tiny_model):
-    from maskloop.config import ConfigError
+# follows facebookresearch/sam2 sam2/modeling/sam2_base.py _prepare_memory_conditioned_features (object
+#   pointers split into C / mem_dim tokens when mem_dim < C, kept whole when equal) and
+#   sam2/configs/sam2/sam2_hiera_l.yaml (memory_attention cross_attention kv_in_dim: 64 = mem_dim); transformers
+#   v5.24.0 modeling_sam2_video.py L950 (kv_in_dim=64 hard-coded), L2438-L2445 (split only when mem_dim < C)
+@pytest.mark.parametrize("preset,prompt_dim,mem", [("tiny", 32, 32), ("tiny-demo", 64, 64), ("tiny", 128, 64)])
+def test_narrow_presets_propagate(preset, prompt_dim, mem):
+    """The tiny presets' SAM2 (32 and 64 wide) get a memory width that divides prompt_dim; the memory
+    attention reads memories of that width, object pointers enter as prompt_dim / mem_dim tokens, and a
+    mask prompt propagates through a clip."""
+    from maskloop.model.grounded import GroundedMLLM
+    from maskloop.model.presets import get_preset
+    from maskloop.model.prompts import build_word_tokenizer
 
-    with pytest.raises(ConfigError, match="multiple of 64 above 64"):
-        build_sam2_video(tiny_model)
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    cfg.sam2.prompt_dim = prompt_dim
+    assert memory_dim(prompt_dim) == mem
+    m = GroundedMLLM(cfg, build_word_tokenizer(WORDS)).eval()
+    with pytest.warns(UserWarning, match="no SAM2 memory weights"):
+        vm = build_sam2_video(m)
+    assert vm.mem_dim == mem
+    for layer in vm.memory_attention.layers:
+        assert layer.cross_attn_image.k_proj.in_features == mem == layer.cross_attn_image.v_proj.in_features
+    # object pointers of 3 frames, (1, 1, C) each as stored: SAM2's layout is (3 * C / mem, 1, mem), pointer
+    # k's C channels split in order into consecutive tokens, each token with its pointer's position embedding
+    toks = [torch.randn(1, 1, prompt_dim) for _ in range(3)]
+    ptrs, pos = vm._process_object_pointers([1, 2, 3], toks, 16, 1, prompt_dim, "cpu")
+    splits = prompt_dim // mem
+    ref = torch.cat([t.reshape(splits, 1, mem) for t in toks])
+    assert torch.equal(ptrs, ref) and pos.shape == (3 * splits, 1, mem)
+    G, T = cfg.sam2.image_size, 7
+    video, masks = _video(T, G)
+    prop = SAM2Propagator(m.sam, vm)
+    out = list(prop.propagate(iter(video), T, {0: Prompt(video[0], masks=masks[0][None])}))
+    assert [i for i, _ in out] == list(range(T))
+    assert all(o.shape == (1, G // 4, G // 4) and torch.isfinite(o).all() for _, o in out)
 
 
 # follows magic-research/Sa2VA projects/llava_sam2/evaluation/dataset/refVOS.py L13, L98 ('Please segment

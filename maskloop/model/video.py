@@ -25,15 +25,21 @@ names) and the memory side from the checkpoint's kept-aside SAM2 memory weights 
 dropped after it is processed, and tracked outputs older than the memory window are dropped, so a long
 video never holds all its frames (or all its per-frame outputs) on the device.
 
-Differences from Sa2VA's own SAM2 code, both on transformers' side: transformers replaces the mask
-logits of a frame whose object score is negative (object absent) by -1024 (SAM2's ``NO_OBJ_SCORE``);
-Sa2VA's patched SAM2 keeps the raw logits there.  Sa2VA's evaluation feeds a question containing "?"
-without any image block (its prompt template is only applied when there is no "?"); we always show the
-keyframes.
+Absent objects: Sa2VA's patched SAM2 keeps the mask logits of a frame whose object score is negative
+(its ``_forward_sam_heads`` leaves SAM2's NO_OBJ_SCORE fill commented out; the object pointer is still
+replaced by the no-object pointer); transformers fills them with -1024.  We keep them, on keyframes and
+tracked frames (``keep_absent_logits``; off: transformers' own behaviour).  Sa2VA's evaluation feeds a
+question containing "?" without any image block (its prompt template is only applied when there is no
+"?"); we always show the keyframes.
+
+Memory width: SAM2's memory is 64 wide for every published shape; narrower presets (the tiny test and demo
+models) get :func:`memory_dim` and a video model class that honours it (:func:`_video_model_class`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -153,25 +159,44 @@ def _is_memory_param(name: str) -> bool:
 # building the video model
 
 
+SAM2_MEMORY_DIM = 64  # SAM2's memory width (``mem_dim``; memory encoder output, memory-attention key/value input)
+
+
+def memory_dim(prompt_dim: int) -> int:
+    """SAM2's memory width for a SAM2 of width ``prompt_dim``: 64 (SAM2's) when ``prompt_dim`` is a multiple of
+    64, else the largest power of two dividing it (narrow test / demo presets).
+
+    The constraint (SAM2's ``_prepare_memory_conditioned_features`` and transformers' port of it): an object
+    pointer (``prompt_dim`` wide) enters the memory attention as ``prompt_dim / mem_dim`` tokens of ``mem_dim``
+    channels, so ``mem_dim`` must divide ``prompt_dim``; the memory's sine position encoding takes
+    ``mem_dim / 2`` features (even).
+    """
+    from maskloop.config import ConfigError
+
+    mem = math.gcd(int(prompt_dim), SAM2_MEMORY_DIM)
+    if mem < 4:
+        raise ConfigError(f"sam2.prompt_dim={prompt_dim} leaves no SAM2 memory width: SAM2's memory needs a width "
+                          f"that divides prompt_dim and is a multiple of 4 (prompt_dim a multiple of 4; 256 for "
+                          f"the published Hiera-L)")
+    return mem
+
+
 def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_encoding: bool = False):
     """A ``Sam2VideoConfig``: our SAM2 image shapes + SAM2's memory shapes (Hiera-L's at 1024).
 
     Sa2VA's SAM2 is SAM2.0 (``add_tpos_enc_to_obj_ptrs=False``, no ``no_obj_embed_spatial``): both flags
-    default off and are switched on when the checkpoint holds the corresponding weights.
+    default off and are switched on when the checkpoint holds the corresponding weights.  The memory width
+    is :func:`memory_dim` (64 for every published shape).  A model whose language prompts take SAM2's
+    single-mask output (``sam2.language_mask="single"``: decoders trained from scratch, whose IoU head never
+    learns to rank the multimask tokens) takes it on tracked frames too (``multimask_output_in_sam`` off).
     """
     from transformers import Sam2VideoConfig
 
-    from maskloop.config import ConfigError
     from maskloop.model.presets import sam2_config
 
     img = sam2_config(cfg)
     C = cfg.sam2.prompt_dim
-    if C % 64 or C <= 64:
-        raise ConfigError(
-            f"SAM2 video memory needs sam2.prompt_dim to be a multiple of 64 above 64 (transformers' memory "
-            f"attention reads 64-channel memories and splits the object pointers into 64-wide tokens); model "
-            f"{cfg.name!r} has {C}: use sa2va-1b / sa2va-4b shapes (256) or set sam2.prompt_dim=128")
-    mem = 64  # SAM2's memory width (fixed in transformers' memory attention)
+    mem = memory_dim(C)
     grid = cfg.sam2.image_size // 16
     small = C < 256
     return Sam2VideoConfig(
@@ -179,6 +204,7 @@ def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_e
         prompt_encoder_config=img.prompt_encoder_config.to_dict(),
         mask_decoder_config=img.mask_decoder_config.to_dict(),
         image_size=cfg.sam2.image_size,
+        multimask_output_in_sam=cfg.sam2.language_mask == "best_iou",
         enable_occlusion_spatial_embedding=occlusion_embedding,
         enable_temporal_pos_encoding_for_object_pointers=temporal_pointer_encoding,
         memory_attention_hidden_size=C,
@@ -192,6 +218,81 @@ def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_e
     )
 
 
+def _pick_mask(low_multi: torch.Tensor, iou: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's choice of one mask per object from the decoder's output: (B, n, M, g, g) logits and (B, n, M)
+    predicted IoUs -> the highest-IoU mask when M > 1 (multimask), else mask 0, at low res (B, n, g, g)
+    and bilinearly at ``size`` (B, n, size, size)."""
+    if low_multi.shape[2] > 1:
+        best = iou.argmax(-1)  # (B, n)
+        low = torch.gather(low_multi, 2, best[..., None, None, None].expand(-1, -1, 1, *low_multi.shape[-2:]))[:, :, 0]
+    else:
+        low = low_multi[:, :, 0]
+    high = F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False).to(low.dtype)
+    return low, high
+
+
+@functools.lru_cache(maxsize=None)
+def _video_model_class():
+    """transformers' ``Sam2VideoModel``, made to honour any memory width (:func:`memory_dim`).
+
+    Two spots in transformers' port assume SAM2's published shapes, where ``mem_dim`` = 64 < ``prompt_dim``
+    = 256; elsewhere it follows ``memory_encoder_output_channels``:
+
+    * the memory attention's cross-attention reads keys / values of a hard-coded 64 channels (SAM2's config
+      gives ``kv_in_dim: 64`` = ``mem_dim``): rebuilt here with ``mem_dim`` inputs;
+    * object pointers (stored as (1, 1, C) per frame) are flattened to (tokens, batch, mem_dim) only on the
+      ``mem_dim < C`` branch that splits them; when ``mem_dim == C`` (SAM2 leaves them whole, one token per
+      frame) the stacked (n, 1, 1, C) pointers stay 4-D and the concatenation with the memories fails:
+      flattened here the way the splitting branch does with one split.
+
+    With ``mem_dim`` = 64 < ``prompt_dim`` (all published shapes) the class is transformers' own.
+    """
+    from transformers import Sam2VideoModel
+
+    class MemoryWidthSam2VideoModel(Sam2VideoModel):
+        #: Sa2VA's SAM2 keeps the mask logits of a frame whose object score is <= 0 (its patched
+        #: ``_forward_sam_heads`` comments out SAM2's NO_OBJ_SCORE fill; the object pointer is still gated);
+        #: transformers fills them with -1024.  True: Sa2VA's (the default); False: transformers' own.
+        keep_absent_logits: bool = True
+
+        def __init__(self, config):
+            super().__init__(config)
+            mem = config.memory_encoder_output_channels
+            for layer in self.memory_attention.layers:
+                att = layer.cross_attn_image
+                if att.kv_in_dim != mem:
+                    att.kv_in_dim = mem
+                    for name in ("k_proj", "v_proj"):  # transformers' init of a Linear
+                        lin = nn.Linear(mem, att.internal_dim)
+                        nn.init.normal_(lin.weight, std=config.initializer_range)
+                        nn.init.zeros_(lin.bias)
+                        setattr(att, name, lin)
+
+        def _process_object_pointers(self, temporal_offsets, pointer_tokens, max_object_pointers_to_use,
+                                     batch_size, num_channels, device):
+            ptrs, pos = super()._process_object_pointers(temporal_offsets, pointer_tokens,
+                                                         max_object_pointers_to_use, batch_size, num_channels,
+                                                         device)
+            if ptrs is not None and ptrs.dim() != 3:  # mem_dim == C: one token per pointer
+                ptrs = ptrs.reshape(-1, batch_size, self.mem_dim)
+            return ptrs, pos
+
+        def _single_frame_forward(self, *args, **kwargs):
+            if not self.keep_absent_logits:
+                return super()._single_frame_forward(*args, **kwargs)
+            seen = []
+            hook = self.mask_decoder.register_forward_hook(lambda mod, inp, out: seen.append(out))
+            try:
+                out = super()._single_frame_forward(*args, **kwargs)
+            finally:
+                hook.remove()
+            if len(seen) == 1:  # the decoder ran (not a mask used as the output): its raw logits, same pick
+                out.pred_masks, out.high_res_masks = _pick_mask(seen[0][0], seen[0][1], self.image_size)
+            return out
+
+    return MemoryWidthSam2VideoModel
+
+
 def build_sam2_video(model) -> nn.Module:
     """transformers' ``Sam2VideoModel`` holding ``model``'s SAM2: image side copied from ``model.sam.sam``,
     memory side from ``model.sam_memory_weights`` (a loaded checkpoint's) when present.
@@ -200,13 +301,11 @@ def build_sam2_video(model) -> nn.Module:
     transformers' random initialisation (tests, benchmarks).  A checkpoint whose memory weights do not
     cover the video model, or have unknown names or wrong shapes, raises :class:`CheckpointError`.
     """
-    from transformers import Sam2VideoModel
-
     extra = getattr(model, "sam_memory_weights", None) or {}
     extra = {k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k: v for k, v in extra.items()}
     vcfg = sam2_video_config(model.cfg, occlusion_embedding="no_obj_embed_spatial" in extra,
                              temporal_pointer_encoding=any(k.startswith("obj_ptr_tpos_proj.") for k in extra))
-    vm = Sam2VideoModel(vcfg)
+    vm = _video_model_class()(vcfg)
     target = vm.state_dict()
     image_sd = model.sam.sam.state_dict()
     missing_img = sorted(k for k in target if not _is_memory_param(k) and k not in image_sd)
@@ -328,9 +427,10 @@ class SAM2Propagator:
         memories encoded from the binarised masks.
 
         One SAM2 decoder call for all objects (objects on SAM2's point-batch axis; transformers' own
-        ``_single_frame_forward`` handles one object per call).  The post-processing is transformers' per
-        object: logits of an absent object (score <= 0) -> NO_OBJ_SCORE, multimask -> the best predicted
-        IoU (its output token makes the object pointer), pointer of an absent object -> ``no_object_pointer``.
+        ``_single_frame_forward`` handles one object per call).  The post-processing is SAM2's per object:
+        multimask -> the best predicted IoU (its output token makes the object pointer), pointer of an
+        absent object (score <= 0) -> ``no_object_pointer``; the logits of an absent object are kept as
+        Sa2VA does (``keep_absent_logits``; transformers' own fill them with NO_OBJ_SCORE).
         """
         vm = self.vm
         n = lang.shape[0]
@@ -353,17 +453,13 @@ class SAM2Propagator:
             high_resolution_features=high_res,
         )  # (1, n, M, g, g), (1, n, M), (1, n, M, C), (1, n, 1)
         appear = score > 0
-        low_multi = torch.where(appear[..., None, None], low_multi, _NO_OBJ_SCORE)
+        if not getattr(vm, "keep_absent_logits", False):  # transformers' NO_OBJ_SCORE fill
+            low_multi = torch.where(appear[..., None, None], low_multi, _NO_OBJ_SCORE)
+        low, high = _pick_mask(low_multi, iou, vm.image_size)  # (1, n, g, g), (1, n, S, S)
         token = tokens[:, :, 0]
-        if multimask:
+        if multimask and tokens.shape[2] > 1:
             best = iou.argmax(-1)  # (1, n)
-            low = torch.gather(low_multi, 2, best[..., None, None, None].expand(-1, -1, 1, *low_multi.shape[-2:]))[:, :, 0]
-            if tokens.shape[2] > 1:
-                token = torch.gather(tokens, 2, best[..., None, None].expand(-1, -1, 1, tokens.shape[-1]))[:, :, 0]
-        else:
-            low = low_multi[:, :, 0]  # (1, n, g, g)
-        S = vm.image_size
-        high = F.interpolate(low.float(), size=(S, S), mode="bilinear", align_corners=False).to(low.dtype)
+            token = torch.gather(tokens, 2, best[..., None, None].expand(-1, -1, 1, tokens.shape[-1]))[:, :, 0]
         ptr = vm.object_pointer_proj(token)  # (1, n, C)
         lam = appear.to(ptr.dtype)
         ptr = lam * ptr + (1 - lam) * vm.no_object_pointer
