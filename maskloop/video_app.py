@@ -161,9 +161,13 @@ def cmd_eval_video(args, model) -> int:
     if not args.video_data:
         raise ValueError("--video-dataset needs --video-data ROOT (the split folder / DAVIS folder / ReVOS folder)")
     ds = open_video_dataset(args.video_dataset, args.video_data, args.video_split)
-    seg = VideoSegmenter(model, keyframes=args.keyframes)
+    seg = VideoSegmenter(model, keyframes=args.keyframes, protocol=getattr(args, "protocol", "generate"),
+                         max_new_tokens=getattr(args, "max_new_tokens", 32))
     with eval_mode(model):
         res = evaluate_video_dataset(ds, seg.segment, submission_dir=args.submit, max_videos=args.max_samples)
+    res["protocol"], res["no_seg"] = seg.protocol, seg.no_seg  # expressions whose answer held no [SEG]
+    if seg.no_seg:
+        print(f"{seg.no_seg} expression(s) answered without [SEG]: empty masks (Sa2VA's evaluation)")
     if ds.has_masks:
         print(format_jf(res))
     else:

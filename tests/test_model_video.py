@@ -253,16 +253,22 @@ def test_segmenter_batched_over_expressions(tiny):
     S = model.cfg.vision.image_size
     pv = torch.randn(4, 3, S, S, generator=torch.Generator().manual_seed(0))
     texts = ["red circle", "blue square left", "a small green triangle"]
-    both = seg_prompts(model, pv, texts)
-    one = torch.cat([seg_prompts(model, pv, [t]) for t in texts])
+    both = seg_prompts(model, pv, texts, protocol="teacher_forced")["prompts"]
+    one = torch.cat([seg_prompts(model, pv, [t], protocol="teacher_forced")["prompts"] for t in texts])
     torch.testing.assert_close(both, one, atol=1e-5, rtol=1e-5)
 
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(7)]
-    seg = VideoSegmenter(model, keyframes="uniform")
+    seg = VideoSegmenter(model, keyframes="uniform", protocol="teacher_forced")
     out = list(seg.segment(lambda i: frames[i], lambda: iter(frames), len(frames), texts[:2]))
     assert [i for i, _ in out] == list(range(7))
     assert all(m.shape == (2, 30, 40) and m.dtype == bool for _, m in out)
+    assert seg.no_seg == 0 and seg.answers is None
+    # generation (the default): the random model writes no [SEG]: empty masks on every frame, counted
+    gen = VideoSegmenter(model, keyframes="uniform")
+    out = list(gen.segment(lambda i: frames[i], lambda: iter(frames), len(frames), texts[:2]))
+    assert [i for i, _ in out] == list(range(7)) and not any(m.any() for _, m in out)
+    assert gen.no_seg == 2 and len(gen.answers) == 2
     with pytest.raises(ValueError, match="declared"):
         list(seg.segment(lambda i: frames[i], lambda: iter(frames[:5]), 7, texts[:1]))
 
@@ -323,3 +329,66 @@ def test_batched_objects_equal_one_at_a_time(tiny):
     both = run([0, 1, 2])
     for i in range(3):
         torch.testing.assert_close(both[:, i : i + 1], run([i]), atol=1e-4, rtol=1e-4)
+
+
+def _reference_seg_state(model, pv, text, answer_ids):
+    """A straightforward reference: Sa2VA's video prompt as one string (image blocks, question, template),
+    tokenised with the tokenizer's own special tokens, the generated tokens appended, one unpadded forward,
+    the image tokens written into the <IMG_CONTEXT> positions; text_hidden_fcs of the last hidden state at
+    the first [SEG] of the answer."""
+    b, t = model.builder, TEMPLATES[model.cfg.template]
+    block = IMG_START + IMG_CONTEXT * b.n_img + IMG_END + "\n"
+    ids = model.tokenizer.encode(t.user_prefix + block * pv.shape[0] + f"Please segment {text}." + t.user_suffix)
+    ids = torch.tensor(ids + list(answer_ids))[None]
+    emb = model.embed_tokens(ids)
+    feats = model.image_tokens(pv)
+    emb[ids == b.img_ctx_id] = feats.reshape(-1, feats.shape[-1])
+    L = ids.shape[1]
+    hidden = model.run_llm(emb, torch.ones(1, L, dtype=torch.long), torch.arange(L)[None])
+    seg_pos = L - len(answer_ids) + list(answer_ids).index(b.seg_id)
+    return model.text_hidden_fcs(hidden[0, seg_pos])
+
+
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L736-L758 (predict_forward:
+#   generate, hidden states of the generated tokens, get_seg_hidden_states over sequences[0][:-1], the [SEG]
+#   ones -> text_hidden_fcs) and projects/llava_sam2/evaluation/ref_vos_eval.py L161-L173 (the first [SEG]'s
+#   masks; none -> zero masks) (commit d01bf3f)
+@torch.no_grad()
+def test_generated_seg_state_equals_full_forward(tiny, monkeypatch):
+    """Video [SEG] prompts from the generated answer == the reference's hidden state at the generated [SEG]."""
+    from maskloop.model.grounded import Generated
+
+    model, _ = tiny
+    S = model.cfg.vision.image_size
+    pv = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(1))
+    texts = ["red circle", "a small blue square left of the triangle", "green"]  # rows padded differently
+    seg_id, tok = model.builder.seg_id, model.tokenizer
+    # 1. real greedy generation, pushed to say [SEG] at every step: the first [SEG] is the first answer token
+    orig = model.lm_logits
+    monkeypatch.setattr(model, "lm_logits", lambda h: orig(h).index_add(-1, torch.tensor([seg_id]),
+                                                                       torch.full((*h.shape[:-1], 1), 1e4)))
+    r = seg_prompts(model, pv, texts, max_new_tokens=3)
+    assert r["rows"].tolist() == [0, 1, 2]
+    for i, text in enumerate(texts):
+        ref = _reference_seg_state(model, pv, text, [seg_id, seg_id])  # the 2 tokens fed back of 3
+        torch.testing.assert_close(r["prompts"][i], ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(model, "lm_logits", orig)
+    # 2. chosen answers: [SEG] mid-answer; none; [SEG] only as the last token of a cut answer (never fed
+    #    back: no prompt, as in Sa2VA); two [SEG] (the first kept)
+    words = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    answers = [words("a red [SEG] circle"), words("a red circle"), words("a red circle left of [SEG]"), words("[SEG] red [SEG]")]
+    T = 6
+    assert len(answers[2]) == T  # cut at max_new_tokens
+    ids = torch.full((4, T), model.builder.pad_id)
+    for i, a in enumerate(answers):
+        ids[i, : len(a)] = torch.tensor(a)
+    lengths = torch.tensor([len(a) for a in answers])
+    finished = torch.tensor([True, True, False, True])
+    monkeypatch.setattr(model, "generate", lambda *a, **k: Generated(ids, lengths, finished))
+    four = [*texts, "blue"]
+    r = seg_prompts(model, pv, four, max_new_tokens=T)
+    assert r["rows"].tolist() == [0, 3]
+    for j, i in enumerate([0, 3]):
+        torch.testing.assert_close(r["prompts"][j], _reference_seg_state(model, pv, four[i], answers[i]),
+                                   atol=1e-5, rtol=1e-5)
+    assert r["answers"][1] == tok.decode(answers[1], skip_special_tokens=False)

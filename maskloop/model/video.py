@@ -525,53 +525,105 @@ class SAM2Propagator:
 # the MLLM side and the whole protocol
 
 
-def video_seg_parts(builder, num_frames: int, expr, questions=None):
+def video_seg_parts(builder, num_frames: int, expr, questions=None, with_answer: bool = True):
     """The parts of Sa2VA's video question: ``num_frames`` image blocks, then ``Please segment {expr}.``
-    and the answer (``builder``'s style)."""
+    and (``with_answer``) the answer (``builder``'s style: "Sure, [SEG]." or the phrase answer)."""
     ids = builder.ids
     if questions is None:
         pre, suf = (ids(s) for s in VIDEO_SEG_QUESTION.split("{expr}"))
         n = expr.ids.shape[0] if hasattr(expr, "ids") else expr.embeds.shape[0]
         questions = [(pre, suf + builder._suffix_ids, builder.fixed_seg_answer)] * n
+    return _frame_blocks(builder, num_frames) + builder.seg_parts(expr, questions, with_answer=with_answer)[3:]
+
+
+def _frame_blocks(builder, num_frames: int) -> list:
+    """The user turn's start and ``num_frames`` image blocks (``<img>`` + image tokens + ``</img>\n`` each)."""
+    ids = builder.ids
     blocks = builder.image_parts()
     for _ in range(num_frames - 1):
         blocks += [Fixed(ids(IMG_START)), Repeat(builder.img_ctx_id, builder.n_img), Fixed(ids(IMG_END + "\n"))]
-    return blocks + builder.seg_parts(expr, questions)[3:]
+    return blocks
+
+
+def video_question_parts(builder, num_frames: int, texts: list[str]) -> list:
+    """Sa2VA's video prompt for generation (no answer): the image blocks, then each row's
+    ``Please segment {expr}.`` + the template's end of the user turn, tokenised as one string (as Sa2VA
+    tokenises its whole input text)."""
+    from maskloop.model.prompts import Ragged
+
+    rows = [builder.ids(VIDEO_SEG_QUESTION.format(expr=t)) + list(builder._suffix_ids) for t in texts]
+    return _frame_blocks(builder, num_frames) + [Ragged.from_lists(rows, builder.pad_id)]
+
+
+VIDEO_PROTOCOLS = ("generate", "teacher_forced")
 
 
 @torch.no_grad()
-def seg_prompts(model, key_pixel_values: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Keyframes (F, 3, S, S) + expressions -> the [SEG] prompt of each expression (n, C), one LLM pass."""
+def seg_prompts(model, key_pixel_values: torch.Tensor, texts: list[str], protocol: str = "generate",
+                max_new_tokens: int = 32) -> dict:
+    """Keyframes (F, 3, S, S) + expressions -> SAM2's language prompt of each expression, one LLM pass.
+
+    ``protocol="generate"`` (Sa2VA's ``predict_forward``): the model answers greedily and the prompt is
+    the hidden state at the first ``[SEG]`` of its answer (:func:`maskloop.eval.refer.first_seg_prompts`);
+    an answer without ``[SEG]`` gives no prompt (Sa2VA's evaluation then writes empty masks).
+    ``"teacher_forced"``: the answer "Sure, [SEG]." (or the model's phrase answer) is given, every
+    expression gets a prompt.  Returns ``prompts`` (M, C), ``rows`` (M,) (the expressions prompted, in
+    order) and ``answers`` (the generated answers; None when teacher forced)."""
+    from maskloop.eval.refer import first_seg_prompts
+
+    if protocol not in VIDEO_PROTOCOLS:
+        raise ValueError(f"unknown video protocol {protocol!r}; choose one of {VIDEO_PROTOCOLS}")
     feats = model.image_tokens(key_pixel_values)  # (F, N, D)
     Fk, N, D = feats.shape
     n = len(texts)
-    expr = model.builder.expressions([t.strip() for t in texts])
+    texts = [t.strip() for t in texts]
+    image_feats = feats.reshape(1, Fk * N, D).expand(n, -1, -1)
+    if protocol == "generate":
+        def parts_of(rows):
+            return video_question_parts(model.builder, Fk, texts if rows is None else [texts[i] for i in rows.tolist()])
+
+        r = first_seg_prompts(model, parts_of, image_feats, None, max_new_tokens)
+        gen = r["gen"]
+        answers = [model.tokenizer.decode(gen.ids[i, : int(gen.lengths[i])].tolist(), skip_special_tokens=False)
+                   for i in range(n)]
+        prompts = r["prompts"] if r["prompts"] is not None else feats.new_zeros(0, model.cfg.sam2.prompt_dim)
+        return {"prompts": prompts, "rows": r["rows"], "answers": answers}
+    expr = model.builder.expressions(texts)
     parts = video_seg_parts(model.builder, Fk, expr)
-    emb, asm = model.build_inputs(parts, feats.reshape(1, Fk * N, D).expand(n, -1, -1))
+    emb, asm = model.build_inputs(parts, image_feats)
     hidden = model.run_llm(emb, asm.attention_mask, asm.position_ids)
-    prompts, rows = model.seg_prompt_embeds(hidden, asm.input_ids)  # one [SEG] per expression ("Sure, [SEG].")
+    prompts, rows = model.seg_prompt_embeds(hidden, asm.input_ids)  # one [SEG] per expression
     if rows.shape[0] != n:
         raise RuntimeError(f"{rows.shape[0]} [SEG] prompts for {n} expressions")
-    return prompts
+    return {"prompts": prompts, "rows": rows, "answers": None}
 
 
 class VideoSegmenter:
     """Sa2VA's referring video segmentation with a :class:`~maskloop.model.grounded.GroundedMLLM`.
 
-    ``segment(frame_at, num_frames, texts)`` with ``frame_at(i) -> PIL image`` (random access, used for
-    the keyframes) and ``frames()`` (a sequential iterator over all frames, the stream) yields
-    ``(frame_idx, masks (n_texts, H, W) bool)`` at the frames' own size.
+    ``segment(frame_at, frames, num_frames, texts)`` with ``frame_at(i) -> PIL image`` (random access, used
+    for the keyframes) and ``frames()`` (a sequential iterator over all frames, the stream) yields
+    ``(frame_idx, masks (n_texts, H, W) bool)`` at the frames' own size.  ``protocol``: how the [SEG]
+    prompt is read (:func:`seg_prompts`; ``generate``, Sa2VA's, by default): an expression whose answer
+    holds no ``[SEG]`` gets empty masks on every frame, counted in ``no_seg``; ``answers`` holds the last
+    call's generated answers.
     """
 
     def __init__(self, model, keyframes: str = "first", num_keyframes: int = NUM_KEYFRAMES,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, protocol: str = "generate", max_new_tokens: int = 32):
         from maskloop.data.transforms import SampleTransform
 
         if keyframes not in KEYFRAME_MODES:
             raise ValueError(f"unknown keyframe mode {keyframes!r}; choose one of {KEYFRAME_MODES}")
+        if protocol not in VIDEO_PROTOCOLS:
+            raise ValueError(f"unknown video protocol {protocol!r}; choose one of {VIDEO_PROTOCOLS}")
         self.model = model
         self.keyframes = keyframes
         self.num_keyframes = num_keyframes
+        self.protocol = protocol
+        self.max_new_tokens = max_new_tokens
+        self.no_seg = 0
+        self.answers: list[str] | None = None
         c = model.cfg
         self.transform = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size,
                                          prompt_grid=c.prompt_grid)
@@ -587,15 +639,31 @@ class VideoSegmenter:
         dev = next(self.model.parameters()).device
         keys = keyframe_indices(num_frames, self.keyframes, self.num_keyframes)
         key_items = {k: self.transform.image(frame_at(k)) for k in keys}
-        size = frame_at(keys[0]).size  # (W, H)
+        W, H = frame_at(keys[0]).size
         pv = torch.stack([key_items[k]["pixel_values"] for k in keys]).to(dev)
-        lang = seg_prompts(self.model, pv, texts)  # (n, C)
-        prompts = {k: Prompt(key_items[k]["g_pixel_values"], language=lang) for k in keys}
+        r = seg_prompts(self.model, pv, texts, self.protocol, self.max_new_tokens)
+        rows = r["rows"].tolist()
+        self.answers = r["answers"]
+        self.no_seg += len(texts) - len(rows)
+        n = len(texts)
+        if not rows:  # no expression prompted: empty masks, the frames still read (and counted)
+            seen = 0
+            for idx, _ in enumerate(frames()):
+                seen += 1
+                yield idx, np.zeros((n, H, W), bool)
+            if seen != num_frames:
+                raise ValueError(f"the frame source yielded {seen} frames, {num_frames} were declared")
+            return
+        prompts = {k: Prompt(key_items[k]["g_pixel_values"], language=r["prompts"]) for k in keys}
         stream = (self.transform.image(img)["g_pixel_values"] for img in frames())
-        W, H = size
         for idx, low in self.propagator.propagate(stream, num_frames, prompts):
             up = F.interpolate(low[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-            yield idx, (up > 0).cpu().numpy()
+            if len(rows) == n:
+                yield idx, (up > 0).cpu().numpy()
+            else:
+                out = np.zeros((n, H, W), bool)
+                out[rows] = (up > 0).cpu().numpy()
+                yield idx, out
 
 
 __all__ = [
@@ -603,6 +671,7 @@ __all__ = [
     "NUM_KEYFRAMES",
     "Prompt",
     "SAM2Propagator",
+    "VIDEO_PROTOCOLS",
     "VIDEO_SEG_QUESTION",
     "VideoSegmenter",
     "build_sam2_video",
@@ -611,5 +680,6 @@ __all__ = [
     "memory_key_to_hf",
     "sam2_video_config",
     "seg_prompts",
+    "video_question_parts",
     "video_seg_parts",
 ]
