@@ -392,3 +392,31 @@ def test_generated_seg_state_equals_full_forward(tiny, monkeypatch):
         torch.testing.assert_close(r["prompts"][j], _reference_seg_state(model, pv, four[i], answers[i]),
                                    atol=1e-5, rtol=1e-5)
     assert r["answers"][1] == tok.decode(answers[1], skip_special_tokens=False)
+
+
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/sam2.py L3303-L3315 (SAM2Base._forward_sam_heads:
+#   the NO_OBJ_SCORE fill commented out) and L2608-L2615 (SAM2's own fill) (commit d01bf3f); transformers
+#   v5.24.0 modeling_sam2_video.py L2108-L2115 (the fill)
+@torch.no_grad()
+def test_absent_object_logits_kept_as_sa2va(tiny):
+    """Object scores all negative: Sa2VA's SAM2 keeps the mask logits (keyframe = the direct decoder
+    output) on keyframes and tracked frames; transformers' behaviour (keep_absent_logits off) fills -1024."""
+    import copy
+
+    model, vm0 = tiny
+    vm = copy.deepcopy(vm0)
+    vm.mask_decoder.pred_obj_score_head.proj_out.bias.sub_(60.0)  # every object "absent"
+    G, C = model.cfg.sam2.image_size, model.cfg.sam2.prompt_dim
+    T = 4
+    video, _ = _video(T, G, seed=3)
+    lang = torch.randn(2, C, generator=torch.Generator().manual_seed(7))
+    prop = SAM2Propagator(model.sam, vm)
+    runs = {}
+    for keep in (True, False):
+        vm.keep_absent_logits = keep
+        runs[keep] = [low for _, low in prop.propagate(iter(video), T, {0: Prompt(video[0], language=lang)})]
+    assert all(bool((low == -1024.0).all()) for low in runs[False])
+    ref = model.sam.decode(model.sam.encode(video[0][None]).index(torch.zeros(2, dtype=torch.long)), lang[:, None])
+    torch.testing.assert_close(runs[True][0], ref, atol=1e-5, rtol=1e-5)
+    for low in runs[True][1:]:  # tracked frames: the decoder's own logits, not the fill
+        assert torch.isfinite(low).all() and not bool((low == -1024.0).any())
