@@ -117,7 +117,7 @@ def segment_video_files(model, video, texts: list[str], out_dir, keyframes: str 
     gif_path = out / "overlay.gif"
     gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=80, loop=0)
     return {"frames": len(frames), "mask_dirs": [str(d) for d in dirs], "overlay": str(gif_path),
-            "mean_area": (areas / len(frames)).tolist()}
+            "mean_area": (areas / len(frames)).tolist(), "answers": seg.answers, "prompted": seg.prompted}
 
 
 def open_video_dataset(kind: str, root, split: str | None = None):
@@ -148,6 +148,9 @@ def cmd_segment_video(args, model) -> int:
         raise ValueError("give at least one --text")
     res = segment_video_files(model, args.video, args.text, args.out_dir, keyframes=args.keyframes)
     print(f"{res['frames']} frames; masks: {', '.join(res['mask_dirs'])}; overlay: {res['overlay']}")
+    for text, answer, ok in zip(args.text, res["answers"] or [], res["prompted"]):
+        if not ok:
+            print(f"note: the answer for {text!r} holds no usable [SEG] (empty masks): {answer!r}")
     return 0
 
 

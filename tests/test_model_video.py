@@ -263,12 +263,12 @@ def test_segmenter_batched_over_expressions(tiny):
     out = list(seg.segment(lambda i: frames[i], lambda: iter(frames), len(frames), texts[:2]))
     assert [i for i, _ in out] == list(range(7))
     assert all(m.shape == (2, 30, 40) and m.dtype == bool for _, m in out)
-    assert seg.no_seg == 0 and seg.answers is None
+    assert seg.no_seg == 0 and seg.answers is None and seg.prompted == [True, True]
     # generation (the default): the random model writes no [SEG]: empty masks on every frame, counted
     gen = VideoSegmenter(model, keyframes="uniform")
     out = list(gen.segment(lambda i: frames[i], lambda: iter(frames), len(frames), texts[:2]))
     assert [i for i, _ in out] == list(range(7)) and not any(m.any() for _, m in out)
-    assert gen.no_seg == 2 and len(gen.answers) == 2
+    assert gen.no_seg == 2 and len(gen.answers) == 2 and gen.prompted == [False, False]
     with pytest.raises(ValueError, match="declared"):
         list(seg.segment(lambda i: frames[i], lambda: iter(frames[:5]), 7, texts[:1]))
 

@@ -606,7 +606,7 @@ class VideoSegmenter:
     ``(frame_idx, masks (n_texts, H, W) bool)`` at the frames' own size.  ``protocol``: how the [SEG]
     prompt is read (:func:`seg_prompts`; ``generate``, Sa2VA's, by default): an expression whose answer
     holds no ``[SEG]`` gets empty masks on every frame, counted in ``no_seg``; ``answers`` holds the last
-    call's generated answers.
+    call's generated answers and ``prompted`` whether each expression got a prompt.
     """
 
     def __init__(self, model, keyframes: str = "first", num_keyframes: int = NUM_KEYFRAMES,
@@ -624,6 +624,7 @@ class VideoSegmenter:
         self.max_new_tokens = max_new_tokens
         self.no_seg = 0
         self.answers: list[str] | None = None
+        self.prompted: list[bool] = []
         c = model.cfg
         self.transform = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size,
                                          prompt_grid=c.prompt_grid)
@@ -644,6 +645,7 @@ class VideoSegmenter:
         r = seg_prompts(self.model, pv, texts, self.protocol, self.max_new_tokens)
         rows = r["rows"].tolist()
         self.answers = r["answers"]
+        self.prompted = [i in rows for i in range(len(texts))]
         self.no_seg += len(texts) - len(rows)
         n = len(texts)
         if not rows:  # no expression prompted: empty masks, the frames still read (and counted)
