@@ -89,3 +89,41 @@ def test_bad_files_skipped_and_counted(tmp_path, kind):
         for t in range(n):
             assert torch.equal(batch["masks"][b, t], TF.mask(gt[t])["masks"])
     assert np.isfinite(batch["pixel_values"].numpy()).all()
+
+
+def test_sav_masklet_clips(tmp_path):
+    """SA-V masklets as clips: consecutive annotated frames (every 4th video frame), each frame's mask the
+    masklet's RLE of that frame, frames the mp4's own; a broken video skipped and counted."""
+    from pycocotools import mask as mask_utils
+
+    from maskloop.data import fixtures as F
+    from maskloop.data.io import read_json
+    from maskloop.data.sources.sav import read_video_frames
+    from maskloop.data.sources.sav_clips import SAVClipDataset
+
+    info = F.write_sav(tmp_path / "sav", num_videos=2, size=(32, 48), num_frames=16, auto=False)
+    src = SAVClipDataset(info["root"], clip_len=3)
+    assert len(src) == 4  # 2 videos x 2 masklets
+    ds = ClipDataset(src, TF)
+    batch = collate_clips([ds[i] for i in range(len(ds))])
+    assert batch["pixel_values"].shape == (4, 3, 3, 32, 32) and batch["expression"] == [""] * 4
+    for b, key in enumerate(batch["key"]):
+        json_path, masklet = key.split("#masklet")
+        masklets = read_json(json_path)["masklet"]
+        idx = batch["frame_indices"][b].tolist()
+        assert idx[1] - idx[0] == idx[2] - idx[1] == 4  # consecutive annotated frames
+        frames = read_video_frames(json_path.replace("_manual.json", ".mp4"), idx)
+        for t, f in enumerate(idx):
+            rle = masklets[f // 4][int(masklet)]
+            gt = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+            ref = TF(frames[f], gt)
+            assert torch.equal(batch["masks"][b, t], ref["masks"]) and torch.equal(batch["pixel_values"][b, t],
+                                                                                   ref["pixel_values"])
+        assert batch["present"][b, 0]  # a clip starts where its object is visible
+    assert src.skip_counts() == {}
+    broken = tmp_path / "sav" / "sav_000001.mp4"
+    broken.write_bytes(broken.read_bytes()[:200])
+    src = SAVClipDataset(info["root"], clip_len=3)
+    keys = [ClipDataset(src, TF)[i]["key"] for i in range(len(src))]
+    assert all("sav_000002" in k for k in keys)  # the broken video's masklets replaced by readable ones
+    assert src.skip_counts() == {"sav_clips/bad_video": 1}
