@@ -107,8 +107,9 @@ def video_section(res: dict) -> tuple[str, list[str], str]:
     text = (f"Referring video segmentation on {s['clips']} held-out shapes clips of {s['frames']} frames (objects "
             "moving), Sa2VA's video protocol: the first 5 frames in one MLLM prompt, the [SEG] prompt on each of "
             "them, SAM2's memory propagating to the rest. The demo model is trained on single images only and its "
-            "SAM2 memory modules are never trained (random initialisation), so the video path is far below the "
-            "per-frame image path here; the numbers say by how much, not how Sa2VA's trained video model does. "
+            "SAM2 memory modules are never trained (random initialisation): the video rows measure this pipeline "
+            "with an image-trained MLLM and untrained memory, beside the per-frame image path, not what Sa2VA's "
+            "trained video model does. "
             f"Generated answers without [SEG] (empty masks): {res['no_seg']['generate']} of {s['clips']}; the strip's "
             f"clip answered \"{res['clip']['answer']}\". Video section time {res['seconds']:.1f} s.")
     md = [text, "", "| path | J | F | J&F |", "|---|---:|---:|---:|"]

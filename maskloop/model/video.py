@@ -245,7 +245,8 @@ def _video_model_class():
       frame) the stacked (n, 1, 1, C) pointers stay 4-D and the concatenation with the memories fails:
       flattened here the way the splitting branch does with one split.
 
-    With ``mem_dim`` = 64 < ``prompt_dim`` (all published shapes) the class is transformers' own.
+    With ``mem_dim`` = 64 < ``prompt_dim`` (all published shapes) its modules and shapes are transformers' own;
+    it also keeps absent objects' logits as Sa2VA does (``keep_absent_logits``, off: transformers' behaviour).
     """
     from transformers import Sam2VideoModel
 
