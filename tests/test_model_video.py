@@ -349,7 +349,7 @@ def _reference_seg_state(model, pv, text, answer_ids):
     return model.text_hidden_fcs(hidden[0, seg_pos])
 
 
-# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L736-L758 (predict_forward:
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L729-L758, L768-L773 (predict_forward:
 #   generate, hidden states of the generated tokens, get_seg_hidden_states over sequences[0][:-1], the [SEG]
 #   ones -> text_hidden_fcs) and projects/llava_sam2/evaluation/ref_vos_eval.py L161-L173 (the first [SEG]'s
 #   masks; none -> zero masks) (commit d01bf3f)
