@@ -420,3 +420,33 @@ def test_absent_object_logits_kept_as_sa2va(tiny):
     torch.testing.assert_close(runs[True][0], ref, atol=1e-5, rtol=1e-5)
     for low in runs[True][1:]:  # tracked frames: the decoder's own logits, not the fill
         assert torch.isfinite(low).all() and not bool((low == -1024.0).any())
+
+
+@pytest.mark.filterwarnings("ignore:the model holds no SAM2 memory weights")
+@torch.no_grad()
+def test_generated_answers_without_seg_get_empty_masks(tiny, monkeypatch):
+    """Two expressions, only the first answered with a [SEG]: the second gets empty masks on every frame,
+    the first the masks it gets alone."""
+    from maskloop.model.grounded import Generated
+
+    model, _ = tiny
+    tok = model.tokenizer
+    seg_answer = tok.encode("a red [SEG] circle", add_special_tokens=False)
+    no_seg = tok.encode("a red circle", add_special_tokens=False)
+
+    def fake_generate(emb, *a, **k):
+        rows = [seg_answer, no_seg][: emb.shape[0]]
+        ids = torch.full((len(rows), 5), model.builder.pad_id)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return Generated(ids, torch.tensor([len(r) for r in rows]), torch.ones(len(rows), dtype=torch.bool))
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(7)]
+    seg = VideoSegmenter(model)
+    both = np.stack([m for _, m in seg.segment(lambda i: frames[i], lambda: iter(frames), 7, ["red", "blue"])])
+    assert seg.prompted == [True, False] and seg.no_seg == 1
+    alone = np.stack([m for _, m in seg.segment(lambda i: frames[i], lambda: iter(frames), 7, ["red"])])
+    assert not both[:, 1].any()
+    assert (both[:, 0] == alone[:, 0]).mean() > 0.999 and alone[:, 0].any()
