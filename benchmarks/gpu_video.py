@@ -87,10 +87,7 @@ def reset_peak():
 
 def build(preset: str, dtype: torch.dtype):
     cfg = get_preset(preset)
-    note = ""
-    if cfg.sam2.prompt_dim % 64 or cfg.sam2.prompt_dim <= 64:
-        cfg.sam2.prompt_dim, cfg.sam2.decoder_mlp_dim = 128, 128  # SAM2 video memory needs a multiple of 64 > 64
-        note = "sam2.prompt_dim set to 128 for the video memory"
+    note = ""  # any preset's SAM2 (its memory width: maskloop.model.video.memory_dim)
     tok = build_word_tokenizer(sorted({w for t in TEXTS for w in t.split()}))
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -160,7 +157,8 @@ def main(argv=None) -> int:
     clip = Clip(a.frames, a.height, a.width)
     warm = Clip(a.warmup_frames, a.height, a.width, seed=1)
     rows = {}
-    seg = VideoSegmenter(model, keyframes=a.keyframes)  # builds the Sam2VideoModel once (not timed)
+    # teacher forced: a random model writes no [SEG], and generation would leave nothing to propagate
+    seg = VideoSegmenter(model, keyframes=a.keyframes, protocol="teacher_forced")  # builds the Sam2VideoModel once
     with eval_mode(model):
         for name, fn in (("video", lambda c: run_video(seg, c, texts)),
                          ("per_frame", lambda c: run_per_frame(model, c, texts))):

@@ -18,7 +18,10 @@
 4. evaluation on held-out scenes (``seed='val'``) after each stage: referring cIoU / gIoU, text
    sensitivity (does the mask change when another object is named?), caption metrics, cycle IoU =
    IoU(mask, segment(describe(mask)));
-5. a run directory with ``report.md`` / ``report.html``, ``curves.png``, ``examples_*.png``,
+5. a video result (:mod:`maskloop.demo_video`): referring video segmentation of held-out moving-object
+   clips through Sa2VA's video protocol (SAM2 memory untrained) beside the per-frame image path, J&F and a
+   strip of frames (``video_strip.png``);
+6. a run directory with ``report.md`` / ``report.html``, ``curves.png``, ``examples_*.png``,
    ``metrics.json``, the training logs (``align/``, ``sft/``, ``dual/``) and the final model (``model/``, a
    checkpoint folder that ``maskloop caption|segment|eval --checkpoint`` accept).
 
@@ -182,6 +185,7 @@ def _pivot(stages: dict[str, dict]) -> tuple[list[str], str]:
 
 
 def write_demo_report(run_dir: Path, results: dict, curves: Path, grid: Path, grid_sft: Path) -> Path:
+    from maskloop.demo_video import video_section
     from maskloop.eval.report import write_report
 
     stages = {"untrained": results["summary"]["untrained"], "after SFT": results["summary"]["sft"],
@@ -206,15 +210,28 @@ def write_demo_report(run_dir: Path, results: dict, curves: Path, grid: Path, gr
     ]
     flat = {f"{stage}/{section}": vals for stage in ("untrained", "sft", "dual")
             for section, vals in results[stage].items()}
+    images = {"Examples after SFT (before the dual loop)": grid_sft}
+    video = results.get("video")
+    if video:
+        v_caption, v_md, v_html = video_section(video)
+        images[v_caption] = video["strip"]
     md_path = write_report(run_dir, flat, curves, grid, title="maskloop demo: describe regions, segment descriptions",
-                           notes=notes, extra_images={"Examples after SFT (before the dual loop)": grid_sft})
+                           notes=notes, extra_images=images)
     md_table, html_table = _pivot(stages)
     md = md_path.read_text(encoding="utf-8")
     md = md.replace("## Metrics\n", "## Metrics\n\n" + "\n".join(md_table) + "\n\nAll numbers:\n", 1)
+    if video:  # the video numbers under the strip
+        img = f"]({Path(video['strip']).name})"
+        md = md.replace(img, img + "\n\n" + "\n".join(v_md), 1)
     md_path.write_text(md, encoding="utf-8")
     html_path = run_dir / "report.html"
     h = html_path.read_text(encoding="utf-8")
     h = h.replace("<h2>Metrics</h2>", "<h2>Metrics</h2>\n" + html_table + "\n<h3>All numbers</h3>", 1)
+    if video:
+        src = f"<img src='{Path(video['strip']).name}'"
+        at = h.find(src)
+        end = h.find(">", at) + 1
+        h = h[:end] + "\n" + v_html + h[end:]
     html_path.write_text(h, encoding="utf-8")
     return md_path
 
@@ -224,6 +241,7 @@ def run_demo(run_dir: str | Path = "runs/demo", quick: bool = False, threads: in
              logging: str = "tensorboard") -> dict:
     """The whole demo at demo seed ``seed`` (:func:`stage_seed`); ``logging``: the runs' scalar logger
     (``tensorboard`` or ``wandb``; with wandb the example grids are logged as images too)."""
+    from maskloop.demo_video import shapes_video_result
     from maskloop.eval.report import example_grid
     from maskloop.model.checkpoints import save_published
     from maskloop.train.engine import Trainer
@@ -264,10 +282,13 @@ def run_demo(run_dir: str | Path = "runs/demo", quick: bool = False, threads: in
     dual_hist = dual.fit()
     times["dual"] = time.perf_counter() - t
 
-    say("[5/6] evaluating after the dual loop")
+    say("[5/6] evaluating after the dual loop (and on moving-object video clips)")
     t = time.perf_counter()
     m2, ex2 = evaluate(model, settings, progress, settings["examples"])
     times["eval"] += time.perf_counter() - t
+    t = time.perf_counter()  # the video result: held-out moving-object clips (maskloop.demo_video)
+    video = shapes_video_result(model, run_dir, expression_policy=EXPRESSIONS)
+    times["video"] = time.perf_counter() - t
 
     say("[6/6] writing the report and the model")
     n_align, n_sft = settings["align"]["steps"], settings["sft"]["steps"]
@@ -283,7 +304,8 @@ def run_demo(run_dir: str | Path = "runs/demo", quick: bool = False, threads: in
     dual.logger.close()
     save_published(model, run_dir / "model")
     results = {"untrained": m0, "sft": m1, "dual": m2, "summary": summary, "settings": settings,
-               "threads": torch.get_num_threads(), "times": times, "seed": seed}
+               "threads": torch.get_num_threads(), "times": times, "seed": seed,
+               "video": {**video, "strip": str(video["strip"])}}
     results["wall_s"] = time.perf_counter() - t_start
     md = write_demo_report(run_dir, results, curves, grid, grid_sft)
     results["wall_s"] = time.perf_counter() - t_start

@@ -117,7 +117,7 @@ def segment_video_files(model, video, texts: list[str], out_dir, keyframes: str 
     gif_path = out / "overlay.gif"
     gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=80, loop=0)
     return {"frames": len(frames), "mask_dirs": [str(d) for d in dirs], "overlay": str(gif_path),
-            "mean_area": (areas / len(frames)).tolist()}
+            "mean_area": (areas / len(frames)).tolist(), "answers": seg.answers, "prompted": seg.prompted}
 
 
 def open_video_dataset(kind: str, root, split: str | None = None):
@@ -148,6 +148,9 @@ def cmd_segment_video(args, model) -> int:
         raise ValueError("give at least one --text")
     res = segment_video_files(model, args.video, args.text, args.out_dir, keyframes=args.keyframes)
     print(f"{res['frames']} frames; masks: {', '.join(res['mask_dirs'])}; overlay: {res['overlay']}")
+    for text, answer, ok in zip(args.text, res["answers"] or [], res["prompted"]):
+        if not ok:
+            print(f"note: the answer for {text!r} holds no usable [SEG] (empty masks): {answer!r}")
     return 0
 
 
@@ -161,9 +164,13 @@ def cmd_eval_video(args, model) -> int:
     if not args.video_data:
         raise ValueError("--video-dataset needs --video-data ROOT (the split folder / DAVIS folder / ReVOS folder)")
     ds = open_video_dataset(args.video_dataset, args.video_data, args.video_split)
-    seg = VideoSegmenter(model, keyframes=args.keyframes)
+    seg = VideoSegmenter(model, keyframes=args.keyframes, protocol=getattr(args, "protocol", "generate"),
+                         max_new_tokens=getattr(args, "max_new_tokens", 32))
     with eval_mode(model):
         res = evaluate_video_dataset(ds, seg.segment, submission_dir=args.submit, max_videos=args.max_samples)
+    res["protocol"], res["no_seg"] = seg.protocol, seg.no_seg  # expressions whose answer held no [SEG]
+    if seg.no_seg:
+        print(f"{seg.no_seg} expression(s) answered without [SEG]: empty masks (Sa2VA's evaluation)")
     if ds.has_masks:
         print(format_jf(res))
     else:

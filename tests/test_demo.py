@@ -48,10 +48,24 @@ def test_quick_demo_report_and_model(demo, capsys):
     run_dir, res = demo
     md = (run_dir / "report.md").read_text()
     html = (run_dir / "report.html").read_text()
-    for name in ("curves.png", "examples_dual.png", "examples_sft.png"):
+    for name in ("curves.png", "examples_dual.png", "examples_sft.png", "video_strip.png"):
         assert name in md and name in html
         with Image.open(run_dir / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200
+    # the video result: a strip of the first held-out clip (4 rows: two video paths, per-frame, ground truth)
+    # and J / F / J&F of every path over the clips, under the strip in both reports
+    video = res["video"]
+    n_clips, n_frames = video["settings"]["clips"], video["settings"]["frames"]
+    with Image.open(run_dir / "video_strip.png") as im:
+        assert im.size == (96 * n_frames + 2 * (n_frames - 1), 96 * 4 + 2 * 3)
+    from maskloop.demo_video import PATHS
+
+    for key, name in PATHS.items():
+        r = video["paths"][key]
+        assert r["n"] == n_clips and all(0.0 <= r[m] <= 1.0 for m in ("J", "F", "J&F")), (key, r)
+        assert name in md and name in html
+    assert 0 <= video["no_seg"]["generate"] <= n_clips
+    assert md.index("video_strip.png") < md.index("| per-frame image path |")
     assert "after dual loop" in md and "refer_cIoU" in html
     assert (run_dir / "sft" / "metrics.jsonl").is_file() and (run_dir / "dual" / "metrics.jsonl").is_file()
     # the example grids are in the dual run's scalar log too (TensorBoard here; W&B with --logging wandb)

@@ -15,9 +15,11 @@ from maskloop.model.video import (
     Prompt,
     SAM2Propagator,
     VideoSegmenter,
+    _video_model_class,
     build_sam2_video,
     hf_key_to_memory,
     keyframe_indices,
+    memory_dim,
     memory_key_to_hf,
     seg_prompts,
     video_seg_parts,
@@ -86,7 +88,8 @@ def test_propagation_equals_transformers_video_inference(tiny):
     model, vm0 = tiny
     cfg = copy.deepcopy(vm0.config)
     cfg.max_object_pointers_in_encoder = 8  # an 8-frame memory window: 11 frames exercise the trimming
-    vm = Sam2VideoModel(cfg).eval()
+    vm = _video_model_class()(cfg).eval()  # ours, with SAM2's 64-wide memory: transformers' own modules
+    vm.keep_absent_logits = False  # transformers' NO_OBJ_SCORE fill (the reference's)
     vm.load_state_dict(vm0.state_dict())
     G = model.cfg.sam2.image_size
     T = 11
@@ -146,7 +149,7 @@ def test_language_keyframes_equal_direct_decoder(tiny):
                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
                     high_resolution_features=list(feats.high_res))
                 best = low[0, 0, int(iou[0, 0].argmax())] if multimask else low[0, 0, 0]
-                if float(score.flatten()[0]) <= 0:
+                if float(score.flatten()[0]) <= 0 and not vm.keep_absent_logits:
                     best = torch.full_like(best, -1024.0)
                 got = session.output_dict_per_obj[i]["cond_frame_outputs"][k]
                 torch.testing.assert_close(got["pred_masks"][0, 0], best, atol=1e-5, rtol=1e-5)
@@ -188,11 +191,42 @@ def test_memory_key_map_round_trip(tiny):
     del m2.sam_memory_weights
 
 
-def test_narrow_sam2_is_refused(tiny_model):
-    from maskloop.config import ConfigError
+# follows facebookresearch/sam2 sam2/modeling/sam2_base.py _prepare_memory_conditioned_features (object
+#   pointers split into C / mem_dim tokens when mem_dim < C, kept whole when equal) and
+#   sam2/configs/sam2/sam2_hiera_l.yaml (memory_attention cross_attention kv_in_dim: 64 = mem_dim); transformers
+#   v5.24.0 modeling_sam2_video.py L950 (kv_in_dim=64 hard-coded), L2438-L2445 (split only when mem_dim < C)
+@pytest.mark.parametrize("preset,prompt_dim,mem", [("tiny", 32, 32), ("tiny-demo", 64, 64), ("tiny", 128, 64)])
+def test_narrow_presets_propagate(preset, prompt_dim, mem):
+    """The tiny presets' SAM2 (32 and 64 wide) get a memory width that divides prompt_dim; the memory
+    attention reads memories of that width, object pointers enter as prompt_dim / mem_dim tokens, and a
+    mask prompt propagates through a clip."""
+    from maskloop.model.grounded import GroundedMLLM
+    from maskloop.model.presets import get_preset
+    from maskloop.model.prompts import build_word_tokenizer
 
-    with pytest.raises(ConfigError, match="multiple of 64 above 64"):
-        build_sam2_video(tiny_model)
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    cfg.sam2.prompt_dim = prompt_dim
+    assert memory_dim(prompt_dim) == mem
+    m = GroundedMLLM(cfg, build_word_tokenizer(WORDS)).eval()
+    with pytest.warns(UserWarning, match="no SAM2 memory weights"):
+        vm = build_sam2_video(m)
+    assert vm.mem_dim == mem
+    for layer in vm.memory_attention.layers:
+        assert layer.cross_attn_image.k_proj.in_features == mem == layer.cross_attn_image.v_proj.in_features
+    # object pointers of 3 frames, (1, 1, C) each as stored: SAM2's layout is (3 * C / mem, 1, mem), pointer
+    # k's C channels split in order into consecutive tokens, each token with its pointer's position embedding
+    toks = [torch.randn(1, 1, prompt_dim) for _ in range(3)]
+    ptrs, pos = vm._process_object_pointers([1, 2, 3], toks, 16, 1, prompt_dim, "cpu")
+    splits = prompt_dim // mem
+    ref = torch.cat([t.reshape(splits, 1, mem) for t in toks])
+    assert torch.equal(ptrs, ref) and pos.shape == (3 * splits, 1, mem)
+    G, T = cfg.sam2.image_size, 7
+    video, masks = _video(T, G)
+    prop = SAM2Propagator(m.sam, vm)
+    out = list(prop.propagate(iter(video), T, {0: Prompt(video[0], masks=masks[0][None])}))
+    assert [i for i, _ in out] == list(range(T))
+    assert all(o.shape == (1, G // 4, G // 4) and torch.isfinite(o).all() for _, o in out)
 
 
 # follows magic-research/Sa2VA projects/llava_sam2/evaluation/dataset/refVOS.py L13, L98 ('Please segment
@@ -219,16 +253,22 @@ def test_segmenter_batched_over_expressions(tiny):
     S = model.cfg.vision.image_size
     pv = torch.randn(4, 3, S, S, generator=torch.Generator().manual_seed(0))
     texts = ["red circle", "blue square left", "a small green triangle"]
-    both = seg_prompts(model, pv, texts)
-    one = torch.cat([seg_prompts(model, pv, [t]) for t in texts])
+    both = seg_prompts(model, pv, texts, protocol="teacher_forced")["prompts"]
+    one = torch.cat([seg_prompts(model, pv, [t], protocol="teacher_forced")["prompts"] for t in texts])
     torch.testing.assert_close(both, one, atol=1e-5, rtol=1e-5)
 
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(7)]
-    seg = VideoSegmenter(model, keyframes="uniform")
+    seg = VideoSegmenter(model, keyframes="uniform", protocol="teacher_forced")
     out = list(seg.segment(lambda i: frames[i], lambda: iter(frames), len(frames), texts[:2]))
     assert [i for i, _ in out] == list(range(7))
     assert all(m.shape == (2, 30, 40) and m.dtype == bool for _, m in out)
+    assert seg.no_seg == 0 and seg.answers is None and seg.prompted == [True, True]
+    # generation (the default): the random model writes no [SEG]: empty masks on every frame, counted
+    gen = VideoSegmenter(model, keyframes="uniform")
+    out = list(gen.segment(lambda i: frames[i], lambda: iter(frames), len(frames), texts[:2]))
+    assert [i for i, _ in out] == list(range(7)) and not any(m.any() for _, m in out)
+    assert gen.no_seg == 2 and len(gen.answers) == 2 and gen.prompted == [False, False]
     with pytest.raises(ValueError, match="declared"):
         list(seg.segment(lambda i: frames[i], lambda: iter(frames[:5]), 7, texts[:1]))
 
@@ -289,3 +329,124 @@ def test_batched_objects_equal_one_at_a_time(tiny):
     both = run([0, 1, 2])
     for i in range(3):
         torch.testing.assert_close(both[:, i : i + 1], run([i]), atol=1e-4, rtol=1e-4)
+
+
+def _reference_seg_state(model, pv, text, answer_ids):
+    """A straightforward reference: Sa2VA's video prompt as one string (image blocks, question, template),
+    tokenised with the tokenizer's own special tokens, the generated tokens appended, one unpadded forward,
+    the image tokens written into the <IMG_CONTEXT> positions; text_hidden_fcs of the last hidden state at
+    the first [SEG] of the answer."""
+    b, t = model.builder, TEMPLATES[model.cfg.template]
+    block = IMG_START + IMG_CONTEXT * b.n_img + IMG_END + "\n"
+    ids = model.tokenizer.encode(t.user_prefix + block * pv.shape[0] + f"Please segment {text}." + t.user_suffix)
+    ids = torch.tensor(ids + list(answer_ids))[None]
+    emb = model.embed_tokens(ids)
+    feats = model.image_tokens(pv)
+    emb[ids == b.img_ctx_id] = feats.reshape(-1, feats.shape[-1])
+    L = ids.shape[1]
+    hidden = model.run_llm(emb, torch.ones(1, L, dtype=torch.long), torch.arange(L)[None])
+    seg_pos = L - len(answer_ids) + list(answer_ids).index(b.seg_id)
+    return model.text_hidden_fcs(hidden[0, seg_pos])
+
+
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/modeling_sa2va_chat.py L729-L758, L768-L773 (predict_forward:
+#   generate, hidden states of the generated tokens, get_seg_hidden_states over sequences[0][:-1], the [SEG]
+#   ones -> text_hidden_fcs) and projects/llava_sam2/evaluation/ref_vos_eval.py L161-L173 (the first [SEG]'s
+#   masks; none -> zero masks) (commit d01bf3f)
+@torch.no_grad()
+def test_generated_seg_state_equals_full_forward(tiny, monkeypatch):
+    """Video [SEG] prompts from the generated answer == the reference's hidden state at the generated [SEG]."""
+    from maskloop.model.grounded import Generated
+
+    model, _ = tiny
+    S = model.cfg.vision.image_size
+    pv = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(1))
+    texts = ["red circle", "a small blue square left of the triangle", "green"]  # rows padded differently
+    seg_id, tok = model.builder.seg_id, model.tokenizer
+    # 1. real greedy generation, pushed to say [SEG] at every step: the first [SEG] is the first answer token
+    orig = model.lm_logits
+    monkeypatch.setattr(model, "lm_logits", lambda h: orig(h).index_add(-1, torch.tensor([seg_id]),
+                                                                       torch.full((*h.shape[:-1], 1), 1e4)))
+    r = seg_prompts(model, pv, texts, max_new_tokens=3)
+    assert r["rows"].tolist() == [0, 1, 2]
+    for i, text in enumerate(texts):
+        ref = _reference_seg_state(model, pv, text, [seg_id, seg_id])  # the 2 tokens fed back of 3
+        torch.testing.assert_close(r["prompts"][i], ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(model, "lm_logits", orig)
+    # 2. chosen answers: [SEG] mid-answer; none; [SEG] only as the last token of a cut answer (never fed
+    #    back: no prompt, as in Sa2VA); two [SEG] (the first kept)
+    words = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    answers = [words("a red [SEG] circle"), words("a red circle"), words("a red circle left of [SEG]"), words("[SEG] red [SEG]")]
+    T = 6
+    assert len(answers[2]) == T  # cut at max_new_tokens
+    ids = torch.full((4, T), model.builder.pad_id)
+    for i, a in enumerate(answers):
+        ids[i, : len(a)] = torch.tensor(a)
+    lengths = torch.tensor([len(a) for a in answers])
+    finished = torch.tensor([True, True, False, True])
+    monkeypatch.setattr(model, "generate", lambda *a, **k: Generated(ids, lengths, finished))
+    four = [*texts, "blue"]
+    r = seg_prompts(model, pv, four, max_new_tokens=T)
+    assert r["rows"].tolist() == [0, 3]
+    for j, i in enumerate([0, 3]):
+        torch.testing.assert_close(r["prompts"][j], _reference_seg_state(model, pv, four[i], answers[i]),
+                                   atol=1e-5, rtol=1e-5)
+    assert r["answers"][1] == tok.decode(answers[1], skip_special_tokens=False)
+
+
+# follows magic-research/Sa2VA projects/llava_sam2/hf/models/sam2.py L3303-L3315 (SAM2Base._forward_sam_heads:
+#   the NO_OBJ_SCORE fill commented out) and L2608-L2615 (SAM2's own fill) (commit d01bf3f); transformers
+#   v5.24.0 modeling_sam2_video.py L2108-L2115 (the fill)
+@torch.no_grad()
+def test_absent_object_logits_kept_as_sa2va(tiny):
+    """Object scores all negative: Sa2VA's SAM2 keeps the mask logits (keyframe = the direct decoder
+    output) on keyframes and tracked frames; transformers' behaviour (keep_absent_logits off) fills -1024."""
+    import copy
+
+    model, vm0 = tiny
+    vm = copy.deepcopy(vm0)
+    vm.mask_decoder.pred_obj_score_head.proj_out.bias.sub_(60.0)  # every object "absent"
+    G, C = model.cfg.sam2.image_size, model.cfg.sam2.prompt_dim
+    T = 4
+    video, _ = _video(T, G, seed=3)
+    lang = torch.randn(2, C, generator=torch.Generator().manual_seed(7))
+    prop = SAM2Propagator(model.sam, vm)
+    runs = {}
+    for keep in (True, False):
+        vm.keep_absent_logits = keep
+        runs[keep] = [low for _, low in prop.propagate(iter(video), T, {0: Prompt(video[0], language=lang)})]
+    assert all(bool((low == -1024.0).all()) for low in runs[False])
+    ref = model.sam.decode(model.sam.encode(video[0][None]).index(torch.zeros(2, dtype=torch.long)), lang[:, None])
+    torch.testing.assert_close(runs[True][0], ref, atol=1e-5, rtol=1e-5)
+    for low in runs[True][1:]:  # tracked frames: the decoder's own logits, not the fill
+        assert torch.isfinite(low).all() and not bool((low == -1024.0).any())
+
+
+@pytest.mark.filterwarnings("ignore:the model holds no SAM2 memory weights")
+@torch.no_grad()
+def test_generated_answers_without_seg_get_empty_masks(tiny, monkeypatch):
+    """Two expressions, only the first answered with a [SEG]: the second gets empty masks on every frame,
+    the first the masks it gets alone."""
+    from maskloop.model.grounded import Generated
+
+    model, _ = tiny
+    tok = model.tokenizer
+    seg_answer = tok.encode("a red [SEG] circle", add_special_tokens=False)
+    no_seg = tok.encode("a red circle", add_special_tokens=False)
+
+    def fake_generate(emb, *a, **k):
+        rows = [seg_answer, no_seg][: emb.shape[0]]
+        ids = torch.full((len(rows), 5), model.builder.pad_id)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return Generated(ids, torch.tensor([len(r) for r in rows]), torch.ones(len(rows), dtype=torch.bool))
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(7)]
+    seg = VideoSegmenter(model)
+    both = np.stack([m for _, m in seg.segment(lambda i: frames[i], lambda: iter(frames), 7, ["red", "blue"])])
+    assert seg.prompted == [True, False] and seg.no_seg == 1
+    alone = np.stack([m for _, m in seg.segment(lambda i: frames[i], lambda: iter(frames), 7, ["red"])])
+    assert not both[:, 1].any()
+    assert (both[:, 0] == alone[:, 0]).mean() > 0.999 and alone[:, 0].any()

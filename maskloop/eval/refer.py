@@ -130,39 +130,62 @@ def first_seg_index(model, ids: torch.Tensor, lengths: torch.Tensor, finished: t
 
 
 @torch.no_grad()
+def first_seg_prompts(model, parts_of, image_feats: torch.Tensor, n_image: torch.Tensor | None = None,
+                      max_new_tokens: int = 32) -> dict:
+    """The MLLM side of Sa2VA's generation protocol: greedy answers, then the SAM2 prompt of each answer's
+    first ``[SEG]`` (:func:`first_seg_index`).
+
+    ``parts_of(rows)`` gives the prompt parts (no answer) of the batch rows ``rows`` (a (M,) tensor; None:
+    every row); ``image_feats`` (B, N, D) / ``n_image`` as :meth:`GroundedMLLM.build_inputs` takes them.
+    The prompt + the answer up to that ``[SEG]`` is run once more, teacher forced: the last hidden state
+    at the ``[SEG]`` position is the one Sa2VA reads from the generation's own hidden states (the same
+    causal computation), then ``text_hidden_fcs``.  Returns ``prompts`` (M, C), ``rows`` (M,) (the rows
+    that hold a ``[SEG]``), ``has_seg`` (B,) bool and ``gen`` (:class:`Generated`)."""
+    from maskloop.model.prompts import Ragged
+
+    emb, asm = model.build_inputs(parts_of(None), image_feats, n_image=n_image)
+    gen = model.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens)
+    first = first_seg_index(model, gen.ids, gen.lengths, gen.finished)
+    has_seg = first >= 0
+    rows = has_seg.nonzero().flatten()
+    prompts = None
+    if rows.numel():
+        answer = Ragged.from_lists([gen.ids[i, : int(first[i]) + 1].tolist() for i in rows.tolist()],
+                                   model.builder.pad_id)
+        sub = None if n_image is None else n_image[rows]
+        emb2, asm2 = model.build_inputs(parts_of(rows) + [answer], image_feats[rows], n_image=sub)
+        if not bool((asm2.input_ids[:, -1] == model.builder.seg_id).all()):
+            raise AssertionError("the re-run answer must end at its [SEG] (left-padded layout)")
+        hidden = model.run_llm(emb2, asm2.attention_mask, asm2.position_ids)  # (M, L, D)
+        prompts = model.text_hidden_fcs(hidden[:, -1])  # (M, C): the [SEG] position of every row
+    return {"prompts": prompts, "rows": rows, "has_seg": has_seg, "gen": gen}
+
+
+@torch.no_grad()
 def generate_refer(model, batch: dict, max_new_tokens: int = 32) -> dict:
     """Sa2VA's protocol steps 1-3 for a batch: free generation, the first ``[SEG]`` -> SAM2.
 
     Returns ``logits`` (B, G, G) at SAM size (rows without ``[SEG]`` hold -inf), ``has_seg`` (B,) bool,
     ``answers`` (decoded answers, special tokens kept)."""
-    from maskloop.model.prompts import Ragged
-
     texts = list(batch["expression"])
     B = len(texts)
     image_feats, n_image = mllm_image_inputs(model, batch)
-    parts = sa2va_refer_parts(model, texts, n_image)
-    emb, asm = model.build_inputs(parts, image_feats, n_image=n_image)
-    gen = model.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens)
-    first = first_seg_index(model, gen.ids, gen.lengths, gen.finished)
-    has_seg = first >= 0
+
+    def parts_of(rows):
+        if rows is None:
+            return sa2va_refer_parts(model, texts, n_image)
+        return sa2va_refer_parts(model, [texts[i] for i in rows.tolist()], None if n_image is None else n_image[rows])
+
+    r = first_seg_prompts(model, parts_of, image_feats, n_image, max_new_tokens)
+    gen, rows = r["gen"], r["rows"]
     G = model.cfg.sam2.image_size
-    logits = torch.full((B, G, G), float("-inf"), device=emb.device)
-    rows = has_seg.nonzero().flatten()
+    logits = torch.full((B, G, G), float("-inf"), device=image_feats.device)
     if rows.numel():
-        r = rows.tolist()
-        answer = Ragged.from_lists([gen.ids[i, : int(first[i]) + 1].tolist() for i in r], model.builder.pad_id)
-        sub = None if n_image is None else n_image[rows]
-        emb2, asm2 = model.build_inputs(sa2va_refer_parts(model, [texts[i] for i in r], sub) + [answer],
-                                        image_feats[rows], n_image=sub)
-        if not bool((asm2.input_ids[:, -1] == model.builder.seg_id).all()):
-            raise AssertionError("the re-run answer must end at its [SEG] (left-padded layout)")
-        hidden = model.run_llm(emb2, asm2.attention_mask, asm2.position_ids)  # (M, L, D)
-        prompt = model.text_hidden_fcs(hidden[:, -1])  # (M, C): the [SEG] position of every row
         sam_feats = model.sam_features(batch["g_pixel_values"][rows])
-        logits[rows] = model.sam.upsample(model.sam.decode(sam_feats, prompt[:, None])).float()
+        logits[rows] = model.sam.upsample(model.sam.decode(sam_feats, r["prompts"][:, None])).float()
     answers = [model.tokenizer.decode(gen.ids[i, : int(gen.lengths[i])].tolist(), skip_special_tokens=False)
                for i in range(B)]
-    return {"logits": logits, "has_seg": has_seg, "answers": answers}
+    return {"logits": logits, "has_seg": r["has_seg"], "answers": answers}
 
 
 def logits_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -196,10 +196,10 @@ def evaluate_video_dataset(dataset, segment, submission_dir=None, max_videos: in
             "skipped": dataset.skip_counts(), "expressions": n_written}
 
 
-def save_frame_strip(frames, pred, path, gt=None, n: int = 6, side: int = 128):
-    """A one-row PNG of ``n`` frames spread over the clip with the predicted masks overlaid (magenta) and,
-    given ``gt``, a second row with the ground truth (cyan).  ``frames``: PIL images or (H, W, 3) arrays;
-    ``pred`` / ``gt``: (T, H, W) bool."""
+def save_frame_strip(frames, pred, path, gt=None, n: int = 6, side: int = 128, more=()):
+    """A PNG of ``n`` frames spread over the clip: a row with the predicted masks overlaid (magenta), a row
+    for each of ``more`` (other predictions, magenta) and, given ``gt``, a last row with the ground truth
+    (cyan).  ``frames``: PIL images or (H, W, 3) arrays; ``pred`` / ``more[i]`` / ``gt``: (T, H, W) bool."""
     from pathlib import Path
 
     from PIL import Image
@@ -208,7 +208,7 @@ def save_frame_strip(frames, pred, path, gt=None, n: int = 6, side: int = 128):
 
     T = len(frames)
     idx = sorted({int(round(x)) for x in np.linspace(0, T - 1, min(n, T))})
-    rows = [(pred, PRED_COLOR)] + ([(gt, GT_COLOR)] if gt is not None else [])
+    rows = [(pred, PRED_COLOR)] + [(m, PRED_COLOR) for m in more] + ([(gt, GT_COLOR)] if gt is not None else [])
     tiles = []
     for masks, color in rows:
         row = []

@@ -25,15 +25,21 @@ names) and the memory side from the checkpoint's kept-aside SAM2 memory weights 
 dropped after it is processed, and tracked outputs older than the memory window are dropped, so a long
 video never holds all its frames (or all its per-frame outputs) on the device.
 
-Differences from Sa2VA's own SAM2 code, both on transformers' side: transformers replaces the mask
-logits of a frame whose object score is negative (object absent) by -1024 (SAM2's ``NO_OBJ_SCORE``);
-Sa2VA's patched SAM2 keeps the raw logits there.  Sa2VA's evaluation feeds a question containing "?"
-without any image block (its prompt template is only applied when there is no "?"); we always show the
-keyframes.
+Absent objects: Sa2VA's patched SAM2 keeps the mask logits of a frame whose object score is negative
+(its ``_forward_sam_heads`` leaves SAM2's NO_OBJ_SCORE fill commented out; the object pointer is still
+replaced by the no-object pointer); transformers fills them with -1024.  We keep them, on keyframes and
+tracked frames (``keep_absent_logits``; off: transformers' own behaviour).  Sa2VA's evaluation feeds a
+question containing "?" without any image block (its prompt template is only applied when there is no
+"?"); we always show the keyframes.
+
+Memory width: SAM2's memory is 64 wide for every published shape; narrower presets (the tiny test and demo
+models) get :func:`memory_dim` and a video model class that honours it (:func:`_video_model_class`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -153,25 +159,44 @@ def _is_memory_param(name: str) -> bool:
 # building the video model
 
 
+SAM2_MEMORY_DIM = 64  # SAM2's memory width (``mem_dim``; memory encoder output, memory-attention key/value input)
+
+
+def memory_dim(prompt_dim: int) -> int:
+    """SAM2's memory width for a SAM2 of width ``prompt_dim``: 64 (SAM2's) when ``prompt_dim`` is a multiple of
+    64, else the largest power of two dividing it (narrow test / demo presets).
+
+    The constraint (SAM2's ``_prepare_memory_conditioned_features`` and transformers' port of it): an object
+    pointer (``prompt_dim`` wide) enters the memory attention as ``prompt_dim / mem_dim`` tokens of ``mem_dim``
+    channels, so ``mem_dim`` must divide ``prompt_dim``; the memory's sine position encoding takes
+    ``mem_dim / 2`` features (even).
+    """
+    from maskloop.config import ConfigError
+
+    mem = math.gcd(int(prompt_dim), SAM2_MEMORY_DIM)
+    if mem < 4:
+        raise ConfigError(f"sam2.prompt_dim={prompt_dim} leaves no SAM2 memory width: SAM2's memory needs a width "
+                          f"that divides prompt_dim and is a multiple of 4 (prompt_dim a multiple of 4; 256 for "
+                          f"the published Hiera-L)")
+    return mem
+
+
 def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_encoding: bool = False):
     """A ``Sam2VideoConfig``: our SAM2 image shapes + SAM2's memory shapes (Hiera-L's at 1024).
 
     Sa2VA's SAM2 is SAM2.0 (``add_tpos_enc_to_obj_ptrs=False``, no ``no_obj_embed_spatial``): both flags
-    default off and are switched on when the checkpoint holds the corresponding weights.
+    default off and are switched on when the checkpoint holds the corresponding weights.  The memory width
+    is :func:`memory_dim` (64 for every published shape).  A model whose language prompts take SAM2's
+    single-mask output (``sam2.language_mask="single"``: decoders trained from scratch, whose IoU head never
+    learns to rank the multimask tokens) takes it on tracked frames too (``multimask_output_in_sam`` off).
     """
     from transformers import Sam2VideoConfig
 
-    from maskloop.config import ConfigError
     from maskloop.model.presets import sam2_config
 
     img = sam2_config(cfg)
     C = cfg.sam2.prompt_dim
-    if C % 64 or C <= 64:
-        raise ConfigError(
-            f"SAM2 video memory needs sam2.prompt_dim to be a multiple of 64 above 64 (transformers' memory "
-            f"attention reads 64-channel memories and splits the object pointers into 64-wide tokens); model "
-            f"{cfg.name!r} has {C}: use sa2va-1b / sa2va-4b shapes (256) or set sam2.prompt_dim=128")
-    mem = 64  # SAM2's memory width (fixed in transformers' memory attention)
+    mem = memory_dim(C)
     grid = cfg.sam2.image_size // 16
     small = C < 256
     return Sam2VideoConfig(
@@ -179,6 +204,7 @@ def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_e
         prompt_encoder_config=img.prompt_encoder_config.to_dict(),
         mask_decoder_config=img.mask_decoder_config.to_dict(),
         image_size=cfg.sam2.image_size,
+        multimask_output_in_sam=cfg.sam2.language_mask == "best_iou",
         enable_occlusion_spatial_embedding=occlusion_embedding,
         enable_temporal_pos_encoding_for_object_pointers=temporal_pointer_encoding,
         memory_attention_hidden_size=C,
@@ -192,6 +218,82 @@ def sam2_video_config(cfg, occlusion_embedding: bool = False, temporal_pointer_e
     )
 
 
+def _pick_mask(low_multi: torch.Tensor, iou: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's choice of one mask per object from the decoder's output: (B, n, M, g, g) logits and (B, n, M)
+    predicted IoUs -> the highest-IoU mask when M > 1 (multimask), else mask 0, at low res (B, n, g, g)
+    and bilinearly at ``size`` (B, n, size, size)."""
+    if low_multi.shape[2] > 1:
+        best = iou.argmax(-1)  # (B, n)
+        low = torch.gather(low_multi, 2, best[..., None, None, None].expand(-1, -1, 1, *low_multi.shape[-2:]))[:, :, 0]
+    else:
+        low = low_multi[:, :, 0]
+    high = F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False).to(low.dtype)
+    return low, high
+
+
+@functools.lru_cache(maxsize=None)
+def _video_model_class():
+    """transformers' ``Sam2VideoModel``, made to honour any memory width (:func:`memory_dim`).
+
+    Two spots in transformers' port assume SAM2's published shapes, where ``mem_dim`` = 64 < ``prompt_dim``
+    = 256; elsewhere it follows ``memory_encoder_output_channels``:
+
+    * the memory attention's cross-attention reads keys / values of a hard-coded 64 channels (SAM2's config
+      gives ``kv_in_dim: 64`` = ``mem_dim``): rebuilt here with ``mem_dim`` inputs;
+    * object pointers (stored as (1, 1, C) per frame) are flattened to (tokens, batch, mem_dim) only on the
+      ``mem_dim < C`` branch that splits them; when ``mem_dim == C`` (SAM2 leaves them whole, one token per
+      frame) the stacked (n, 1, 1, C) pointers stay 4-D and the concatenation with the memories fails:
+      flattened here the way the splitting branch does with one split.
+
+    With ``mem_dim`` = 64 < ``prompt_dim`` (all published shapes) its modules and shapes are transformers' own;
+    it also keeps absent objects' logits as Sa2VA does (``keep_absent_logits``, off: transformers' behaviour).
+    """
+    from transformers import Sam2VideoModel
+
+    class MemoryWidthSam2VideoModel(Sam2VideoModel):
+        #: Sa2VA's SAM2 keeps the mask logits of a frame whose object score is <= 0 (its patched
+        #: ``_forward_sam_heads`` comments out SAM2's NO_OBJ_SCORE fill; the object pointer is still gated);
+        #: transformers fills them with -1024.  True: Sa2VA's (the default); False: transformers' own.
+        keep_absent_logits: bool = True
+
+        def __init__(self, config):
+            super().__init__(config)
+            mem = config.memory_encoder_output_channels
+            for layer in self.memory_attention.layers:
+                att = layer.cross_attn_image
+                if att.kv_in_dim != mem:
+                    att.kv_in_dim = mem
+                    for name in ("k_proj", "v_proj"):  # transformers' init of a Linear
+                        lin = nn.Linear(mem, att.internal_dim)
+                        nn.init.normal_(lin.weight, std=config.initializer_range)
+                        nn.init.zeros_(lin.bias)
+                        setattr(att, name, lin)
+
+        def _process_object_pointers(self, temporal_offsets, pointer_tokens, max_object_pointers_to_use,
+                                     batch_size, num_channels, device):
+            ptrs, pos = super()._process_object_pointers(temporal_offsets, pointer_tokens,
+                                                         max_object_pointers_to_use, batch_size, num_channels,
+                                                         device)
+            if ptrs is not None and ptrs.dim() != 3:  # mem_dim == C: one token per pointer
+                ptrs = ptrs.reshape(-1, batch_size, self.mem_dim)
+            return ptrs, pos
+
+        def _single_frame_forward(self, *args, **kwargs):
+            if not self.keep_absent_logits:
+                return super()._single_frame_forward(*args, **kwargs)
+            seen = []
+            hook = self.mask_decoder.register_forward_hook(lambda mod, inp, out: seen.append(out))
+            try:
+                out = super()._single_frame_forward(*args, **kwargs)
+            finally:
+                hook.remove()
+            if len(seen) == 1:  # the decoder ran (not a mask used as the output): its raw logits, same pick
+                out.pred_masks, out.high_res_masks = _pick_mask(seen[0][0], seen[0][1], self.image_size)
+            return out
+
+    return MemoryWidthSam2VideoModel
+
+
 def build_sam2_video(model) -> nn.Module:
     """transformers' ``Sam2VideoModel`` holding ``model``'s SAM2: image side copied from ``model.sam.sam``,
     memory side from ``model.sam_memory_weights`` (a loaded checkpoint's) when present.
@@ -200,13 +302,11 @@ def build_sam2_video(model) -> nn.Module:
     transformers' random initialisation (tests, benchmarks).  A checkpoint whose memory weights do not
     cover the video model, or have unknown names or wrong shapes, raises :class:`CheckpointError`.
     """
-    from transformers import Sam2VideoModel
-
     extra = getattr(model, "sam_memory_weights", None) or {}
     extra = {k[len(SAM_PREFIX):] if k.startswith(SAM_PREFIX) else k: v for k, v in extra.items()}
     vcfg = sam2_video_config(model.cfg, occlusion_embedding="no_obj_embed_spatial" in extra,
                              temporal_pointer_encoding=any(k.startswith("obj_ptr_tpos_proj.") for k in extra))
-    vm = Sam2VideoModel(vcfg)
+    vm = _video_model_class()(vcfg)
     target = vm.state_dict()
     image_sd = model.sam.sam.state_dict()
     missing_img = sorted(k for k in target if not _is_memory_param(k) and k not in image_sd)
@@ -328,9 +428,10 @@ class SAM2Propagator:
         memories encoded from the binarised masks.
 
         One SAM2 decoder call for all objects (objects on SAM2's point-batch axis; transformers' own
-        ``_single_frame_forward`` handles one object per call).  The post-processing is transformers' per
-        object: logits of an absent object (score <= 0) -> NO_OBJ_SCORE, multimask -> the best predicted
-        IoU (its output token makes the object pointer), pointer of an absent object -> ``no_object_pointer``.
+        ``_single_frame_forward`` handles one object per call).  The post-processing is SAM2's per object:
+        multimask -> the best predicted IoU (its output token makes the object pointer), pointer of an
+        absent object (score <= 0) -> ``no_object_pointer``; the logits of an absent object are kept as
+        Sa2VA does (``keep_absent_logits``; transformers' own fill them with NO_OBJ_SCORE).
         """
         vm = self.vm
         n = lang.shape[0]
@@ -353,17 +454,13 @@ class SAM2Propagator:
             high_resolution_features=high_res,
         )  # (1, n, M, g, g), (1, n, M), (1, n, M, C), (1, n, 1)
         appear = score > 0
-        low_multi = torch.where(appear[..., None, None], low_multi, _NO_OBJ_SCORE)
+        if not getattr(vm, "keep_absent_logits", False):  # transformers' NO_OBJ_SCORE fill
+            low_multi = torch.where(appear[..., None, None], low_multi, _NO_OBJ_SCORE)
+        low, high = _pick_mask(low_multi, iou, vm.image_size)  # (1, n, g, g), (1, n, S, S)
         token = tokens[:, :, 0]
-        if multimask:
+        if multimask and tokens.shape[2] > 1:
             best = iou.argmax(-1)  # (1, n)
-            low = torch.gather(low_multi, 2, best[..., None, None, None].expand(-1, -1, 1, *low_multi.shape[-2:]))[:, :, 0]
-            if tokens.shape[2] > 1:
-                token = torch.gather(tokens, 2, best[..., None, None].expand(-1, -1, 1, tokens.shape[-1]))[:, :, 0]
-        else:
-            low = low_multi[:, :, 0]  # (1, n, g, g)
-        S = vm.image_size
-        high = F.interpolate(low.float(), size=(S, S), mode="bilinear", align_corners=False).to(low.dtype)
+            token = torch.gather(tokens, 2, best[..., None, None].expand(-1, -1, 1, tokens.shape[-1]))[:, :, 0]
         ptr = vm.object_pointer_proj(token)  # (1, n, C)
         lam = appear.to(ptr.dtype)
         ptr = lam * ptr + (1 - lam) * vm.no_object_pointer
@@ -429,53 +526,106 @@ class SAM2Propagator:
 # the MLLM side and the whole protocol
 
 
-def video_seg_parts(builder, num_frames: int, expr, questions=None):
+def video_seg_parts(builder, num_frames: int, expr, questions=None, with_answer: bool = True):
     """The parts of Sa2VA's video question: ``num_frames`` image blocks, then ``Please segment {expr}.``
-    and the answer (``builder``'s style)."""
+    and (``with_answer``) the answer (``builder``'s style: "Sure, [SEG]." or the phrase answer)."""
     ids = builder.ids
     if questions is None:
         pre, suf = (ids(s) for s in VIDEO_SEG_QUESTION.split("{expr}"))
         n = expr.ids.shape[0] if hasattr(expr, "ids") else expr.embeds.shape[0]
         questions = [(pre, suf + builder._suffix_ids, builder.fixed_seg_answer)] * n
+    return _frame_blocks(builder, num_frames) + builder.seg_parts(expr, questions, with_answer=with_answer)[3:]
+
+
+def _frame_blocks(builder, num_frames: int) -> list:
+    """The user turn's start and ``num_frames`` image blocks (``<img>`` + image tokens + ``</img>\n`` each)."""
+    ids = builder.ids
     blocks = builder.image_parts()
     for _ in range(num_frames - 1):
         blocks += [Fixed(ids(IMG_START)), Repeat(builder.img_ctx_id, builder.n_img), Fixed(ids(IMG_END + "\n"))]
-    return blocks + builder.seg_parts(expr, questions)[3:]
+    return blocks
+
+
+def video_question_parts(builder, num_frames: int, texts: list[str]) -> list:
+    """Sa2VA's video prompt for generation (no answer): the image blocks, then each row's
+    ``Please segment {expr}.`` + the template's end of the user turn, tokenised as one string (as Sa2VA
+    tokenises its whole input text)."""
+    from maskloop.model.prompts import Ragged
+
+    rows = [builder.ids(VIDEO_SEG_QUESTION.format(expr=t)) + list(builder._suffix_ids) for t in texts]
+    return _frame_blocks(builder, num_frames) + [Ragged.from_lists(rows, builder.pad_id)]
+
+
+VIDEO_PROTOCOLS = ("generate", "teacher_forced")
 
 
 @torch.no_grad()
-def seg_prompts(model, key_pixel_values: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Keyframes (F, 3, S, S) + expressions -> the [SEG] prompt of each expression (n, C), one LLM pass."""
+def seg_prompts(model, key_pixel_values: torch.Tensor, texts: list[str], protocol: str = "generate",
+                max_new_tokens: int = 32) -> dict:
+    """Keyframes (F, 3, S, S) + expressions -> SAM2's language prompt of each expression, one LLM pass.
+
+    ``protocol="generate"`` (Sa2VA's ``predict_forward``): the model answers greedily and the prompt is
+    the hidden state at the first ``[SEG]`` of its answer (:func:`maskloop.eval.refer.first_seg_prompts`);
+    an answer without ``[SEG]`` gives no prompt (Sa2VA's evaluation then writes empty masks).
+    ``"teacher_forced"``: the answer "Sure, [SEG]." (or the model's phrase answer) is given, every
+    expression gets a prompt.  Returns ``prompts`` (M, C), ``rows`` (M,) (the expressions prompted, in
+    order) and ``answers`` (the generated answers; None when teacher forced)."""
+    from maskloop.eval.refer import first_seg_prompts
+
+    if protocol not in VIDEO_PROTOCOLS:
+        raise ValueError(f"unknown video protocol {protocol!r}; choose one of {VIDEO_PROTOCOLS}")
     feats = model.image_tokens(key_pixel_values)  # (F, N, D)
     Fk, N, D = feats.shape
     n = len(texts)
-    expr = model.builder.expressions([t.strip() for t in texts])
+    texts = [t.strip() for t in texts]
+    image_feats = feats.reshape(1, Fk * N, D).expand(n, -1, -1)
+    if protocol == "generate":
+        def parts_of(rows):
+            return video_question_parts(model.builder, Fk, texts if rows is None else [texts[i] for i in rows.tolist()])
+
+        r = first_seg_prompts(model, parts_of, image_feats, None, max_new_tokens)
+        gen = r["gen"]
+        answers = [model.tokenizer.decode(gen.ids[i, : int(gen.lengths[i])].tolist(), skip_special_tokens=False)
+                   for i in range(n)]
+        prompts = r["prompts"] if r["prompts"] is not None else feats.new_zeros(0, model.cfg.sam2.prompt_dim)
+        return {"prompts": prompts, "rows": r["rows"], "answers": answers}
+    expr = model.builder.expressions(texts)
     parts = video_seg_parts(model.builder, Fk, expr)
-    emb, asm = model.build_inputs(parts, feats.reshape(1, Fk * N, D).expand(n, -1, -1))
+    emb, asm = model.build_inputs(parts, image_feats)
     hidden = model.run_llm(emb, asm.attention_mask, asm.position_ids)
-    prompts, rows = model.seg_prompt_embeds(hidden, asm.input_ids)  # one [SEG] per expression ("Sure, [SEG].")
+    prompts, rows = model.seg_prompt_embeds(hidden, asm.input_ids)  # one [SEG] per expression
     if rows.shape[0] != n:
         raise RuntimeError(f"{rows.shape[0]} [SEG] prompts for {n} expressions")
-    return prompts
+    return {"prompts": prompts, "rows": rows, "answers": None}
 
 
 class VideoSegmenter:
     """Sa2VA's referring video segmentation with a :class:`~maskloop.model.grounded.GroundedMLLM`.
 
-    ``segment(frame_at, num_frames, texts)`` with ``frame_at(i) -> PIL image`` (random access, used for
-    the keyframes) and ``frames()`` (a sequential iterator over all frames, the stream) yields
-    ``(frame_idx, masks (n_texts, H, W) bool)`` at the frames' own size.
+    ``segment(frame_at, frames, num_frames, texts)`` with ``frame_at(i) -> PIL image`` (random access, used
+    for the keyframes) and ``frames()`` (a sequential iterator over all frames, the stream) yields
+    ``(frame_idx, masks (n_texts, H, W) bool)`` at the frames' own size.  ``protocol``: how the [SEG]
+    prompt is read (:func:`seg_prompts`; ``generate``, Sa2VA's, by default): an expression whose answer
+    holds no ``[SEG]`` gets empty masks on every frame, counted in ``no_seg``; ``answers`` holds the last
+    call's generated answers and ``prompted`` whether each expression got a prompt.
     """
 
     def __init__(self, model, keyframes: str = "first", num_keyframes: int = NUM_KEYFRAMES,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, protocol: str = "generate", max_new_tokens: int = 32):
         from maskloop.data.transforms import SampleTransform
 
         if keyframes not in KEYFRAME_MODES:
             raise ValueError(f"unknown keyframe mode {keyframes!r}; choose one of {KEYFRAME_MODES}")
+        if protocol not in VIDEO_PROTOCOLS:
+            raise ValueError(f"unknown video protocol {protocol!r}; choose one of {VIDEO_PROTOCOLS}")
         self.model = model
         self.keyframes = keyframes
         self.num_keyframes = num_keyframes
+        self.protocol = protocol
+        self.max_new_tokens = max_new_tokens
+        self.no_seg = 0
+        self.answers: list[str] | None = None
+        self.prompted: list[bool] = []
         c = model.cfg
         self.transform = SampleTransform(image_size=c.vision.image_size, sam_size=c.sam2.image_size,
                                          prompt_grid=c.prompt_grid)
@@ -491,15 +641,32 @@ class VideoSegmenter:
         dev = next(self.model.parameters()).device
         keys = keyframe_indices(num_frames, self.keyframes, self.num_keyframes)
         key_items = {k: self.transform.image(frame_at(k)) for k in keys}
-        size = frame_at(keys[0]).size  # (W, H)
+        W, H = frame_at(keys[0]).size
         pv = torch.stack([key_items[k]["pixel_values"] for k in keys]).to(dev)
-        lang = seg_prompts(self.model, pv, texts)  # (n, C)
-        prompts = {k: Prompt(key_items[k]["g_pixel_values"], language=lang) for k in keys}
+        r = seg_prompts(self.model, pv, texts, self.protocol, self.max_new_tokens)
+        rows = r["rows"].tolist()
+        self.answers = r["answers"]
+        self.prompted = [i in rows for i in range(len(texts))]
+        self.no_seg += len(texts) - len(rows)
+        n = len(texts)
+        if not rows:  # no expression prompted: empty masks, the frames still read (and counted)
+            seen = 0
+            for idx, _ in enumerate(frames()):
+                seen += 1
+                yield idx, np.zeros((n, H, W), bool)
+            if seen != num_frames:
+                raise ValueError(f"the frame source yielded {seen} frames, {num_frames} were declared")
+            return
+        prompts = {k: Prompt(key_items[k]["g_pixel_values"], language=r["prompts"]) for k in keys}
         stream = (self.transform.image(img)["g_pixel_values"] for img in frames())
-        W, H = size
         for idx, low in self.propagator.propagate(stream, num_frames, prompts):
             up = F.interpolate(low[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-            yield idx, (up > 0).cpu().numpy()
+            if len(rows) == n:
+                yield idx, (up > 0).cpu().numpy()
+            else:
+                out = np.zeros((n, H, W), bool)
+                out[rows] = (up > 0).cpu().numpy()
+                yield idx, out
 
 
 __all__ = [
@@ -507,6 +674,7 @@ __all__ = [
     "NUM_KEYFRAMES",
     "Prompt",
     "SAM2Propagator",
+    "VIDEO_PROTOCOLS",
     "VIDEO_SEG_QUESTION",
     "VideoSegmenter",
     "build_sam2_video",
@@ -515,5 +683,6 @@ __all__ = [
     "memory_key_to_hf",
     "sam2_video_config",
     "seg_prompts",
+    "video_question_parts",
     "video_seg_parts",
 ]
