@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask-out", help="also write the binary mask PNG here")
     s.add_argument("--out-dir", default="segment_video", help="--video: where masks/ and overlay.gif go")
     s.add_argument("--keyframes", default="first", choices=["first", "uniform"], help="--video: the MLLM's 5 frames")
+    s.add_argument("--protocol", default="generate", choices=["generate", "teacher_forced"],
+                   help="--video: [SEG] from the generated answer (Sa2VA) or from a teacher-forced 'Sure, [SEG].'")
     s.set_defaults(func=cmd_segment)
 
     w = sub.add_parser("serve", help="web app (gradio): segment expressions, describe a region, the cycle")

@@ -79,8 +79,10 @@ def _slug(text: str) -> str:
 
 
 def segment_video_files(model, video, texts: list[str], out_dir, keyframes: str = "first",
-                        gif_side: int = 320, gif_every: int = 1) -> dict:
-    """Segment ``texts`` through ``video``; writes the per-frame mask PNGs and ``overlay.gif``."""
+                        gif_side: int = 320, gif_every: int = 1, protocol: str = "generate") -> dict:
+    """Segment ``texts`` through ``video``; writes the per-frame mask PNGs and ``overlay.gif``.
+
+    ``protocol``: "generate" (Sa2VA: the [SEG] state of the generated answer) or "teacher_forced"."""
     from maskloop.eval.refer import eval_mode
     from maskloop.eval.report import overlay
     from maskloop.model.video import VideoSegmenter
@@ -90,7 +92,7 @@ def segment_video_files(model, video, texts: list[str], out_dir, keyframes: str 
     dirs = [out / "masks" / f"{k}_{_slug(t)}" for k, t in enumerate(texts)]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    seg = VideoSegmenter(model, keyframes=keyframes)
+    seg = VideoSegmenter(model, keyframes=keyframes, protocol=protocol)
     gif, areas = [], np.zeros(len(texts), np.int64)
     stream = iter(frames.stream())
     last = {}
@@ -146,7 +148,8 @@ def format_jf(results: dict) -> str:
 def cmd_segment_video(args, model) -> int:
     if not args.text:
         raise ValueError("give at least one --text")
-    res = segment_video_files(model, args.video, args.text, args.out_dir, keyframes=args.keyframes)
+    res = segment_video_files(model, args.video, args.text, args.out_dir, keyframes=args.keyframes,
+                              protocol=getattr(args, "protocol", "generate"))
     print(f"{res['frames']} frames; masks: {', '.join(res['mask_dirs'])}; overlay: {res['overlay']}")
     for text, answer, ok in zip(args.text, res["answers"] or [], res["prompted"]):
         if not ok:

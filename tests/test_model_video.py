@@ -299,6 +299,10 @@ def test_cli_video_verbs(tiny, tmp_path, monkeypatch, capsys):
     assert main(["segment", "-c", str(tmp_path), "--video", str(tmp_path / "clip.mp4"), "--text", "a red square",
                  "--out-dir", str(tmp_path / "seg2")]) == 0
     assert len(list((tmp_path / "seg2" / "masks" / "0_a_red_square").glob("*.png"))) == 6
+    capsys.readouterr()
+    assert main(["segment", "-c", str(tmp_path), "--video", str(tmp_path / "clip.mp4"), "--text", "a red square",
+                 "--out-dir", str(tmp_path / "seg3"), "--protocol", "teacher_forced"]) == 0
+    assert "no usable [SEG]" not in capsys.readouterr().out  # a teacher-forced answer always holds its [SEG]
     assert main(["segment", "-c", str(tmp_path), "--video", str(tmp_path / "nope.mp4"), "--text", "x"]) == 2
     assert "error:" in capsys.readouterr().err
 
