@@ -142,3 +142,20 @@ def test_psalm_layout_switches_train_and_evaluate(shapes, tmp_path):
     res = evaluate_psalm(built["model"], built["dataset"], built["collator"], max_batches=1, print_table=False,
                          seg_task="panoptic")
     assert {"panoptic/coco_panoptic0/PQ", "panoptic/coco_panoptic0/AP", "panoptic/coco_panoptic0/mIoU"} <= set(res)
+
+
+def test_psalm_checkpoint_brings_psalms_class_name_inputs(shapes, monkeypatch):
+    """Given psalm_checkpoint, the class-name switches default to PSALM's (the checkpoint was trained on
+    them); an explicit model_overrides value wins."""
+    import maskloop.model.psalm.checkpoints as ck
+
+    loaded = []
+    monkeypatch.setattr(ck, "load_pretrained_parts", lambda model, **kw: loaded.append(kw["psalm_checkpoint"]))
+    built = build_psalm({"model": "psalm-tiny", "data": shapes[:1], "psalm_checkpoint": "psalm.bin"}, eval_mode=True)
+    assert loaded == ["psalm.bin"]
+    assert (built["model"].config.no_object, built["model"].config.class_name_tokens) == ("background", "span")
+    built = build_psalm({"model": "psalm-tiny", "data": shapes[:1], "psalm_checkpoint": "psalm.bin",
+                         "model_overrides": {"no_object": "embed"}}, eval_mode=True)
+    assert (built["model"].config.no_object, built["model"].config.class_name_tokens) == ("embed", "span")
+    built = build_psalm({"model": "psalm-tiny", "data": shapes[:1]}, eval_mode=True)  # from scratch: maskloop's
+    assert (built["model"].config.no_object, built["model"].config.class_name_tokens) == ("embed", "token")

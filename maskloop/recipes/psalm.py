@@ -160,6 +160,11 @@ def _tokenizer(cfg, class_names: list[str]):
     return build_word_tokenizer(sorted(words))
 
 
+#: model switches a published PSALM checkpoint needs to see PSALM's inputs (docs/checkpoints.md): the class
+#: name "background" as the no-object class, each class name as its own tokens + [SEG] averaged over its span
+PSALM_CHECKPOINT_INPUTS = {"no_object": "background", "class_name_tokens": "span"}
+
+
 def build_psalm(config: dict | TrainConfig, eval_mode: bool = False) -> dict:
     """-> {"config", "model", "tokenizer", "collator", "dataset", "sources"} from a flat recipe dict (keys of
     :data:`PSALM_DEFAULTS`) or a ``recipe: psalm`` :class:`TrainConfig`."""
@@ -169,6 +174,11 @@ def build_psalm(config: dict | TrainConfig, eval_mode: bool = False) -> dict:
     cfg = config if isinstance(config, TrainConfig) else psalm_train_config(config)[0]
     p = cfg.psalm
     overrides = dict(p.model_overrides)
+    if p.psalm_checkpoint:  # a published PSALM checkpoint was trained with PSALM's class-name inputs
+        for key, value in PSALM_CHECKPOINT_INPUTS.items():
+            if key not in overrides:
+                overrides[key] = value
+                print(f"psalm: {key}: {value} (PSALM's, for the PSALM checkpoint; set model_overrides.{key} to change)")
     if p.image_size:
         overrides["image_size"] = int(p.image_size)
     mcfg = psalm_config(cfg.model, **overrides)
