@@ -691,6 +691,18 @@ def test_psalm_heads_match_reference(seg_norm):
         load_psalm_checkpoint(PSALMModel(_config("psalm", seg_proj=False, seg_norm=False)), sd)
 
 
+def _load_tame_psalm_state(model, seed: int) -> dict:
+    """A random PSALM-layout state dict with small LLM weights and positive BN variances, loaded; returned."""
+    sd = psalm_state(model, seed=seed)
+    for k in sd:
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
+            sd[k] = sd[k] * 0.1
+        elif k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
+    load_psalm_checkpoint(model, sd)
+    return sd
+
+
 # PSALM's no-object class: zamling/PSALM (commit d5dbfda) psalm/train/train_datasets.py L67 / L276 / L397
 #   (coco_class_name + ['background']), psalm/model/mask_decoder/mask_criterion/pretrain_criterion.py
 #   L211-L232 (the last class is the no-object target, weight 0.1)
@@ -700,13 +712,7 @@ def test_background_class_is_psalms_no_object():
 
     torch.manual_seed(0)
     model = PSALMModel(_config("psalm", no_object="background")).eval()
-    sd = psalm_state(model, seed=31)
-    for k in sd:
-        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
-            sd[k] = sd[k] * 0.1
-        elif k.endswith("running_var"):
-            sd[k] = sd[k].abs() + 0.5
-    load_psalm_checkpoint(model, sd)
+    sd = _load_tame_psalm_state(model, seed=31)
     grab = {}
     model.llm.register_forward_hook(lambda m, a, o: grab.__setitem__("hidden", o.hidden_states[-1]))
     kw = _head_inputs(model.config, "panoptic")  # 3 names per sample; the last plays background
@@ -755,13 +761,7 @@ def test_class_name_spans_are_psalms():
 
     torch.manual_seed(0)
     model = PSALMModel(_config("psalm", class_name_tokens="span", no_object="background")).eval()
-    sd = psalm_state(model, seed=41)
-    for k in sd:
-        if k.startswith(("model.layers.", "model.embed_tokens.", "model.final_layernorm.")):
-            sd[k] = sd[k] * 0.1
-        elif k.endswith("running_var"):
-            sd[k] = sd[k].abs() + 0.5
-    load_psalm_checkpoint(model, sd)
+    sd = _load_tame_psalm_state(model, seed=41)
     cfg, tok = model.config, model.config.tokens
     # sample 0: names of 2, 1, 3 tokens; sample 1: 2, 2 tokens (its third class is padding)
     names = [[[11, 12], [13], [14, 15, 16]], [[17, 18], [19, 20]]]
