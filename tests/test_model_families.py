@@ -264,3 +264,24 @@ def test_cli_export_note_and_base_and_companion_template(tmp_path, capsys):
     assert C.companion_template(pth) == "qwen_chat"
     loaded = C.load_pretrained(src, weights=pth)
     assert loaded.cfg.template == "qwen_chat" and loaded.builder.template.stop_words == ("<|im_end|>", "<|endoftext|>")
+
+
+def test_static_decoder_on_the_llama_classes_equals_the_dynamic_loop():
+    """The fused static decoder (q/k/v and gate/up concatenated, no q/k/v bias on Llama/InternLM2) gives the
+    dynamic-cache loop's tokens on the Llama classes too (rope without dynamic scaling: the static path)."""
+    cfg = _cfg()
+    cfg.llm.rope_scaling = None
+    model = _model(cfg, seed=4).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    B, L, D = 3, 7, cfg.llm.hidden_size
+    emb = torch.randn(B, L, D, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = model.generate(emb, mask, pos, 10, static=False)
+        b = model.generate(emb, mask, pos, 10, static=True)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.lengths, b.lengths)
