@@ -112,13 +112,38 @@ def test_fused_decode_weights_are_the_merged_projections():
                 want_w.append(d)
                 b = m.base_layer.bias
                 want_b.append(b if b is not None else torch.zeros(d.shape[0]))
-            weight, bias, _ = entry[group]
+            weight, bias, _, _ = entry[group]
             torch.testing.assert_close(weight, torch.cat(want_w), rtol=1e-6, atol=1e-6)
             if bias is not None:
                 torch.testing.assert_close(bias, torch.cat(want_b))
             x = torch.randn(3, weight.shape[1])
-            ref = torch.cat([m(x) for m in mods], -1)  # the adapted modules' own forward
-            torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), ref, rtol=1e-5, atol=1e-5)
+            for out, m in zip(dec._proj(list(model.llm.layers).index(layer), group, x), mods, strict=True):
+                torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)  # the adapted module's own forward
+
+
+def test_decoder_without_lora_holds_no_weight_copy_and_decodes_alike():
+    """A model without adapters decodes from its own weights (no fused copy) with the dynamic loop's tokens."""
+    import copy
+
+    from conftest import WORDS
+
+    from maskloop.model.grounded import GroundedMLLM
+    from maskloop.model.presets import get_preset
+    from maskloop.model.prompts import build_word_tokenizer
+
+    cfg = copy.deepcopy(get_preset("tiny"))
+    cfg.lora = None
+    torch.manual_seed(5)
+    model = GroundedMLLM(cfg, build_word_tokenizer(WORDS)).eval()
+    B, L = 2, 6
+    emb = torch.randn(B, L, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(1))
+    mask, pos = torch.ones(B, L, dtype=torch.long), torch.arange(L)[None].expand(B, L)
+    with torch.no_grad():
+        a = model.generate(emb, mask, pos, 8, static=False)
+        b = model.generate(emb, mask, pos, 8, static=True)
+    assert torch.equal(a.ids, b.ids)
+    dec = next(iter(model.__dict__["_decoders"].values()))
+    assert all(w is None for entry in dec.groups for w, *_ in entry.values())
 
 
 def test_grouped_decode_attention_equals_sdpa_with_gqa():

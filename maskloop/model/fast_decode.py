@@ -87,8 +87,10 @@ class StaticGreedyDecoder:
         # LoRA merged into the weights for decoding (W + s * B @ A, refreshed every call), and the projections
         # that read one input concatenated into one weight: q/k/v -> one matmul, gate/up -> one matmul.  A
         # decode step then runs four matmuls a layer (each reading its whole weight once) instead of seven
-        # plus the adapters' kernels; at batch 1-16 every matmul is bandwidth- and launch-bound.
-        self.groups = []  # per layer: {group: (fused weight, fused bias or None, [(module, base, rows), ...])}
+        # plus the adapters' kernels; at batch 1-16 every matmul is bandwidth- and launch-bound.  A group
+        # without any adapter (a model without LoRA: a published checkpoint at inference) keeps its own
+        # weights, one matmul per projection, so decoding never holds a second copy of a frozen LLM.
+        self.groups = []  # per layer: {group: (fused weight or None, fused bias or None, [(module, base, rows)], sizes)}
         for layer in self.llm.layers:
             a, mlp = layer.self_attn, layer.mlp
             spec = {"qkv": [a.q_proj, a.k_proj, a.v_proj], "o": [a.o_proj], "gate_up": [mlp.gate_proj, mlp.up_proj],
@@ -100,29 +102,37 @@ class StaticGreedyDecoder:
                 for m, b in zip(mods, bases):
                     rows.append((m, b, slice(off, off + b.weight.shape[0])))
                     off += b.weight.shape[0]
-                weight = torch.empty(off, bases[0].weight.shape[1], device=dev, dtype=bases[0].weight.dtype)
-                has_bias = [b.bias is not None for b in bases]
-                bias = torch.zeros(off, device=dev, dtype=weight.dtype) if any(has_bias) else None
-                entry[g] = (weight, bias, rows)
+                sizes = tuple(b.weight.shape[0] for b in bases)
+                weight = bias = None
+                if any(hasattr(m, "lora_A") for m in mods):
+                    weight = torch.empty(off, bases[0].weight.shape[1], device=dev, dtype=bases[0].weight.dtype)
+                    if any(b.bias is not None for b in bases):
+                        bias = torch.zeros(off, device=dev, dtype=weight.dtype)
+                entry[g] = (weight, bias, rows, sizes)
             self.groups.append(entry)
 
     @torch.no_grad()
     def refresh_merged(self) -> None:
         """Copy the current weights (LoRA merged) into the fused decode weights."""
         for entry in self.groups:
-            for weight, bias, rows in entry.values():
+            for weight, bias, rows, _ in entry.values():
+                if weight is None:
+                    continue
                 for mod, base, r in rows:
                     w = weight[r]
                     w.copy_(base.weight)
                     if bias is not None and base.bias is not None:
                         bias[r].copy_(base.bias)
-                    for name in getattr(mod, "active_adapters", ()) if hasattr(mod, "lora_A") else ():
+                    for name in mod.active_adapters if hasattr(mod, "lora_A") else ():
                         A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
                         w.addmm_(B.to(w.dtype), A.to(w.dtype), alpha=mod.scaling[name])
 
-    def _proj(self, i: int, group: str, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, _ = self.groups[i][group]
-        return F.linear(x, weight, bias)
+    def _proj(self, i: int, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of a group's projections (q, k, v / o / gate, up / down) for input ``x``."""
+        weight, bias, rows, sizes = self.groups[i][group]
+        if weight is None:
+            return tuple(F.linear(x, base.weight, base.bias) for _, base, _ in rows)
+        return F.linear(x, weight, bias).split(sizes, -1)
 
     def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """One query a row over the static cache: q (B, H, 1, hd) -> (B, H, 1, hd).
@@ -149,11 +159,11 @@ class StaticGreedyDecoder:
         cos, sin = llm.rotary_emb(x, self.pos)
         self.valid.index_fill_(1, self.cur, True)
         mask = self.valid[:, None, None, :]  # (B, 1, 1, Lmax)
-        nq, nkv = self.H * self.hd, self.KV * self.hd
+        nq = self.H * self.hd
         for i, layer in enumerate(llm.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q, k, v = self._proj(i, "qkv", h).split((nq, nkv, nkv), -1)
+            q, k, v = self._proj(i, "qkv", h)
             q = q.view(B, 1, self.H, self.hd).transpose(1, 2)
             k = k.reshape(B, 1, self.KV, self.hd).transpose(1, 2)
             v = v.reshape(B, 1, self.KV, self.hd).transpose(1, 2)
@@ -161,10 +171,10 @@ class StaticGreedyDecoder:
             self.k[i].index_copy_(2, self.cur, k.to(self.k[i].dtype))
             self.v[i].index_copy_(2, self.cur, v.to(self.v[i].dtype))
             o = self._attend(q, i, mask, a.scaling)
-            x = x + self._proj(i, "o", o.transpose(1, 2).reshape(B, 1, nq))
+            x = x + self._proj(i, "o", o.transpose(1, 2).reshape(B, 1, nq))[0]
             h = layer.post_attention_layernorm(x)
-            gate, up = self._proj(i, "gate_up", h).chunk(2, -1)
-            x = x + self._proj(i, "down", layer.mlp.act_fn(gate) * up)
+            gate, up = self._proj(i, "gate_up", h)
+            x = x + self._proj(i, "down", layer.mlp.act_fn(gate) * up)[0]
         nxt = m.lm_logits(llm.norm(x)[:, 0]).masked_fill(self.banned, float("-inf")).argmax(-1)  # (B,)
         nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
         self.ids.index_copy_(1, self.t, nxt[:, None])
