@@ -26,7 +26,7 @@ def centroid_cells(masks: torch.Tensor, grid: int) -> torch.Tensor:
     return gy * grid + gx
 
 
-def ensure_nonempty(prompt: torch.Tensor, fallback_cells: torch.Tensor) -> tuple[torch.Tensor, int]:
+def ensure_nonempty(prompt: torch.Tensor, fallback_cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``prompt`` (B, g, g) with no 1-cell get the cell ``fallback_cells[b]``; returns (prompt, count).
 
     The count is a 0-d tensor on the prompt's device (no host sync: it is read when logged)."""
@@ -37,7 +37,7 @@ def ensure_nonempty(prompt: torch.Tensor, fallback_cells: torch.Tensor) -> tuple
     return flat.reshape(B, g, g).to(prompt.dtype), empty.sum()
 
 
-def logits_to_prompt(mask_logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, int]:
+def logits_to_prompt(mask_logits: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted mask logits (B, H, W) -> prompt masks (B, g, g): sigmoid -> avg-pool -> > 0.5.
 
     Not differentiable (docs/recipes.md, "Loop 2").  Empty results fall back to the most probable cell; the count

@@ -86,7 +86,8 @@ def noise_tokens(
     """Replace ``ratio`` of the first lengths[b] tokens of each row with random allowed ids (B, T).
 
     ``allowed``: a (V,) bool mask, or the allowed ids themselves (an integer tensor, e.g. the mask's
-    ``nonzero()`` computed once: no host sync per call).  ``shard`` (world, rank): draw for the global batch and keep this rank's rows (:func:`global_rows`).
+    ``nonzero()`` computed once: no host sync per call).  ``shard`` (world, rank): draw for the global
+    batch and keep this rank's rows (:func:`global_rows`).
     """
     B, T = ids.shape
     dev = ids.device
