@@ -106,7 +106,7 @@ def train_config(stage: str, settings: dict, run_dir: Path, progress: bool, seed
         data = {"refer": data["refer"]}
     return TrainConfig.from_mapping({
         "recipe": "dual" if stage == "dual" else "sft", "model": MODEL, "run_dir": str(run_dir / stage),
-        "scratch_init": True, "recency_init": RECENCY, "freeze": list(STAGE_TRAINS[stage]),
+        "scratch_init": True, "recency_init": RECENCY, "zero_seg_embed": True, "freeze": list(STAGE_TRAINS[stage]),
         "ckpt_every": 0, "log_every": 10, "progress": progress, "seed": stage_seed(stage, seed),
         "logging": logging,
         "data": data, **settings[stage],
