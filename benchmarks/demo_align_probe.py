@@ -12,6 +12,7 @@ steps.  A spec is ``seed=S+flag+flag=value``; flags:
 * ``rec=S``                the recency prior's strength (default ``demo.RECENCY``);
 * ``nocf``                 the prior without ``content_free`` (the random query / key weights kept: the
                            demo before 2026-12-01);
+* ``nozs``                 the [SEG] embedding not zeroed at init (``zero_seg_embed`` off: before 2026-12-01);
 * ``al=G1,G2``             the alignment stage trains these parameter groups only (e.g. ``al=sam2_decoder``);
 * ``sft=N``                then N steps of the demo's SFT stage 2 (``demo.FULL['sft']`` otherwise).
 
@@ -19,11 +20,12 @@ One spec a process, one thread each; several specs run side by side:
 
     python benchmarks/demo_align_probe.py --out OUT "seed=0" "seed=1" "seed=2+lora"
 
-``--init-diag``: no training; for each spec, the share of the variance of the [SEG] state (the input of
-text_hidden_fcs) over 300 held-out referring samples that the target's colour / shape explains, at init
-(R^2 of the per-colour / per-shape means):
+``--init-diag``: no training; for each spec, at init, over 300 held-out referring samples, the [SEG] state
+(the input of text_hidden_fcs): the share of its variance that the target's colour / shape explains (R^2 of
+the per-colour / per-shape means), the share of its second moment that varies at all (``var_share``; the
+rest is one vector for every sample) and the colour's / shape's share of the second moment:
 
-    python benchmarks/demo_align_probe.py --out OUT --init-diag "seed=0" "seed=1" "seed=1+nocf"
+    python benchmarks/demo_align_probe.py --out OUT --init-diag "seed=0" "seed=1" "seed=1+nocf+nozs"
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ def _attribute_r2(model, n: int = 300) -> dict:
             segment_texts(model, b, list(b["expression"]), feats=image_features(model, b))
     hook.remove()
     h = torch.cat(states)
-    return {"R2_colour": _r2(h, [o.color for o in objs]), "R2_shape": _r2(h, [o.shape for o in objs])}
+    c2, s2 = _r2(h, [o.color for o in objs]), _r2(h, [o.shape for o in objs])
+    var = float(((h - h.mean(0)) ** 2).sum() / (h ** 2).sum())  # the share of the second moment that varies
+    return {"R2_colour": c2, "R2_shape": s2, "var_share": round(var, 3),
+            "colour_share": round(var * c2, 3), "shape_share": round(var * s2, 3)}
 
 
 def worker(spec: str, out: Path, every: int, n_val: int, init_diag: bool = False) -> None:
@@ -124,7 +129,10 @@ def worker(spec: str, out: Path, every: int, n_val: int, init_diag: bool = False
     if "al" in fl:
         demo.STAGE_TRAINS = {**demo.STAGE_TRAINS, "align": tuple(fl["al"].split(","))}
     run_dir = out / _name(spec)
-    tr = Trainer(demo.train_config("align", S, run_dir, False, seed))
+    cfg = demo.train_config("align", S, run_dir, False, seed)
+    if "nozs" in fl:
+        cfg.zero_seg_embed = False
+    tr = Trainer(cfg)
     m = tr.model
     if init_diag:
         print(json.dumps({"spec": spec, **_attribute_r2(m)}), flush=True)

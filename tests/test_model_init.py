@@ -159,3 +159,23 @@ def test_train_config_recency_init_needs_scratch_init_and_reaches_the_model():
         b = layer.self_attn.q_proj.bias.detach()
         assert b[2] ** 2 / math.sqrt(d) == pytest.approx(8.0)  # scratch init zeroes biases; the prior sets these
         assert b.abs().gt(0).sum() == model.cfg.llm.num_heads  # default: every head
+
+
+def test_zero_seg_embed_needs_scratch_init_and_zeroes_only_the_seg_row():
+    from maskloop.config import ConfigError
+    from maskloop.train.engine import TrainConfig, build_model
+
+    with pytest.raises(ConfigError, match="scratch_init"):
+        TrainConfig.from_mapping({"model": "tiny", "zero_seg_embed": True})
+    ref = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True}))
+    model = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "zero_seg_embed": True}))
+    seg = model.builder.seg_id
+    ids = model.new_token_ids.tolist()
+    assert seg in ids
+    for i, tok in enumerate(ids):
+        row = model.new_embed.detach()[i]
+        assert (row.abs().sum() == 0) == (tok == seg)
+    assert ref.new_embed.detach()[ids.index(seg)].abs().sum() > 0  # not zero without the option
+    out = model.embed_tokens(torch.tensor([[seg, ids[0] if ids[0] != seg else ids[1]]]))
+    assert out[0, 0].abs().sum() == 0 and out[0, 1].abs().sum() > 0
+    assert model.new_head.detach()[ids.index(seg)].abs().sum() > 0  # the lm_head row ([SEG]'s logit) is kept
