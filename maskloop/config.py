@@ -532,6 +532,8 @@ class TrainConfig:
     """A preset built without a checkpoint gets width-aware weights (model/init.py), not N(0, 0.02)."""
     recency_init: float = 0.0
     """With scratch_init: strength of the LLM attention's recency prior at init (0 = none)."""
+    zero_seg_embed: bool = False
+    """With scratch_init: the [SEG] token's input embedding starts at zero (model/init.py)."""
     run_dir: str = "runs/default"
     steps: int | None = 1000
     """Optimizer steps; None: the recipe's (PSALM: ``psalm.epochs`` over its data)."""
@@ -611,6 +613,9 @@ class TrainConfig:
         check_range("num_workers", self.num_workers, self.num_workers >= 0, "an integer >= 0")
         if self.recency_init < 0 or (self.recency_init and not self.scratch_init):
             raise ConfigError(f"recency_init={self.recency_init}: a strength > 0 that needs scratch_init: true "
+                              "(it is an initialisation of a model trained from random weights)")
+        if self.zero_seg_embed and not self.scratch_init:
+            raise ConfigError("zero_seg_embed: true needs scratch_init: true "
                               "(it is an initialisation of a model trained from random weights)")
 
     @classmethod

@@ -5,9 +5,11 @@
 1. builds the ``tiny-demo`` preset from scratch (random init, word tokenizer over the shapes-world words)
    and evaluates it untrained.  Two choices make a from-scratch LLM usable within minutes: the referring
    answer repeats the expression right before [SEG] ("Sure, <p>the red circle</p> [SEG].", Sa2VA's phrase
-   markup; ``seg_answer="phrase"``), and the LLM's attention starts with a recency prior
-   (:func:`maskloop.model.init.init_recency_prior`), so that SAM2's prompt depends on the expression from
-   the first step instead of on everything in the sequence;
+   markup; ``seg_answer="phrase"``), the LLM's attention starts with a recency prior and no content term
+   (:func:`maskloop.model.init.init_recency_prior`, ``content_free``), and the [SEG] token's input
+   embedding starts at zero (:func:`maskloop.model.init.init_seg_embedding_zero`), so that SAM2's prompt is
+   a function of the expression from the first step, at every seed, instead of one vector for every sample
+   plus a random share of the expression's words (benchmarks/results/demo_seeds.md);
 2. **SFT** on the shapes world, referring segmentation (expression -> [SEG] -> mask) and region captioning
    (mask -> caption), in two stages: *alignment*, referring only with the LLM frozen (SAM2's decoder,
    text_hidden_fcs, the ViT and the projector learn to use the [SEG] state as it is), then both tasks with
@@ -45,8 +47,8 @@ import torch
 FULL = {
     "scenes": 4000,  # training scenes per stream
     "val_scenes": 200,  # held-out scenes for every metric
-    "align": {"steps": 1000, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
-    "sft": {"steps": 900, "batch_size": 8, "accumulation": 1, "lr": 5e-4, "warmup_ratio": 0.03},
+    "align": {"steps": 1200, "batch_size": 8, "accumulation": 1, "lr": 1e-3, "warmup_ratio": 0.03},
+    "sft": {"steps": 1200, "batch_size": 8, "accumulation": 1, "lr": 5e-4, "warmup_ratio": 0.03},
     "dual": {"steps": 300, "batch_size": 8, "accumulation": 1, "lr": 2e-4, "warmup_ratio": 0.05,
              "ema_decay": 0.99, "loop1": {"caption_len": 12, "topk": 16, "refer_ratio": 0.5},
              "loop2": {"caption_len": 12}},
@@ -64,7 +66,7 @@ QUICK = {
              "loop2": {"caption_len": 12}},
     "examples": 4,
 }
-MODEL = "tiny-demo"  # trained from scratch: width-aware init + the LLM attention's recency prior
+MODEL = "tiny-demo"  # from scratch: width-aware init, the content-free recency prior, a zero [SEG] embedding
 RECENCY = 8.0  # maskloop.model.init.init_recency_prior strength (every head)
 EXPRESSIONS = "colour"  # referring expressions name the target's colour (shapes.referring_expression)
 # What each stage trains.  SAM2's image encoder is never trained: at its random init it is a fixed feature
@@ -109,7 +111,7 @@ def train_config(stage: str, settings: dict, run_dir: Path, progress: bool, seed
         data = {"refer": data["refer"]}
     return TrainConfig.from_mapping({
         "recipe": "dual" if stage == "dual" else "sft", "model": MODEL, "run_dir": str(run_dir / stage),
-        "scratch_init": True, "recency_init": RECENCY, "freeze": list(STAGE_TRAINS[stage]),
+        "scratch_init": True, "recency_init": RECENCY, "zero_seg_embed": True, "freeze": list(STAGE_TRAINS[stage]),
         "ckpt_every": 0, "log_every": 10, "progress": progress, "seed": stage_seed(stage, seed),
         "logging": logging,
         "data": data, **settings[stage],

@@ -111,6 +111,40 @@ def test_recency_prior_adds_strength_times_cos_distance_to_the_attention_logits(
             torch.testing.assert_close(logits, want, atol=1e-3, rtol=1e-4)
 
 
+def test_recency_prior_is_content_free_at_init_unless_asked():
+    """content_free (default): the prior's heads score any input by the prior alone -- q.k/sqrt(d) after RoPE
+    equals strength * cos(theta_j * (m - n)) for random hidden states; the other group keeps its random
+    content logits, and so does every head with content_free=False."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from maskloop.model.init import init_from_scratch, init_recency_prior
+
+    cfg = make_tiny().cfg.llm
+    d = cfg.hidden_size // cfg.num_heads
+    theta = cfg.rope_theta ** (-2 * 2 / d)
+    L = 10
+    pos = torch.arange(L)[None]
+    dist = (pos[0][:, None] - pos[0][None]).float()
+    x = torch.randn(1, L, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    for content_free in (True, False):
+        torch.manual_seed(0)
+        model = make_tiny()
+        init_from_scratch(model)
+        init_recency_prior(model, 8.0, kv_groups=1, content_free=content_free)
+        cos, sin = model.llm.rotary_emb(x, pos)
+        for layer in model.llm.layers:
+            at = layer.self_attn
+            with torch.no_grad():
+                q = at.q_proj(x).view(1, L, -1, d).transpose(1, 2)
+                k = at.k_proj(x).view(1, L, -1, d).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            groups = q.shape[1] // k.shape[1]
+            for h in range(q.shape[1]):
+                logits = q[0, h] @ k[0, h // groups].T / math.sqrt(d)
+                prior_only = torch.allclose(logits, 8.0 * torch.cos(theta * dist), atol=1e-4)
+                assert prior_only == (content_free and h // groups == 0), (content_free, h)
+
+
 def test_train_config_recency_init_needs_scratch_init_and_reaches_the_model():
     from maskloop.config import ConfigError
     from maskloop.train.engine import TrainConfig, build_model
@@ -125,3 +159,23 @@ def test_train_config_recency_init_needs_scratch_init_and_reaches_the_model():
         b = layer.self_attn.q_proj.bias.detach()
         assert b[2] ** 2 / math.sqrt(d) == pytest.approx(8.0)  # scratch init zeroes biases; the prior sets these
         assert b.abs().gt(0).sum() == model.cfg.llm.num_heads  # default: every head
+
+
+def test_zero_seg_embed_needs_scratch_init_and_zeroes_only_the_seg_row():
+    from maskloop.config import ConfigError
+    from maskloop.train.engine import TrainConfig, build_model
+
+    with pytest.raises(ConfigError, match="scratch_init"):
+        TrainConfig.from_mapping({"model": "tiny", "zero_seg_embed": True})
+    ref = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True}))
+    model = build_model(TrainConfig.from_mapping({"model": "tiny", "scratch_init": True, "zero_seg_embed": True}))
+    seg = model.builder.seg_id
+    ids = model.new_token_ids.tolist()
+    assert seg in ids
+    for i, tok in enumerate(ids):
+        row = model.new_embed.detach()[i]
+        assert (row.abs().sum() == 0) == (tok == seg)
+    assert ref.new_embed.detach()[ids.index(seg)].abs().sum() > 0  # not zero without the option
+    out = model.embed_tokens(torch.tensor([[seg, ids[0] if ids[0] != seg else ids[1]]]))
+    assert out[0, 0].abs().sum() == 0 and out[0, 1].abs().sum() > 0
+    assert model.new_head.detach()[ids.index(seg)].abs().sum() > 0  # the lm_head row ([SEG]'s logit) is kept

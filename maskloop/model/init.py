@@ -68,7 +68,8 @@ def init_from_scratch(model, pos_std: float = 0.5) -> None:
     model.new_head.copy_(model.head_matrix[model.new_token_ids])
 
 
-def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: int | None = None) -> None:
+def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: int | None = None,
+                       content_free: bool = True) -> None:
     """Give the LLM's attention a recency prior at init through its q/k biases (Qwen2 has them).
 
     In each chosen key/value group of every layer, the q and k biases get the same constant ``a`` in
@@ -87,6 +88,17 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
     trades that against reading far tokens: distance d loses ``strength * (1 - cos(theta_j d))`` logits,
     up to twice the strength; at 30 the region tokens of a caption prompt (~20 tokens before the answer)
     are ~40 logits down, get no gradient, and the demo's captioner learnt one caption for every region.
+
+    ``content_free`` (default): the chosen heads' query weights start at zero (as muP initialises query
+    projections, Yang et al. 2021, "Tensor Programs V") and so do the key weights of the prior's rotary pair,
+    so that at init those heads' logits are the prior exactly, whatever the tokens: no random content term
+    (for the tiny LLM, q.k of random projections has a standard deviation of ~1 logit, and the q bias
+    times the key's content in the prior's pair another ~1.4 at strength 8) decides which of the last
+    few tokens a head reads.  Without it, whether the [SEG] state of the demo's frozen LLM carried the
+    expression's colour was a matter of the draw: the colour word explained 54 % of the [SEG] state's
+    variance at one seed and 8 % at another (the shape word 70 %), and SAM2's decoder, whose targets
+    the colour mostly tells apart, stayed on the "every object" plateau there (benchmarks/results/demo_seeds.md).
+    Every weight still trains; zero query weights get their gradient from the (non-zero) keys.
     """
     if strength <= 0:
         raise ValueError(f"recency strength must be > 0, got {strength}")
@@ -102,8 +114,28 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
         with torch.no_grad():
             for g in range(n_kv if kv_groups is None else min(kv_groups, n_kv)):
                 attn.k_proj.bias[g * d + freq_index] = a
+                if content_free:  # HF's rotate_half pairs dimension i with i + d/2
+                    attn.k_proj.weight[[g * d + freq_index, g * d + freq_index + d // 2]] = 0.0
                 for h in range(g * n_q // n_kv, (g + 1) * n_q // n_kv):  # the query heads reading group g
                     attn.q_proj.bias[h * d + freq_index] = a
+                    if content_free:
+                        attn.q_proj.weight[h * d:(h + 1) * d] = 0.0
 
 
-__all__ = ["init_from_scratch", "init_recency_prior"]
+@torch.no_grad()
+def init_seg_embedding_zero(model) -> None:
+    """Start the [SEG] token's input embedding (its ``new_embed`` row) at zero.
+
+    A from-scratch [SEG] row is a random N(0, 1) vector as long as the residual stream itself, and it stays
+    in the residual stream at the [SEG] position: in the demo's 2-layer LLM it made 92-94 % of the [SEG]
+    state's second moment the same vector for every sample, leaving the expression ~2 % (the colour) of
+    what text_hidden_fcs reads.  From zero, the [SEG] state is what the layers read from its context (the
+    expression right before it): 48-71 % of it varies between samples, 18-22 % with the target's colour
+    (benchmarks/results/demo_seeds.md).  RMSNorm of the zero vector is zero (its eps), so the [SEG]
+    position's own value is the (zero) value bias; the row trains like the other new-token rows.
+    """
+    row = (model.new_token_ids == model.builder.seg_id).nonzero()[:, 0]
+    model.new_embed[row] = 0.0
+
+
+__all__ = ["init_from_scratch", "init_recency_prior", "init_seg_embedding_zero"]

@@ -14,7 +14,7 @@ def build_model(cfg: TrainConfig):
 
     if cfg.model in PRESETS:
         from maskloop.data.sources.shapes import all_words
-        from maskloop.model.init import init_from_scratch, init_recency_prior
+        from maskloop.model.init import init_from_scratch, init_recency_prior, init_seg_embedding_zero
         from maskloop.model.prompts import build_word_tokenizer
 
         if cfg.model not in FROM_SCRATCH_PRESETS:
@@ -26,6 +26,8 @@ def build_model(cfg: TrainConfig):
             init_from_scratch(model)
             if cfg.recency_init:
                 init_recency_prior(model, cfg.recency_init)
+            if cfg.zero_seg_embed:
+                init_seg_embedding_zero(model)
     else:
         from pathlib import Path
 
