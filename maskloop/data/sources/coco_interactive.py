@@ -52,6 +52,23 @@ __all__ = ["COCOInteractiveDataset", "PROMPT_TYPES", "thicken"]
 PROMPT_TYPES = ("point", "scribble", "box", "mask")
 
 
+def read_psalm_rows(json_path: Path, image_dir: Path, missing_json: str, missing_dir: str, rows: str) -> list:
+    """The row list of one of PSALM's json files (COCO-Interactive, the cross-image json), with one
+    :class:`DataError` for a missing file or folder (``missing_json`` / ``missing_dir``), an unparsable file,
+    or a top level that is not a list (``rows`` names what it should hold)."""
+    if not json_path.is_file():
+        raise DataError(missing_json)
+    if not image_dir.is_dir():
+        raise DataError(missing_dir)
+    try:
+        data = read_json(json_path)
+    except SampleError as e:
+        raise DataError(f"cannot parse {json_path}: {e.detail}") from e
+    if not isinstance(data, list):
+        raise DataError(f"{json_path} should hold a list of {rows}, found {type(data).__name__}")
+    return data
+
+
 def thicken(mask: np.ndarray, radius: float) -> np.ndarray:
     """Every foreground pixel grown to a disc of ``radius`` px (exact Euclidean dilation)."""
     if radius <= 0 or not mask.any():
@@ -88,18 +105,12 @@ class COCOInteractiveDataset(RobustDataset):
         self.radius = {"point": float(point_radius), "scribble": float(scribble_radius), "box": 0.0, "mask": 0.0}
         self.seed, self.epoch = int(seed), 0
         json_path, self.image_dir = Path(json_path), Path(image_dir)
-        if not json_path.is_file():
-            raise DataError(f"COCO-Interactive json {json_path} not found (coco_interactive_{{split}}_psalm.json "
-                            "from PSALM's release or datasets/bulid_COCO_Interactivate.py)")
-        if not self.image_dir.is_dir():
-            raise DataError(f"image folder {self.image_dir} not found; point image_dir at COCO train2017 / val2017")
-        try:
-            data = read_json(json_path)
-        except SampleError as e:
-            raise DataError(f"cannot parse {json_path}: {e.detail}") from e
-        if not isinstance(data, list):
-            raise DataError(f"{json_path} should hold a list of {{image, image_info, anns}} entries, "
-                            f"found {type(data).__name__}")
+        data = read_psalm_rows(
+            json_path, self.image_dir,
+            f"COCO-Interactive json {json_path} not found (coco_interactive_{{split}}_psalm.json "
+            "from PSALM's release or datasets/bulid_COCO_Interactivate.py)",
+            f"image folder {self.image_dir} not found; point image_dir at COCO train2017 / val2017",
+            "{image, image_info, anns} entries")
         self.json_key = json_path.name
         self.items: list[dict] = []
         for k, e in enumerate(data):

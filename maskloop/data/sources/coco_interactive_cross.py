@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import decode_segmentation, open_image, read_json
+from ..io import decode_segmentation, open_image
 from ..psalm import PSALMTransform
-from ..robust import DataError, RobustDataset, SampleError
+from ..robust import RobustDataset, SampleError
+from .coco_interactive import read_psalm_rows
 
 __all__ = ["COCOInteractiveCrossDataset"]
 
@@ -58,19 +59,13 @@ class COCOInteractiveCrossDataset(RobustDataset):
         self.transform = transform or PSALMTransform()
         self.max_regions = max_regions
         json_path, self.image_dir = Path(json_path), Path(image_dir)
-        if not json_path.is_file():
-            raise DataError(f"cross-image json {json_path} not found (PSALM's datasets/build_DAVIS.py writes "
-                            "2017/trainval_val_psalm.json)")
-        if not self.image_dir.is_dir():
-            raise DataError(f"image folder {self.image_dir} not found; point image_dir at the folder the json's "
-                            "paths are relative to (PSALM: datasets/DAVIS)")
-        try:
-            data = read_json(json_path)
-        except SampleError as e:
-            raise DataError(f"cannot parse {json_path}: {e.detail}") from e
-        if not isinstance(data, list):
-            raise DataError(f"{json_path} should hold a list of {{image, anns, first_frame_image, "
-                            f"first_frame_anns}} rows, found {type(data).__name__}")
+        data = read_psalm_rows(
+            json_path, self.image_dir,
+            f"cross-image json {json_path} not found (PSALM's datasets/build_DAVIS.py writes "
+            "2017/trainval_val_psalm.json)",
+            f"image folder {self.image_dir} not found; point image_dir at the folder the json's "
+            "paths are relative to (PSALM: datasets/DAVIS)",
+            "{image, anns, first_frame_image, first_frame_anns} rows")
         self.json_key = json_path.name
         self.items: list[dict] = []
         for k, row in enumerate(data):
