@@ -53,3 +53,21 @@ def join_group(rank, world, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def export_tiny_with_shape(root):
+    """A random tiny model exported as a checkpoint folder (``root/ckpt``), a shapes image (``img.png``) and
+    its object mask (``mask.png``) under ``root``; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    from maskloop.data.sources.shapes import ShapesReferDataset
+    from maskloop.model.checkpoints import save_published
+    from maskloop.train.engine import TrainConfig, build_model
+
+    torch.manual_seed(0)
+    save_published(build_model(TrainConfig.from_mapping({"model": "tiny"})), root / "ckpt")
+    raw = ShapesReferDataset(1, seed="val").raw(0)
+    Image.fromarray(raw["image"]).save(root / "img.png")
+    Image.fromarray(raw["mask"].astype(np.uint8) * 255).save(root / "mask.png")
+    return root

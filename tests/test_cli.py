@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import export_tiny_with_shape
 from PIL import Image
 
 from maskloop.cli import main
@@ -84,17 +85,7 @@ def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A random tiny model exported as a checkpoint folder, a shapes image and its object mask."""
-    from maskloop.data.sources.shapes import ShapesReferDataset
-    from maskloop.model.checkpoints import save_published
-    from maskloop.train.engine import TrainConfig, build_model
-
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    save_published(build_model(TrainConfig.from_mapping({"model": "tiny"})), root / "ckpt")
-    raw = ShapesReferDataset(1, seed="val").raw(0)
-    Image.fromarray(raw["image"]).save(root / "img.png")
-    Image.fromarray(raw["mask"].astype(np.uint8) * 255).save(root / "mask.png")
-    return root
+    return export_tiny_with_shape(tmp_path_factory.mktemp("cli"))
 
 
 def test_caption_and_segment_write_overlays(exported, capsys):

@@ -13,25 +13,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
-from conftest import free_port
+from conftest import export_tiny_with_shape, free_port
 from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A random tiny model exported as a checkpoint folder, a shapes image and its object mask."""
-    from maskloop.data.sources.shapes import ShapesReferDataset
-    from maskloop.model.checkpoints import save_published
-    from maskloop.train.engine import TrainConfig, build_model
-
-    root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    save_published(build_model(TrainConfig.from_mapping({"model": "tiny"})), root / "ckpt")
-    raw = ShapesReferDataset(1, seed="val").raw(0)
-    Image.fromarray(raw["image"]).save(root / "img.png")
-    Image.fromarray(raw["mask"].astype(np.uint8) * 255).save(root / "mask.png")
-    return root
+    return export_tiny_with_shape(tmp_path_factory.mktemp("serve"))
 
 
 def test_handlers_match_inference_and_the_cycle_iou(served):
