@@ -134,7 +134,9 @@ RULES = _VIT + _MLP1 + _LLM + _HEAD + _SAM
 _DERIVED = {OURS_SAM + "shared_image_embedding.positional_embedding", "new_embed", "new_head"}
 
 
-def _template_regex(template: str) -> re.Pattern:
+def template_regex(template: str) -> re.Pattern:
+    """A key template (``{name}`` fields: one dot-free key part each, ``{rest}`` any tail) -> its regex;
+    :func:`fill_template` writes a match into another template."""
     out, last = "", 0
     for m in re.finditer(r"\{(\w+)\}", template):
         name = m.group(1)
@@ -143,10 +145,10 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(out + re.escape(template[last:]))
 
 
-_COMPILED = [(_template_regex(a), a, _template_regex(b), b) for a, b in RULES]
+_COMPILED = [(template_regex(a), a, template_regex(b), b) for a, b in RULES]
 
 
-def _fill(template: str, m: re.Match) -> str:
+def fill_template(template: str, m: re.Match) -> str:
     fields = {k[1:] if k.startswith("g") else k: v for k, v in m.groupdict().items()}
     return re.sub(r"\{(\w+)\}", lambda f: fields[f.group(1)], template)
 
@@ -155,7 +157,7 @@ def _published_to_native_key(key: str) -> str | None:
     for pub, _, _, nat in _COMPILED:
         m = pub.fullmatch(key)
         if m:
-            return _fill(nat, m)
+            return fill_template(nat, m)
     return None
 
 
@@ -163,7 +165,7 @@ def _native_to_published_key(key: str) -> str | None:
     for _, pub, nat, _ in _COMPILED:
         m = nat.fullmatch(key)
         if m:
-            return _fill(pub, m)
+            return fill_template(pub, m)
     return None
 
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskloop.model.checkpoints import SAM_PREFIX, CheckpointError
+from maskloop.model.checkpoints import SAM_PREFIX, CheckpointError, fill_template, template_regex
 from maskloop.model.prompts import IMG_END, IMG_START, Fixed, Repeat
 
 KEYFRAME_MODES = ("first", "uniform")
@@ -104,15 +104,7 @@ _DOWNSAMPLER = re.compile(r"memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(\
 _HF_DOWNSAMPLER = re.compile(r"memory_encoder\.mask_downsampler\.(?:layers\.(\d+)\.(conv|layer_norm)|final_conv)\.(\w+)")
 
 
-def _rx(template: str) -> re.Pattern:
-    out, last = "", 0
-    for m in re.finditer(r"\{(\w+)\}", template):
-        out += re.escape(template[last : m.start()]) + f"(?P<{m.group(1)}>[^.]+?)"
-        last = m.end()
-    return re.compile(out + re.escape(template[last:]))
-
-
-_COMPILED = [(_rx(a), a, _rx(b), b) for a, b in _MEMORY_RULES]
+_COMPILED = [(template_regex(a), a, template_regex(b), b) for a, b in _MEMORY_RULES]
 
 
 def memory_key_to_hf(key: str, n_down_layers: int) -> str | None:
@@ -130,7 +122,7 @@ def memory_key_to_hf(key: str, n_down_layers: int) -> str | None:
     for rx, _, _, tgt in _COMPILED:
         m = rx.fullmatch(key)
         if m:
-            return tgt.format(**m.groupdict())
+            return fill_template(tgt, m)
     return None
 
 
@@ -146,7 +138,7 @@ def hf_key_to_memory(key: str, n_down_layers: int) -> str | None:
             continue
         m = rx.fullmatch(key)
         if m:
-            return src.format(**m.groupdict())
+            return fill_template(src, m)
     return None
 
 
