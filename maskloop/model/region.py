@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from maskloop.checks import check_on_device
+
 
 def centroid_cells(masks: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, H, W) masks -> (B,) flat index of the grid cell holding each mask's centroid (centre if empty)."""
@@ -99,15 +101,10 @@ def inject_visual_tokens(
     else:
         cell = rank.clamp(0, N - 1)
         n_expected = n_img
-    counts_ok = (ctx.sum(1) == n_expected.to(ctx.device)).all()
-    if ctx.device.type == "cpu":
-        if not counts_ok:
-            raise ValueError(
-                f"<IMG_CONTEXT> count per row {ctx.sum(1).tolist()} does not match image tokens + region cells "
-                f"{n_expected.tolist()}"
-            )
-    else:  # checked on the device: a forward pass makes no host sync here
-        torch._assert_async(counts_ok, "<IMG_CONTEXT> count per row does not match image tokens + region cells")
+    check_on_device((ctx.sum(1) == n_expected.to(ctx.device)).all(),
+                    "<IMG_CONTEXT> count per row does not match image tokens + region cells",
+                    lambda: f"<IMG_CONTEXT> count per row {ctx.sum(1).tolist()} does not match image tokens + "
+                            f"region cells {n_expected.tolist()}")
     src = torch.arange(B, device=ctx.device)[:, None] * N + cell  # (B, L); read only where ctx
     vis = image_feats.reshape(B * N, D)[src.reshape(-1)].reshape(B, -1, D).to(inputs_embeds.dtype)
     return torch.where(ctx[..., None], vis, inputs_embeds)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from maskloop.checks import check_on_device
+
 __all__ = ["gumbel_topk_embed", "gumbel_topk_weights", "mix_topk_embeddings", "sample_gumbel"]
 
 
@@ -77,12 +79,9 @@ def gumbel_topk_weights(
                 f"valid_ids_mask must be a bool tensor of shape ({V},), got "
                 f"{valid_ids_mask.dtype} {tuple(valid_ids_mask.shape)}"
             )
-        if valid_ids_mask.device.type == "cpu":
-            n_valid = int(valid_ids_mask.sum())
-            if k > n_valid:
-                raise ValueError(f"k={k} exceeds the {n_valid} selectable ids left by valid_ids_mask")
-        else:  # checked on the device: no host sync per call (a failure is a device-side assert)
-            torch._assert_async(valid_ids_mask.sum() >= k, f"k={k} exceeds the selectable ids left by valid_ids_mask")
+        n_valid = valid_ids_mask.sum()
+        check_on_device(n_valid >= k, f"k={k} exceeds the selectable ids left by valid_ids_mask",
+                        lambda: f"k={k} exceeds the {int(n_valid)} selectable ids left by valid_ids_mask")
         logits = logits.masked_fill(~valid_ids_mask.to(logits.device), float("-inf"))
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V={V}], got {k}")
