@@ -84,3 +84,17 @@ def test_centroid_and_logits_to_prompt():
     assert n == 1
     assert prompt[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert prompt[1].sum() == 1 and prompt[1, 0, 0] == 1
+
+
+def test_image_context_count_mismatch_is_one_clear_error():
+    import pytest
+
+    B, N, D, ctx_id = 2, 4, 3, 7
+    ids = torch.zeros(B, 8, dtype=torch.long)
+    ids[0, 1:5] = ctx_id
+    ids[1, 1:4] = ctx_id  # one slot short
+    with pytest.raises(ValueError, match=r"count per row \[4, 3\] does not match image tokens \+ region cells \[4, 4\]"):
+        inject_visual_tokens(torch.zeros(B, 8, D), ids, ctx_id, torch.randn(B, N, D))
+    ids[1, 4] = ctx_id
+    out = inject_visual_tokens(torch.zeros(B, 8, D), ids, ctx_id, feats := torch.randn(B, N, D))
+    assert torch.equal(out[:, 1:5], feats) and torch.equal(out[:, 5:], torch.zeros(B, 3, D))

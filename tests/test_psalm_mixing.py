@@ -144,6 +144,9 @@ def test_psalm_layout_switches_train_and_evaluate(shapes, tmp_path):
     assert {"panoptic/coco_panoptic0/PQ", "panoptic/coco_panoptic0/AP", "panoptic/coco_panoptic0/mIoU"} <= set(res)
 
 
+# PSALM trains with both (zamling/PSALM, commit d5dbfda): psalm/train/train_datasets.py L67 / L276 / L397
+#   (coco_class_name + ['background'], the last class the no-object target), psalm/model/language_model/
+#   llava_phi.py L552-L574 (each class name's tokens + [SEG], hidden states pooled over the span)
 def test_psalm_checkpoint_brings_psalms_class_name_inputs(shapes, monkeypatch):
     """Given psalm_checkpoint, the class-name switches default to PSALM's (the checkpoint was trained on
     them); an explicit model_overrides value wins."""

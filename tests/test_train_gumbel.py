@@ -163,3 +163,13 @@ def test_never_materialises_btkd(hard):
     largest_needed = max(V * D, B * T * V, B * T * D, chunk * D)  # dW, dlogits, dE, one chunk
     assert mode.max_numel <= largest_needed < btkd, (mode.max_numel, btkd)
     assert W.grad is not None and logits.grad is not None
+
+
+def test_topk_beyond_the_selectable_ids_is_one_clear_error():
+    logits = torch.randn(2, 3, 10)
+    valid = torch.zeros(10, dtype=torch.bool)
+    valid[:4] = True
+    with pytest.raises(ValueError, match="k=5 exceeds the 4 selectable ids"):
+        gumbel_topk_embed(logits, torch.randn(10, 6), k=5, tau=1.0, valid_ids_mask=valid)
+    out, _ = gumbel_topk_embed(logits, torch.randn(10, 6), k=4, tau=1.0, valid_ids_mask=valid)
+    assert out.shape == (2, 3, 6)
