@@ -25,6 +25,11 @@ from maskloop.model.psalm.deform_attn import (  # noqa: E402
     triton_available,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_psalm import timeit  # noqa: E402  (CUDA events on a GPU, wall clock elsewhere)
+
+DEV = torch.device("cuda")
+
 
 def make_inputs(image, B, Q, heads=8, dh=32, points=4, dtype=torch.float32, device="cuda", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
@@ -35,19 +40,6 @@ def make_inputs(image, B, Q, heads=8, dh=32, points=4, dtype=torch.float32, devi
     loc = (torch.rand(B, Q, heads, L, points, 2, device=device, dtype=dtype, generator=g) * 1.1 - 0.05)
     a = torch.rand(B, Q, heads, L, points, device=device, dtype=dtype, generator=g).softmax(-1)
     return v, shapes, start, loc.requires_grad_(), a.requires_grad_()
-
-
-def timeit(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main(argv=None):
@@ -79,9 +71,9 @@ def main(argv=None):
                 for gname, x, y in zip(("value", "loc", "attn"), grads, g_ref):
                     err[gname] = ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item()
                 args = (v, ss, st, loc, w)
-                fwd = timeit(lambda fn=fn, args=args: fn(*args), a.reps)
+                fwd = timeit(lambda fn=fn, args=args: fn(*args), DEV, a.reps, warmup=3)
                 fb = timeit(lambda fn=fn, args=args, go=go: torch.autograd.grad(
-                    fn(*args), (args[0], args[3], args[4]), go), a.reps)
+                    fn(*args), (args[0], args[3], args[4]), go), DEV, a.reps, warmup=3)
                 base = base or (fwd, fb)
                 rows.append({"image": image, "Q": Q, "B": a.batch, "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": fb,
                              "speedup_fwd": base[0] / fwd, "speedup_fwd_bwd": base[1] / fb,
