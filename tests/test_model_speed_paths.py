@@ -179,3 +179,32 @@ def test_compiled_encoders_match_eager():
     for a, b in zip(sam_c.high_res, sam_e.high_res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_static_prefill_equals_the_transformers_forward_with_left_padding():
+    """The prompt through the merged decode weights: the last hidden state and every layer's keys / values
+    equal transformers' forward with its dynamic cache (LoRA active, rows left-padded by 0 / 3 slots)."""
+    from transformers import DynamicCache
+
+    from maskloop.model.fast_decode import StaticGreedyDecoder, _cache_kv
+
+    model = _model_with_nonzero_lora().eval()
+    B, L = 2, 9
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(B, L, model.cfg.llm.hidden_size, generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 left-padded
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    dec = StaticGreedyDecoder(model, batch=B, max_len=64, use_graph=False)
+    with torch.no_grad():
+        dec.refresh_merged()
+        got = dec._prefill(emb, mask, pos)
+        cache = DynamicCache(config=model.llm.config)
+        want = model.run_llm(emb, mask, pos, cache)[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for i in range(len(dec.k)):
+        keys, values = _cache_kv(cache, i)
+        for b in range(B):  # the padded slots differ (never attended to); the prompt's own must agree
+            ok = mask[b].bool()
+            torch.testing.assert_close(dec.k[i][b, :, :L][:, ok], keys[b][:, ok], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dec.v[i][b, :, :L][:, ok], values[b][:, ok], rtol=1e-4, atol=1e-5)

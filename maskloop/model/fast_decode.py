@@ -1,8 +1,9 @@
 """Greedy decoding with a static KV cache, captured once as a CUDA graph.
 
 The plain loop (transformers' dynamic cache, one Python-driven forward per token) is launch-bound at
-small batch: each step issues hundreds of kernels and a host sync.  Here the prompt is prefilled by the
-transformers model itself; its K/V are copied into preallocated buffers of a bucketed length, and one
+small batch: each step issues hundreds of kernels and a host sync.  Here the prompt is prefilled through
+the same per-call decode weights (below), its K/V written straight into preallocated buffers of a bucketed
+length (``MASKLOOP_STATIC_PREFILL=0``: prefilled by the transformers model and copied), and one
 decode step — embedding, every decoder layer (the model's own norms and rotary embedding; q/k/v and gate/up
 each one matmul over a per-call copy of their weights with the LoRA update merged in), attention over the
 static cache, the lm head, argmax and the bookkeeping of finished rows — reads and writes only those buffers.  On CUDA that step is ``torch.compile``d (by default;
@@ -84,6 +85,9 @@ class StaticGreedyDecoder:
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graph = None
         self.T = 0
+        # the prompt through the decode weights into the static cache (MASKLOOP_STATIC_PREFILL=0: through the
+        # transformers forward and its dynamic cache, then copied)
+        self.prefill_static = os.environ.get("MASKLOOP_STATIC_PREFILL", "1").strip() != "0"
         # LoRA merged into the weights for decoding (W + s * B @ A, refreshed every call), and the projections
         # that read one input concatenated into one weight: q/k/v -> one matmul, gate/up -> one matmul.  A
         # decode step then runs four matmuls a layer (each reading its whole weight once) instead of seven
@@ -119,13 +123,18 @@ class StaticGreedyDecoder:
                 if weight is None:
                     continue
                 for mod, base, r in rows:
-                    w = weight[r]
-                    w.copy_(base.weight)
+                    w = weight[r]  # a contiguous row block
                     if bias is not None and base.bias is not None:
                         bias[r].copy_(base.bias)
-                    for name in mod.active_adapters if hasattr(mod, "lora_A") else ():
-                        A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
-                        w.addmm_(B.to(w.dtype), A.to(w.dtype), alpha=mod.scaling[name])
+                    names = list(mod.active_adapters) if hasattr(mod, "lora_A") else []
+                    if not names:
+                        w.copy_(base.weight)
+                    for j, name in enumerate(names):  # the first one writes W + s B A in one pass (no copy of W first)
+                        A, B = mod.lora_A[name].weight.to(w.dtype), mod.lora_B[name].weight.to(w.dtype)
+                        if j == 0:
+                            torch.addmm(base.weight, B, A, alpha=mod.scaling[name], out=w)
+                        else:
+                            w.addmm_(B, A, alpha=mod.scaling[name])
 
     def _proj(self, i: int, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of a group's projections (q, k, v / o / gate, up / down) for input ``x``."""
@@ -186,6 +195,37 @@ class StaticGreedyDecoder:
         self.cur.add_(1)
         self.t.add_(1)
 
+    def _prefill(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt (B, L, D) through the decoder layers with the decode weights (LoRA merged, q/k/v and
+        gate/up fused), its keys / values written straight into the static cache; returns the final-normed
+        hidden state of the last position (B, D).
+
+        Same arithmetic as the transformers forward: causal attention over the prompt's non-padded keys
+        (SDPA, grouped-query); a left-padding query also sees itself, so its row stays finite (its key /
+        value slot is masked out of every later step)."""
+        llm, (B, L, _) = self.llm, x.shape
+        cos, sin = llm.rotary_emb(x, position_ids)
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        eye = torch.eye(L, dtype=torch.bool, device=x.device)
+        mask = ((causal[None] & attention_mask.bool()[:, None, :]) | eye)[:, None]  # (B, 1, L, L)
+        nq = self.H * self.hd
+        for i, layer in enumerate(llm.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._proj(i, "qkv", h)
+            q = q.view(B, L, self.H, self.hd).transpose(1, 2)
+            k = k.reshape(B, L, self.KV, self.hd).transpose(1, 2)
+            v = v.reshape(B, L, self.KV, self.hd).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            self.k[i][:, :, :L].copy_(k)
+            self.v[i][:, :, :L].copy_(v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scaling, enable_gqa=self.KV != self.H)
+            x = x + self._proj(i, "o", o.transpose(1, 2).reshape(B, L, nq))[0]
+            h = layer.post_attention_layernorm(x)
+            gate, up = self._proj(i, "gate_up", h)
+            x = x + self._proj(i, "down", layer.mlp.act_fn(gate) * up)[0]
+        return llm.norm(x[:, -1])
+
     def _first(self, hidden_last: torch.Tensor) -> None:
         """Token 0 from the prefill's last hidden state (B, D)."""
         m = self.model
@@ -206,14 +246,17 @@ class StaticGreedyDecoder:
         B, L, _ = inputs_embeds.shape
         if L + max_new_tokens > self.Lmax:
             raise ValueError(f"prompt {L} + {max_new_tokens} new tokens exceed the decoder's {self.Lmax} slots")
-        cache = DynamicCache(config=self.llm.config)
-        hidden = m.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
-        for i in range(len(self.k)):
-            keys, values = _cache_kv(cache, i)
-            self.k[i][:, :, :L].copy_(keys)
-            self.v[i][:, :, :L].copy_(values)
-        del cache
         self.refresh_merged()
+        if self.prefill_static:
+            hidden = self._prefill(inputs_embeds, attention_mask, position_ids)
+        else:  # transformers' own forward, its dynamic cache copied into the static one
+            cache = DynamicCache(config=self.llm.config)
+            hidden = m.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
+            for i in range(len(self.k)):
+                keys, values = _cache_kv(cache, i)
+                self.k[i][:, :, :L].copy_(keys)
+                self.v[i][:, :, :L].copy_(values)
+            del cache
         if banned is None:
             self.banned.zero_()
         else:
