@@ -43,6 +43,11 @@ class EMA:
         self.params: dict[str, torch.nn.Parameter] = {n: p for n, p in items if p.requires_grad}
         if not self.params:
             raise ValueError("EMA got no trainable parameters (all have requires_grad=False)")
+        from torch.distributed.tensor import DTensor
+
+        # multi-tensor kernels (one launch per dtype, not one per parameter) for plain tensors; FSDP's DTensor
+        # shards take the per-tensor path
+        self._foreach = not any(isinstance(p, DTensor) for p in self.params.values())
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.num_updates = 0
@@ -51,6 +56,14 @@ class EMA:
             self.shadow: dict[str, torch.Tensor] = {
                 n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()
             }
+
+
+    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        if self._foreach:
+            torch._foreach_copy_(dst, src)
+        else:
+            for a, b in zip(dst, src, strict=True):
+                a.copy_(b)
 
     def current_decay(self) -> float:
         """The decay the next ``update()`` uses."""
@@ -65,9 +78,19 @@ class EMA:
         if self._swapped:
             raise RuntimeError("EMA.update() inside EMA.swap(): the live parameters hold the EMA values")
         d = self.current_decay()
-        for name, p in self.params.items():
-            s = self.shadow[name]
-            s.mul_(d).add_(p.detach().to(s.dtype), alpha=1.0 - d)
+        if self._foreach:  # one multi-tensor kernel per dtype instead of two kernels per parameter
+            by_dtype: dict[torch.dtype, list[str]] = {}
+            for n, p in self.params.items():
+                by_dtype.setdefault(p.dtype, []).append(n)
+            for dtype, names in by_dtype.items():
+                live = [self.params[n].detach() for n in names]
+                if dtype != torch.float32:
+                    live = [t.float() for t in live]
+                torch._foreach_lerp_([self.shadow[n] for n in names], live, 1.0 - d)
+        else:
+            for name, p in self.params.items():
+                s = self.shadow[name]
+                s.lerp_(p.detach().to(s.dtype), 1.0 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager
@@ -75,18 +98,21 @@ class EMA:
         """Temporarily load the EMA weights into the live parameters; restored on exit (also on error)."""
         if self._swapped:
             raise RuntimeError("EMA.swap() is already active (nested swap)")
-        backup: dict[str, torch.Tensor] = {}
+        names = list(self.params)
+        live = [self.params[n].detach() for n in names]
+        saved: list[torch.Tensor] | None = None  # set once the live values are backed up whole
         try:
             with torch.no_grad():
-                for name, p in self.params.items():
-                    backup[name] = p.detach().clone()
-                    p.copy_(self.shadow[name])
+                backup = [torch.empty_like(t) for t in live]
+                self._copy(backup, live)
+                saved = backup
+                self._copy(live, [self.shadow[n] for n in names])
             self._swapped = True
             yield self
         finally:
-            with torch.no_grad():
-                for name, saved in backup.items():
-                    self.params[name].copy_(saved)
+            if saved is not None:
+                with torch.no_grad():
+                    self._copy(live, saved)
             self._swapped = False
 
     @torch.no_grad()
