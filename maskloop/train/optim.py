@@ -150,20 +150,20 @@ class NonFiniteGuard:
         grads = list(grads) if grads is not None else []
         grads = [g.grad if isinstance(g, torch.nn.Parameter) else g for g in grads]
         flags = []  # 1 = non-finite, one entry for the loss then one per gradient
-        dev = None
         if isinstance(loss, torch.Tensor):
             flags.append(~torch.isfinite(loss.detach()).all())
-            dev = loss.device
         else:
             flags.append(torch.tensor(loss is not None and not math.isfinite(float(loss))))
-        for g in grads:
-            if g is None:
-                flags.append(torch.tensor(False, device=dev))
-            else:
-                dev = dev or g.device
-                flags.append(~torch.isfinite(g.detach()).all())
-        dev = dev or torch.device("cpu")
-        bad = torch.stack([f.to(dev) for f in flags]).to(torch.int32)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        dev = grads[present[0]].device if present else flags[0].device
+        bad = torch.zeros(1 + len(grads), dtype=torch.int32, device=dev)
+        bad[0] = flags[0].to(dev)
+        if present:
+            # one multi-tensor launch: a gradient is non-finite iff its L2 norm is (NaN and Inf propagate; a
+            # finite gradient beyond ~1e19, whose squares overflow fp32, counts as non-finite too)
+            norms = torch._foreach_norm([grads[i].detach() for i in present], 2, dtype=torch.float32)
+            idx = torch.tensor(present, device=dev) + 1
+            bad[idx] = (~torch.isfinite(torch.stack(norms))).to(torch.int32)
         any_bad = bad.max().reshape(1)
         if self.sync and dist.is_available() and dist.is_initialized():
             if dist.get_backend() == "nccl" and any_bad.device.type != "cuda":
