@@ -553,6 +553,8 @@ def profile_step(model, tcfg, B, out=None, T=64):
     cuda_total = sum(e.self_device_time_total for e in kern) / 1e3
     lines.append(f"## One Loop-1 step at B={B}: {sum(e.count for e in kern)} CUDA kernels, {cuda_total:.0f} ms of kernel time")
     lines.append(ev.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    lines.append("### The same step, top host-side ops by self CPU time (what keeps the GPU waiting)")
+    lines.append(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
     from maskloop.recipes.common import region_prompts
 
     model.eval()
@@ -589,6 +591,7 @@ def main():
     ap.add_argument("--only-generation", action="store_true", help="measure generation only (e.g. with a compiled step)")
     ap.add_argument("--profile", type=int, default=0, help="profile one Loop-1 step at this batch and print the top ops")
     ap.add_argument("--profile-out", default=None, help="write the profile summary to this file")
+    ap.add_argument("--profile-variant", default="ours", help="the variant profiled (see --variants)")
     ap.add_argument("--compare", default="8", help="batches at which --variants are also measured")
     ap.add_argument("--variants", default="base,compiled", help="comma list of: base, compiled, compiled_all")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: flops,plain,generation,gumbel")
@@ -612,7 +615,7 @@ def main():
                 json.dump(results, f, indent=1)
 
     if args.profile:
-        set_variant(model, "ours")
+        set_variant(model, args.profile_variant)
         profile_step(model, tcfg, args.profile, args.profile_out, args.T)
         return
     if args.only_generation:
