@@ -418,6 +418,9 @@ class Loop1Config:
     """Weight of the LM loss on the fixed "Sure, [SEG]." answer (and of referring batches)."""
     refer_ratio: float = 0.25
     """Referring batches per Loop-1 batch, interleaved through the run (0: none)."""
+    overlap_encoders: bool = True
+    """On CUDA, run image 2's frozen encoders (SAM2's Hiera + neck, the ViT) on a second stream beside the
+    teacher's decoding (the same numbers; False: inline, in the order of the steps)."""
 
     def __post_init__(self):
         check_range("loop1.caption_len", self.caption_len, self.caption_len >= 1, "an integer >= 1")

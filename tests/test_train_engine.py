@@ -76,6 +76,42 @@ def test_loop1_mask_loss_reaches_the_captioner_through_gumbel(tmp_path, monkeypa
         assert all(p.grad is None for _, p in model.parameter_groups()[g])
 
 
+def test_loop1_encoders_ahead_give_the_inline_loss_and_gradients(tmp_path):
+    """Image 2's frozen encoders run first (on CUDA on a side stream): the loss and every gradient equal
+    the inline path that encodes image 2 inside forward #2 (image 2 made different from image 1)."""
+    torch.manual_seed(0)
+    tr = Trainer(make_cfg("loop1", tmp_path, refer_ratio=0.0, data={"pairs": shapes_data()["pairs"]}))
+    model, b = tr.model, dict(tr._batches()["pairs"])
+    for k in ("pixel_values2", "g_pixel_values2", "masks2", "prompt_masks2"):
+        b[k] = b[k].flip(-1)
+    assert any(p.requires_grad for p in model.parameters()) and not any(p.requires_grad for p in model.vision.parameters())
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        tr.recipe.gen.manual_seed(3)
+        tr.recipe.rng.seed(3)
+        torch.manual_seed(3)
+        loss, _ = tr.recipe.loss(b)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ahead_loss, ahead = run()
+    real = model.segment
+
+    def inline(pv, sam_feats, expr, question, gt_masks=None, image_feats=None, **kw):
+        return real(pv, model.sam_features(b["g_pixel_values2"]), expr, question, gt_masks=gt_masks, **kw)
+
+    model.segment = inline
+    try:
+        ref_loss, ref = run()
+    finally:
+        del model.segment
+    torch.testing.assert_close(ahead_loss, ref_loss, rtol=0, atol=0)
+    assert ahead.keys() == ref.keys() and any("sam.sam.mask_decoder" in n for n in ref)
+    for n in ref:
+        torch.testing.assert_close(ahead[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 def _state(tr):
     return ({k: v.detach().clone() for k, v in tr.params.items()},
             {k: v.clone() for k, v in tr.ema.state_dict()["shadow"].items()})

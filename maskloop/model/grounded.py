@@ -236,8 +236,13 @@ class GroundedMLLM(nn.Module):
             m.compile(**kwargs)
         return len(mods)
 
-    def sam_features(self, g_pixel_values: torch.Tensor) -> SamFeatures:
-        return self.sam.encode(g_pixel_values)
+    def sam_features(self, g_pixel_values: torch.Tensor | None = None, maps: list[torch.Tensor] | None = None) -> SamFeatures:
+        """SAM2 features of images (B, 3, G, G), or of :meth:`sam_backbone`'s maps computed ahead."""
+        return self.sam.features(maps if maps is not None else self.sam_backbone(g_pixel_values))
+
+    def sam_backbone(self, g_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """SAM2's image encoder + neck (frozen by default): its FPN maps, the input of :meth:`sam_features`."""
+        return self.sam.backbone(g_pixel_values)
 
     # ------------------------------------------------------------------ token embedding / head
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -65,18 +65,28 @@ class SAM2Head(nn.Module):
 
         The Hiera encoder and neck run without autograd when frozen (the default); the decoder's
         conv_s0/conv_s1 (trained) are applied here with autograd so they receive gradients.
+        Two halves: :meth:`backbone` (the encoder's FPN maps) and :meth:`features` (the trained part).
         """
+        return self.features(self.backbone(g_pixel_values))
+
+    def backbone(self, g_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The Hiera encoder + neck: FPN maps, high -> low resolution (B, C, H, W) each (no autograd when
+        frozen; independent of every trained weight then, so it can run ahead, e.g. on another stream)."""
         if g_pixel_values.shape[-1] != self.image_size or g_pixel_values.shape[-2] != self.image_size:
             raise ValueError(
                 f"SAM2 input must be {self.image_size}x{self.image_size}, got {tuple(g_pixel_values.shape[-2:])}"
             )
         enc_dtype = self.sam.vision_encoder.backbone.patch_embed.projection.weight.dtype
-        dec_dtype = self.sam.mask_decoder.conv_s0.weight.dtype
         x = (g_pixel_values.to(self.mean.dtype) - self.mean) / self.std
         frozen = not any(p.requires_grad for p in self.sam.vision_encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = self.sam.vision_encoder(x.to(enc_dtype), return_dict=True)
-            maps = list(out.fpn_hidden_states)  # high -> low resolution, (B, C, H, W) each
+            return list(out.fpn_hidden_states)  # high -> low resolution, (B, C, H, W) each
+
+    def features(self, maps: list[torch.Tensor]) -> SamFeatures:
+        """:meth:`backbone`'s maps -> :class:`SamFeatures` (the no-memory embedding, the decoder's trained
+        conv_s0 / conv_s1 on the high-resolution maps)."""
+        dec_dtype = self.sam.mask_decoder.conv_s0.weight.dtype
         if not torch.is_autocast_enabled():
             maps = [m.to(dec_dtype) for m in maps]
         embed = maps[-1] + self.sam.no_memory_embedding.view(1, -1, 1, 1).to(maps[-1].dtype)

@@ -11,7 +11,7 @@ from maskloop.model.prompts import Ragged
 from maskloop.model.region import centroid_cells, ensure_nonempty
 from maskloop.train.recipe import Recipe, StepOutput
 
-__all__ = ["Recipe", "RecipeBase", "StepOutput", "refer_loss", "caption_loss", "noise_tokens", "global_rows", "with_end"]
+__all__ = ["Recipe", "RecipeBase", "SideStream", "StepOutput", "refer_loss", "caption_loss", "noise_tokens", "global_rows", "with_end"]
 
 
 def _d(x):
@@ -20,6 +20,55 @@ def _d(x):
 
 
 RecipeBase = Recipe  # the recipe interface (maskloop/train/recipe.py); old name kept for imports
+
+
+class SideStream:
+    """Work that no trained weight feeds (the frozen image encoders) run ahead on a second CUDA stream.
+
+    The launches return at once, the main stream goes on (e.g. with the teacher's decoding, bound by
+    memory bandwidth while the encoders are bound by compute), and :meth:`join` makes the main stream wait
+    for the side one on the device (no host sync) before the results are read.  On the CPU, or with
+    ``enabled=False``, the work simply runs inline: the same operations in the same order either way.
+
+        side = SideStream(device)
+        with side:
+            maps = model.sam_backbone(g2)
+        ...                       # main-stream work
+        side.join(maps)           # before maps are used
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        device = torch.device(device)
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        self._ctx = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the inputs are ready
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)
+        return False
+
+    def join(self, *results) -> None:
+        """The main stream waits for the side stream; ``results``' tensors are marked as used by the main
+        stream, so the caching allocator does not hand their memory to the side stream while they live."""
+        if self.stream is None:
+            return
+        main = torch.cuda.current_stream(self.stream.device)
+        main.wait_stream(self.stream)
+        todo = list(results)
+        while todo:
+            x = todo.pop()
+            if isinstance(x, torch.Tensor):
+                x.record_stream(main)
+            elif isinstance(x, (list, tuple)):
+                todo.extend(x)
 
 
 def region_prompts(batch: dict, suffix: str = "") -> tuple[torch.Tensor, int]:

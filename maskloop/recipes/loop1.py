@@ -24,6 +24,7 @@ import torch
 from maskloop.model.prompts import Embeds, Ragged
 from maskloop.recipes.common import (
     Recipe,
+    SideStream,
     StepOutput,
     _d,
     allowed_vocab,
@@ -61,6 +62,11 @@ class Loop1(Recipe):
         self.allowed = allowed_vocab(model)
         self._pool = (None, -1)
 
+    def _side_stream(self) -> SideStream:
+        if getattr(self, "_side", None) is None:
+            self._side = SideStream(self.model.embed_matrix.device, enabled=self.cfg.loop1.overlap_encoders)
+        return self._side
+
     @property
     def pool(self) -> torch.Tensor:
         """The allowed ids (``allowed.nonzero()``), recomputed only when ``allowed`` changes."""
@@ -97,8 +103,16 @@ class Loop1(Recipe):
         model, c = self.model, self.cfg.loop1
         pm1, n_k0 = region_prompts(b, "1")
 
-        # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
         vision_trains = any(p.requires_grad for p in model.vision.parameters())
+        sam_trains = any(p.requires_grad for p in model.sam.sam.vision_encoder.parameters())
+        # image 2's frozen encoders (SAM2's Hiera + neck, the ViT) take nothing from the steps below: on CUDA
+        # they run on a second stream, beside the teacher's decoding (``loop1.overlap_encoders``)
+        side = self._side_stream()
+        with side:
+            maps2 = None if sam_trains else model.sam_backbone(b["g_pixel_values2"])
+            vit2 = None if vision_trains else model.vision_features(b["pixel_values2"])
+
+        # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
         # a frozen ViT gives the same features to teacher and student: compute them once
         vit1 = None if vision_trains else model.vision_features(b["pixel_values1"])
         was_training = model.training
@@ -135,8 +149,11 @@ class Loop1(Recipe):
 
         # 5. trainable forward #2: image2 + segmentation prompt with the caption as inputs_embeds
         question = model.builder.seg_question(ids.shape[0], fixed=True)
-        out = model.segment(b["pixel_values2"], model.sam_features(b["g_pixel_values2"]), expr, question,
-                            gt_masks=b["masks2"], lm_loss=c.lm_weight > 0, num_tiles=b.get("num_tiles2"))
+        side.join(maps2, vit2)
+        sam2 = model.sam_features(b["g_pixel_values2"], maps=maps2)
+        feats2 = None if vit2 is None else model.image_tokens(vit_feats=vit2)
+        out = model.segment(b["pixel_values2"], sam2, expr, question, gt_masks=b["masks2"], image_feats=feats2,
+                            lm_loss=c.lm_weight > 0, num_tiles=b.get("num_tiles2"))
         # 6. mask loss against mask2 (+ LM loss on "Sure, [SEG].")
         loss = out["loss_mask"] + (c.lm_weight * out["loss_lm"] if c.lm_weight > 0 else 0.0)
         logs = {"loss": _d(loss), "loop1/loss_mask": _d(out["loss_mask"]), "loop1/loss_bce": _d(out["loss_bce"]),
