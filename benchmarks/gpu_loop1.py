@@ -80,8 +80,18 @@ class PhaseTimer:
 
     def __init__(self):
         self.spans: dict[str, list] = {}
+        self.side_spans: dict[str, list] = {}  # phases on a side CUDA stream: overlapped, not in the sum
         self.stack: list[str] = []
         self.last = None
+
+    @contextmanager
+    def side(self, name):
+        """A phase launched on a side stream (events on that stream; the main stream's phases go on)."""
+        s = self._mark()
+        try:
+            yield
+        finally:
+            self.side_spans.setdefault(name, []).append((s, self._mark()))
 
     @staticmethod
     def _mark():
@@ -125,20 +135,24 @@ class PhaseTimer:
             self._close(self._mark())
             self.stack, self.last = [], None
 
-    def totals(self) -> dict[str, float]:
+    def totals(self, side: bool = False) -> dict[str, float]:
         sync()
         el = (lambda s, e: s.elapsed_time(e) / 1e3) if DEV.type == "cuda" else (lambda s, e: e - s)
-        return {k: sum(el(s, e) for s, e in v) for k, v in self.spans.items()}
+        return {k: sum(el(s, e) for s, e in v) for k, v in (self.side_spans if side else self.spans).items()}
 
     def reset(self):
-        self.spans, self.stack, self.last = {}, [], None
+        self.spans, self.side_spans, self.stack, self.last = {}, {}, [], None
+
+
+def on_side_stream() -> bool:
+    return DEV.type == "cuda" and torch.cuda.current_stream() != torch.cuda.default_stream()
 
 
 def wrap(obj, name, phase, timer):
     real = getattr(obj, name)
 
     def f(*a, **k):
-        with timer(phase):
+        with timer.side(phase) if on_side_stream() else timer(phase):
             return real(*a, **k)
 
     setattr(obj, name, f)
@@ -330,10 +344,11 @@ def set_decode(model, compiled: bool):
 
 def set_variant(model, variant: str):
     """'base': peft casting every LoRA input to fp32 and the eager graph-captured decode step (the 2026-11-24
-    configuration); 'ours': the defaults; 'compiled': ours + every LLM decoder layer compiled
+    configuration); 'ours': the defaults; 'no_overlap': ours with image 2's encoders inline
+    (``loop1.overlap_encoders: false``); 'compiled': ours + every LLM decoder layer compiled
     (``compile_layers: true``); 'compiled_all': compiled + every InternViT layer and SAM2 Hiera block
     compiled (``compile_encoders: true``)."""
-    if variant not in ("base", "ours", "compiled", "compiled_all", "plain"):
+    if variant not in ("base", "ours", "no_overlap", "compiled", "compiled_all", "plain"):
         raise SystemExit(f"unknown variant {variant!r}")
     set_decode(model, compiled=variant != "base")
     model.set_lora_input_cast(variant == "base" or DEV.type != "cuda")
@@ -357,6 +372,7 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         full_vocab(recipe)
     else:
         ema = EMA(params, decay=0.999)
+        tcfg.loop1.overlap_encoders = variant not in ("no_overlap", "base")
         recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     timer = PhaseTimer()
@@ -374,7 +390,7 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         restore.append((ema, "swap", wrap_swap(ema, timer)))
     # the frozen encoders, wherever they are called (the ViT inside forward #2 included)
     restore.append((model, "vision_features", wrap(model, "vision_features", "vit", timer)))
-    restore.append((model, "sam_features", wrap(model, "sam_features", "sam2_encoder", timer)))
+    restore.append((model, "sam_backbone", wrap(model, "sam_backbone", "sam2_encoder", timer)))
     batch = make_batch(model, B)
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -397,11 +413,40 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
     res = {"batch": B, "plain": plain, "variant": "plain" if plain else variant, "step_s": dt, "samples_per_s": B / dt,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() / 1e9) if DEV.type == "cuda" else float("nan"),
            "ema_extra_gb": ema.num_bytes() / 1e9,
-           "phases_s": {k: v / reps for k, v in timer.totals().items()}}
+           "phases_s": {k: v / reps for k, v in timer.totals().items()},
+           "side_phases_s": {k: v / reps for k, v in timer.totals(side=True).items()}}
     del opt, ema, recipe
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def overlap_check(model, tcfg, B):
+    """One Loop-1 loss and its gradients with image 2's encoders on the side stream and inline, same seeds:
+    the largest differences (the side stream changes where kernels run, not what they compute)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ema = EMA(params)
+    batch = make_batch(model, B)
+    out = {}
+    for overlap in (True, False):
+        tcfg.loop1.overlap_encoders = overlap
+        recipe = _loop1(model, tcfg, ema)
+        full_vocab(recipe)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        recipe.gen.manual_seed(0)
+        with autocast():
+            loss, _ = recipe.loss(batch)
+        loss.backward()
+        out[overlap] = (loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in params.items()
+                                                if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    tcfg.loop1.overlap_encoders = True
+    (l1, g1), (l0, g0) = out[True], out[False]
+    gd = max(float((g1[n] - g0[n]).abs().max()) for n in g0)
+    return {"batch": B, "loss_side": float(l1), "loss_inline": float(l0), "loss_abs_diff": float((l1 - l0).abs()),
+            "grad_max_abs_diff": gd, "grad_max_abs": max(float(g.abs().max()) for g in g0.values()),
+            "same_grad_names": sorted(g1) == sorted(g0)}
 
 
 def count_flops(model, tcfg, B):
@@ -578,6 +623,56 @@ def profile_step(model, tcfg, B, out=None, T=64):
             f.write(text + "\n")
 
 
+def sync_sites(model, tcfg, B, out=None):
+    """Every host synchronisation in one Loop-1 step at batch B (``torch.cuda.set_sync_debug_mode``), by the
+    innermost maskloop frame that caused it, in step order, with counts; written to ``out`` when given."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=True)
+    ema = EMA(params)
+    recipe = _loop1(model, tcfg, ema)
+    full_vocab(recipe)
+    batch = make_batch(model, B)
+    for _ in range(2):
+        loop1_step(model, recipe, ema, opt, batch)
+    sync()
+    order, counts = [], Counter()
+    real = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return real(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/maskloop/" in f.filename or "gpu_loop1" in f.filename]
+        site = frames[-1] if frames else None
+        key = f"{site.filename.split('/maskloop/')[-1]}:{site.lineno} {site.line}" if site else "?"
+        if key not in counts:
+            order.append(key)
+        counts[key] += 1
+
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop1_step(model, recipe, ema, opt, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = real
+    lines = [f"## Host synchronisations in one Loop-1 step at B={B}: {sum(counts.values())} at {len(order)} sites"]
+    lines += [f"{counts[k]:4d}  {k}" for k in order]
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="sa2va-4b")
@@ -592,9 +687,10 @@ def main():
     ap.add_argument("--profile", type=int, default=0, help="profile one Loop-1 step at this batch and print the top ops")
     ap.add_argument("--profile-out", default=None, help="write the profile summary to this file")
     ap.add_argument("--profile-variant", default="ours", help="the variant profiled (see --variants)")
+    ap.add_argument("--sync-sites", type=int, default=0, help="list the host syncs of one Loop-1 step at this batch")
     ap.add_argument("--compare", default="8", help="batches at which --variants are also measured")
-    ap.add_argument("--variants", default="base,compiled", help="comma list of: base, compiled, compiled_all")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: flops,plain,generation,gumbel")
+    ap.add_argument("--variants", default="no_overlap,compiled", help="comma list of: base, no_overlap, compiled, compiled_all")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: flops,plain,generation,gumbel,overlap_check")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     tflops, gbps = peak_rates()
@@ -607,13 +703,18 @@ def main():
             "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta), flush=True)
-    results = {"meta": meta, "steps": [], "plain_steps": [], "generation": [], "gumbel": None, "flops": None}
+    results = {"meta": meta, "steps": [], "plain_steps": [], "generation": [], "gumbel": None, "flops": None,
+               "overlap_check": None}
 
     def save():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
 
+    if args.sync_sites:
+        set_variant(model, args.profile_variant)
+        sync_sites(model, tcfg, args.sync_sites, args.profile_out)
+        return
     if args.profile:
         set_variant(model, args.profile_variant)
         profile_step(model, tcfg, args.profile, args.profile_out, args.T)
@@ -657,6 +758,11 @@ def main():
         print("plain" if plain else "step", json.dumps(r), flush=True)
         save()
 
+    if "overlap_check" not in skip:
+        set_variant(model, "ours")
+        results["overlap_check"] = overlap_check(model, tcfg, 8)
+        print("overlap_check", json.dumps(results["overlap_check"]), flush=True)
+        save()
     for B in [int(x) for x in args.batches.split(",") if x]:
         step_row(B, "ours")
     if "generation" not in skip:

@@ -37,17 +37,25 @@ def section(path: str) -> str:
         seen = [p for p in PHASES if any(p in r.get("phases_s", {}) for r in rows)]
         extra = sorted({k for r in rows for k in r.get("phases_s", {})} - set(seen))
         cols = seen + extra
-        out.append("| B | variant | samples/s | step s | peak GB | MFU fwd/bwd | " + " | ".join(cols) + " | sum of phases |")
-        out.append("|" + "---|" * (7 + len(cols)))
+        side = sorted({k for r in rows for k in r.get("side_phases_s", {})})
+        out.append("| B | variant | samples/s | step s | peak GB | MFU fwd/bwd | " + " | ".join(cols) + " | sum of phases |"
+                   + "".join(f" {k} (side stream, overlapped) |" for k in side))
+        out.append("|" + "---|" * (7 + len(cols) + len(side)))
         for r in rows:
             if r.get("oom"):
-                out.append(f"| {r['batch']} | {r['variant']} | OOM |" + " |" * (5 + len(cols)))
+                out.append(f"| {r['batch']} | {r['variant']} | OOM |" + " |" * (5 + len(cols) + len(side)))
                 continue
-            ph = r.get("phases_s", {})
+            ph, sp = r.get("phases_s", {}), r.get("side_phases_s", {})
             out.append(f"| {r['batch']} | {r['variant']} | {r['samples_per_s']:.2f} | {r['step_s']:.3f} | "
                        f"{fmt(r.get('peak_mem_gb'), '.1f')} | {fmt(r.get('mfu_fwd_bwd'), '.1%')} | "
-                       + " | ".join(fmt(ph.get(c)) for c in cols) + f" | {fmt(sum(ph.values()))} |")
+                       + " | ".join(fmt(ph.get(c)) for c in cols) + f" | {fmt(sum(ph.values()))} |"
+                       + "".join(f" {fmt(sp.get(k))} |" for k in side))
         out.append("")
+    oc = d.get("overlap_check")
+    if oc:
+        out += [f"Encoders on the side stream vs inline (B = {oc['batch']}, same seeds): loss {oc['loss_side']:.6f} vs "
+                f"{oc['loss_inline']:.6f} (|diff| {oc['loss_abs_diff']:.2e}); largest gradient difference "
+                f"{oc['grad_max_abs_diff']:.2e} (largest gradient {oc['grad_max_abs']:.2e}).", ""]
     gens = d.get("generation") or []
     if gens:
         out.append("| B | ours ms/step | bound ms | ours / bound | graph-only eager ms | dynamic loop ms | "
