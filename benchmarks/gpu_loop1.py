@@ -575,11 +575,8 @@ def measure_gumbel(model, B=16, T=64, k=512):
     return res
 
 
-def profile_step(model, tcfg, B, out=None, T=64):
-    """Profile one Loop-1 step and one teacher generation at batch B: top kernels by CUDA time, the kernel
-    count; written to ``out`` (text) when given."""
-    from torch.profiler import ProfilerActivity, profile
-
+def warmed_up(model, tcfg, B):
+    """(recipe, EMA, optimizer, batch) for Loop-1 steps at batch B, after two steps (graphs captured, compiled)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=True)
     ema = EMA(params)
@@ -589,6 +586,15 @@ def profile_step(model, tcfg, B, out=None, T=64):
     for _ in range(2):
         loop1_step(model, recipe, ema, opt, batch)
     sync()
+    return recipe, ema, opt, batch
+
+
+def profile_step(model, tcfg, B, out=None, T=64):
+    """Profile one Loop-1 step and one teacher generation at batch B: top kernels by CUDA time, the kernel
+    count; written to ``out`` (text) when given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    recipe, ema, opt, batch = warmed_up(model, tcfg, B)
     lines = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         loop1_step(model, recipe, ema, opt, batch)
@@ -630,15 +636,7 @@ def sync_sites(model, tcfg, B, out=None):
     import warnings
     from collections import Counter
 
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=True)
-    ema = EMA(params)
-    recipe = _loop1(model, tcfg, ema)
-    full_vocab(recipe)
-    batch = make_batch(model, B)
-    for _ in range(2):
-        loop1_step(model, recipe, ema, opt, batch)
-    sync()
+    recipe, ema, opt, batch = warmed_up(model, tcfg, B)
     order, counts = [], Counter()
     real = warnings.showwarning
 
