@@ -64,7 +64,10 @@ class Loop1(Recipe):
 
     def _side_stream(self) -> SideStream:
         if getattr(self, "_side", None) is None:
-            self._side = SideStream(self.model.embed_matrix.device, enabled=self.cfg.loop1.overlap_encoders)
+            # not under FSDP: its blocks (the ViT's and Hiera's included) all-gather on streams of their own,
+            # ordered against the stream that runs them
+            on = self.cfg.loop1.overlap_encoders and not getattr(self.model, "sharded", False)
+            self._side = SideStream(self.model.embed_matrix.device, enabled=on)
         return self._side
 
     @property
@@ -100,7 +103,7 @@ class Loop1(Recipe):
         return StepOutput([loss], logs, batches["pairs"]["g_pixel_values1"].shape[0])
 
     def loss(self, b: dict) -> tuple[torch.Tensor, dict]:
-        model, c = self.model, self.cfg.loop1
+        model = self.model
         pm1, n_k0 = region_prompts(b, "1")
 
         vision_trains = any(p.requires_grad for p in model.vision.parameters())
@@ -111,7 +114,14 @@ class Loop1(Recipe):
         with side:
             maps2 = None if sam_trains else model.sam_backbone(b["g_pixel_values2"])
             vit2 = None if vision_trains else model.vision_features(b["pixel_values2"])
+        try:
+            return self._steps(b, pm1, n_k0, vision_trains, side, maps2, vit2)
+        finally:
+            side.join()  # a skipped step too: nothing the main stream runs next overtakes the side stream's reads
 
+    def _steps(self, b, pm1, n_k0, vision_trains, side, maps2, vit2) -> tuple[torch.Tensor, dict]:
+        """Steps 1-6 of the module doc, image 2's encoders launched (``maps2`` / ``vit2``, None if trained)."""
+        model, c = self.model, self.cfg.loop1
         # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
         # a frozen ViT gives the same features to teacher and student: compute them once
         vit1 = None if vision_trains else model.vision_features(b["pixel_values1"])

@@ -57,7 +57,6 @@ class EMA:
                 n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()
             }
 
-
     def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         if self._foreach:
             torch._foreach_copy_(dst, src)
