@@ -68,7 +68,8 @@ QUICK = {
 }
 MODEL = "tiny-demo"  # from scratch: width-aware init, the content-free recency prior, a zero [SEG] embedding
 RECENCY = 8.0  # maskloop.model.init.init_recency_prior strength (every head)
-EXPRESSIONS = "colour"  # referring expressions name the target's colour (shapes.referring_expression)
+EXPRESSIONS = "colour"  # held-out referring expressions name the target's colour (shapes.referring_expression)
+TRAIN_EXPRESSIONS = "colour"  # the training referring data's expression policy
 # What each stage trains.  SAM2's image encoder is never trained: at its random init it is a fixed feature
 # extractor that the mask decoder learns to read (training it at the demo's lr made referring worse).
 # Stage 1 (alignment, referring only) keeps the random LLM frozen, so the [SEG] state stays the function of
@@ -89,7 +90,7 @@ MAX_NEW_TOKENS = 12  # shapes captions are at most 8 words
 
 def _data(n: int) -> dict:
     return {
-        "refer": [{"kind": "shapes_refer", "n": n, "seed": "train", "expression_policy": EXPRESSIONS}],
+        "refer": [{"kind": "shapes_refer", "n": n, "seed": "train", "expression_policy": TRAIN_EXPRESSIONS}],
         "caption": [{"kind": "shapes_caption", "n": n, "seed": "train"}],
         "pairs": [{"kind": "shapes_pairs", "n": n, "seed": "train"}],
         "dam": [{"kind": "shapes_caption", "n": n, "seed": "train"}],
