@@ -12,11 +12,13 @@ from pycocotools import mask as mask_utils
 
 from maskloop.data.sources.shapes import (
     COLORS,
+    REGION_PHRASES,
     RELATIONS,
     SHAPES,
     SHAPES_VOCAB,
     SIZES,
     ShapeObject,
+    ShapesClipDataset,
     ShapesMaskOnlyDataset,
     ShapesPairDataset,
     ShapesReferDataset,
@@ -26,7 +28,9 @@ from maskloop.data.sources.shapes import (
     make_scene,
     referring_expression,
     referring_expressions,
+    region_phrase,
     resolve_expression,
+    varied_expressions,
     write_shapes_as,
 )
 from maskloop.data.transforms import SampleTransform
@@ -139,6 +143,83 @@ def test_relation_on_hand_made_scene():
         resolve_expression(objs, "the big circle")
     assert caption_for(objs[0], 64) == "a large red circle on the left"
     assert caption_for(objs[2], 64) == "a small blue square at the top"
+
+
+def _cell(o, size):
+    """Independent of region_phrase: (row, col) of the object's centre in the 3x3 grid."""
+    return min(int(3 * o.cy / size), 2), min(int(3 * o.cx / size), 2)
+
+
+_PHRASE_CELL = {"in the top left": (0, 0), "at the top": (0, 1), "in the top right": (0, 2),
+                "on the left": (1, 0), "in the center": (1, 1), "on the right": (1, 2),
+                "in the bottom left": (2, 0), "at the bottom": (2, 1), "in the bottom right": (2, 2)}
+
+
+def test_varied_policy_names_colour_and_maybe_size_and_location():
+    assert set(_PHRASE_CELL) == set(REGION_PHRASES.values())
+    forms = {"plain": 0, "size": 0, "location": 0, "both": 0}
+    for sc in _scenes(150, seed=13):
+        for k, o in enumerate(sc.objects):
+            where = region_phrase(o, sc.size)
+            assert _PHRASE_CELL[where] == _cell(o, sc.size)
+            exprs = varied_expressions(sc.objects, k, sc.size)
+            for e in exprs:
+                assert resolve_expression(sc.objects, e, sc.size) == [k], e
+                has_loc, has_size = e.endswith(where), o.size in e.split()
+                assert e.split()[:4 if has_size else 3][-2] == o.color  # the colour, right before the shape
+                forms[{(0, 0): "plain", (1, 0): "size", (0, 1): "location", (1, 1): "both"}[has_size, has_loc]] += 1
+                # independent check: the objects with every named attribute (and the named cell) are the target
+                same = [j for j, p in enumerate(sc.objects) if p.shape == o.shape and p.color == o.color
+                        and (not has_size or p.size == o.size)
+                        and (not has_loc or _cell(p, sc.size) == _PHRASE_CELL[where])]
+                assert same == [k], e
+            # every unique combination is listed: a form left out is ambiguous
+            for size, loc in ((None, None), (o.size, None), (None, where), (o.size, where)):
+                e = " ".join(w for w in ("the", size, o.color, o.shape, loc) if w)
+                assert (e in exprs) == (resolve_expression(sc.objects, e, sc.size) == [k]), e
+            rng = np.random.default_rng(0)
+            drawn = {referring_expression(sc.objects, k, sc.size, "varied", rng) for _ in range(20)}
+            if exprs:
+                assert drawn == set(exprs)  # 20 uniform draws among at most 4
+            else:  # only a relation singles it out: the colour policy's expression
+                assert drawn == {referring_expression(sc.objects, k, sc.size, "colour")}
+    assert min(forms.values()) > 20, forms
+    with pytest.raises(ValueError, match="rng"):
+        referring_expression(sc.objects, 0, sc.size, "varied")
+    ds = ShapesReferDataset(40, seed="val", expression_policy="varied", with_other=True, **SIZES_T)
+    again = ShapesReferDataset(40, seed="val", expression_policy="varied", with_other=True, **SIZES_T)
+    located = 0
+    for i in range(40):
+        item, raw = ds[i], ds.raw(i)
+        objs, k = raw["scene"].objects, raw["object_index"]
+        assert resolve_expression(objs, item["expression"], 64) == [k]
+        assert resolve_expression(objs, item["other_expression"], 64) == [(k + 1) % len(objs)]
+        assert item["expression"] == again.raw(i)["expression"]  # deterministic per item
+        located += any(item["expression"].endswith(p) for p in REGION_PHRASES.values())
+    assert 5 < located < 35
+    with pytest.raises(ValueError, match="moving objects"):
+        ShapesClipDataset(2, expression_policy="varied")
+
+
+def test_location_phrases_resolve_on_hand_made_scene():
+    r = (205, 40, 40)
+    objs = [
+        ShapeObject("circle", "red", "large", 10.0, 10.0, 6.0, r),  # top left
+        ShapeObject("circle", "red", "small", 54.0, 54.0, 5.0, r),  # bottom right
+        ShapeObject("square", "blue", "small", 32.0, 32.0, 5.0, (50, 90, 230)),  # center
+    ]
+    assert resolve_expression(objs, "the red circle in the top left", 64) == [0]
+    assert resolve_expression(objs, "the circle in the bottom right", 64) == [1]
+    assert resolve_expression(objs, "the square in the center", 64) == [2]
+    assert resolve_expression(objs, "the red circle at the top", 64) == []
+    assert resolve_expression(objs, "the circle in the top left below the square", 64) == []
+    assert resolve_expression(objs, "the circle above the square in the center", 64) == [0]
+    assert varied_expressions(objs, 0, 64) == ["the large red circle", "the red circle in the top left",
+                                               "the large red circle in the top left"]
+    with pytest.raises(ValueError, match="image size"):
+        resolve_expression(objs, "the red circle in the top left")
+    with pytest.raises(ValueError, match="not a shapes-world expression"):
+        resolve_expression(objs, "the red circle in the middle", 64)
 
 
 def test_vocabulary_covers_all_text():

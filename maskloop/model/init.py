@@ -76,9 +76,9 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
     the first dimension of rotary pair ``freq_index`` (frequency ``theta_j = rope_theta^(-2j/head_dim)``).
     RoPE turns that into ``a^2 cos(theta_j (m - n))`` in the score of query m on key n, so after the
     1/sqrt(head_dim) scaling the logits gain ``strength * cos(theta_j * distance)``: at init a head looks
-    mostly at the last few tokens (j = 2 with theta 1e4 gives theta_j = 0.1; at the demo's strength 8 the
-    weights of distances 0, 2, 4, 6, 10 relative to the current token are 1, 0.85, 0.53, 0.24, 0.03; at 30,
-    1, 0.55, 0.09, 0.01, 0).  The biases then train like any other weight.
+    mostly at the last few tokens (j = 2 with theta 1e4 gives theta_j = 0.1; at the demo's strength 4 the
+    weights of distances 0, 2, 4, 6, 10 relative to the current token are 1, 0.92, 0.73, 0.50, 0.16; at 8,
+    1, 0.85, 0.53, 0.24, 0.03; at 30, 1, 0.55, 0.09, 0.01, 0).  The biases then train like any other weight.
 
     Why the demo needs it: a from-scratch LLM averages over every token at init, so the [SEG] state
     (hence SAM2's prompt) barely depends on the expression, and SAM2's decoder settles on segmenting
@@ -87,7 +87,9 @@ def init_recency_prior(model, strength: float, freq_index: int = 2, kv_groups: i
     from step 0.  ``kv_groups``: how many key/value groups per layer get it (default all).  The strength
     trades that against reading far tokens: distance d loses ``strength * (1 - cos(theta_j d))`` logits,
     up to twice the strength; at 30 the region tokens of a caption prompt (~20 tokens before the answer)
-    are ~40 logits down, get no gradient, and the demo's captioner learnt one caption for every region.
+    are ~40 logits down, get no gradient, and the demo's captioner learnt one caption for every region;
+    at 8 (10-15 logits down at distances 18-26) it still wrote one colour and shape for every region, at 4
+    (5-7 down) it names the region's colour (benchmarks/results/demo_seeds.md).
 
     ``content_free`` (default): the chosen heads' query weights start at zero (as muP initialises query
     projections, Yang et al. 2021, "Tensor Programs V") and so do the key weights of the prior's rotary pair,

@@ -293,10 +293,16 @@ def caption_for(obj: ShapeObject, image_size: int) -> str:
     return f"a {obj.size} {obj.color} {obj.shape} {region_phrase(obj, image_size)}"
 
 
-def _match(objects: Sequence[ShapeObject], shape: str, color: str | None, size: str | None) -> list[int]:
+def _match(objects: Sequence[ShapeObject], shape: str, color: str | None, size: str | None,
+           location: str | None = None, image_size: int | None = None) -> list[int]:
+    """Objects of ``shape`` with the given colour / size / location (None: any); a location is the region
+    phrase of the object's centre (:func:`region_phrase`), so it needs ``image_size``."""
+    if location is not None and image_size is None:
+        raise ValueError(f"the location {location!r} needs the image size")
     return [
         i for i, o in enumerate(objects)
         if o.shape == shape and (color is None or o.color == color) and (size is None or o.size == size)
+        and (location is None or region_phrase(o, image_size) == location)
     ]
 
 
@@ -313,36 +319,49 @@ def _holds(o: ShapeObject, a: ShapeObject, rel: str) -> bool:
     raise ValueError(f"unknown relation {rel!r}")
 
 
-def _np(size: str | None, color: str | None, shape: str) -> str:
-    return " ".join(w for w in ("the", size, color, shape) if w)
+def _np(size: str | None, color: str | None, shape: str, location: str | None = None) -> str:
+    return " ".join(w for w in ("the", size, color, shape, location) if w)
 
 
-def _parse_np(words: list[str], i: int) -> tuple[tuple[str | None, str | None, str], int]:
+# the location phrases of the referring grammar: the captions' region phrases, longest first for parsing
+LOCATIONS: tuple[str, ...] = tuple(sorted(REGION_PHRASES.values(), key=lambda p: -len(p.split())))
+
+
+def _parse_np(words: list[str], i: int) -> tuple[tuple[str | None, str | None, str, str | None], int]:
     if i >= len(words) or words[i] != "the":
         raise ValueError("expected 'the'")
     i += 1
-    size = color = None
+    size = color = location = None
     if i < len(words) and words[i] in SIZES:
         size, i = words[i], i + 1
     if i < len(words) and words[i] in COLORS:
         color, i = words[i], i + 1
     if i >= len(words) or words[i] not in SHAPES:
         raise ValueError("expected a shape word")
-    return (size, color, words[i]), i + 1
+    shape, i = words[i], i + 1
+    for loc in LOCATIONS:
+        lw = loc.split()
+        if words[i:i + len(lw)] == lw:
+            location, i = loc, i + len(lw)
+            break
+    return (size, color, shape, location), i
 
 
-def resolve_expression(objects: Sequence[ShapeObject], text: str) -> list[int]:
+def resolve_expression(objects: Sequence[ShapeObject], text: str, image_size: int | None = None) -> list[int]:
     """Indices of the objects a shapes-world expression can refer to (the reference semantics).
 
-    Grammar: ``the [size] [color] shape [(left of|right of|above|below) the [size] [color] shape]``.
+    Grammar: ``NP [(left of|right of|above|below) NP]`` with ``NP = the [size] [color] shape [location]``,
+    a location being one of the captions' region phrases ("in the top left", "at the top", ...,
+    :data:`REGION_PHRASES`): the 3x3 cell of the object's centre (:func:`region_phrase`), so an
+    expression with a location needs ``image_size``.
     With a relation, a candidate matches if the relation holds to *some* object matching
     the anchor phrase. An expression is unambiguous iff this returns exactly one index.
     Raises ValueError on text outside the grammar.
     """
     words = text.lower().strip().rstrip(".").split()
     try:
-        (size, color, shape), i = _parse_np(words, 0)
-        cands = _match(objects, shape, color, size)
+        (size, color, shape, loc), i = _parse_np(words, 0)
+        cands = _match(objects, shape, color, size, loc, image_size)
         if i == len(words):
             return cands
         rel = None
@@ -353,12 +372,12 @@ def resolve_expression(objects: Sequence[ShapeObject], text: str) -> list[int]:
                 break
         if rel is None:
             raise ValueError("expected a relation")
-        (a_size, a_color, a_shape), i = _parse_np(words, i)
+        (a_size, a_color, a_shape, a_loc), i = _parse_np(words, i)
         if i != len(words):
             raise ValueError("trailing words")
+        anchors = _match(objects, a_shape, a_color, a_size, a_loc, image_size)
     except ValueError as e:
         raise ValueError(f"not a shapes-world expression: {text!r} ({e})") from None
-    anchors = _match(objects, a_shape, a_color, a_size)
     return [c for c in cands if any(a != c and _holds(objects[c], objects[a], rel) for a in anchors)]
 
 
@@ -406,20 +425,44 @@ def referring_expressions(objects: Sequence[ShapeObject], idx: int, image_size: 
     return [t for _, _, t in sorted(out)]
 
 
-EXPRESSION_POLICIES = ("minimal", "colour")
+EXPRESSION_POLICIES = ("minimal", "colour", "varied")
+
+
+def varied_expressions(objects: Sequence[ShapeObject], idx: int, image_size: int) -> list[str]:
+    """The unique relation-free expressions for objects[idx] that name its colour, with or without its size
+    and / or its location: "the red triangle", "the small red triangle", "the red triangle in the top left",
+    "the small red triangle in the top left" (those of them that single it out; shortest first)."""
+    o = objects[idx]
+    where = region_phrase(o, image_size)
+    out = []
+    for use_size, use_loc in ((False, False), (True, False), (False, True), (True, True)):
+        size, loc = (o.size if use_size else None), (where if use_loc else None)
+        if _match(objects, o.shape, o.color, size, loc, image_size) == [idx]:
+            out.append(_np(size, o.color, o.shape, loc))
+    return out
 
 
 def referring_expression(objects: Sequence[ShapeObject], idx: int, image_size: int,
-                         policy: str = "minimal") -> str | None:
+                         policy: str = "minimal", rng: np.random.Generator | None = None) -> str | None:
     """One unique expression for objects[idx] (None if there is none).
 
     ``policy``: ``"minimal"`` — the shortest unique phrase (about half of them name the shape
     alone, "the triangle"); ``"colour"`` — the shortest unique phrase that names the target's
     colour ("the red triangle"), as people over-specify colour when they refer; the minimal
-    one when no phrase with the colour is unique.
+    one when no phrase with the colour is unique; ``"varied"`` — one drawn with ``rng`` (uniformly)
+    among :func:`varied_expressions`, the colour-naming phrases that may also name the size and / or
+    the location the way the captions do ("the red triangle in the top left"); the ``"colour"`` one
+    when none of them is unique (objects that only a relation singles out).
     """
     if policy not in EXPRESSION_POLICIES:
         raise ValueError(f"unknown expression policy {policy!r}; choose one of {EXPRESSION_POLICIES}")
+    if policy == "varied":
+        if rng is None:
+            raise ValueError("the 'varied' expression policy draws among expressions: pass rng")
+        exprs = varied_expressions(objects, idx, image_size)
+        if exprs:
+            return exprs[int(rng.integers(len(exprs)))]
+        policy = "colour"
     exprs = referring_expressions(objects, idx, image_size)
     if policy == "colour":
         colour = objects[idx].color
@@ -511,7 +554,8 @@ class _ShapesBase(Dataset):
             "mask": sc.masks[k],
             "object_index": k,
             "caption": caption_for(sc.objects[k], sc.size),
-            "expression": referring_expression(sc.objects, k, sc.size, self.expression_policy),
+            "expression": referring_expression(sc.objects, k, sc.size, self.expression_policy,
+                                               self._rng(index, 20)),
             "scene": sc,
         }
 
@@ -544,7 +588,8 @@ class ShapesReferDataset(_ShapesBase):
         if self.with_other:  # the next object of the same scene (evaluate_text_sensitivity)
             sc = r["scene"]
             j = (r["object_index"] + 1) % len(sc.objects)
-            item["other_expression"] = referring_expression(sc.objects, j, sc.size, self.expression_policy)
+            item["other_expression"] = referring_expression(sc.objects, j, sc.size, self.expression_policy,
+                                                            self._rng(index, 21))
             item["other_masks"] = self.transform(Image.fromarray(r["image"]), sc.masks[j])["masks"]
         return item
 
@@ -660,6 +705,9 @@ class ShapesClipDataset(_ShapesBase):
 
     def __init__(self, *args, num_frames: int = 8, speed: float = 0.03, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.expression_policy == "varied":  # a location is where the object starts, not where it stays
+            raise ValueError("expression_policy 'varied' names locations, which moving objects leave; use "
+                             "'minimal' or 'colour' for clips")
         self.num_frames = int(num_frames)
         self.speed = speed
 
