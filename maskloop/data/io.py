@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
-from .robust import SampleError
+from .robust import DataError, SampleError
 
 __all__ = [
     "UnsafePickleError",
@@ -349,6 +349,18 @@ def open_image(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise SampleError("corrupt_image", key=name, detail=f"cannot decode image: {e}") from e
     return img, size
+
+
+def read_json_list(path: Path, holds: str) -> list:
+    """A dataset's JSON file whose top level is a list (of ``holds``); one :class:`DataError` (the whole
+    dataset is unusable) for a file that cannot be read or parsed, or whose top level is not a list."""
+    try:
+        data = read_json(path)
+    except SampleError as e:
+        raise DataError(f"cannot read {path}: {e.detail}") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path} should hold a list of {holds}, found {type(data).__name__}")
+    return data
 
 
 def read_json(path: str | os.PathLike | bytes, key: str | None = None) -> Any:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..io import decode_segmentation, open_image, read_json
+from ..io import decode_segmentation, open_image, read_json_list
 from ..psalm import PSALMTransform
 from ..robust import DataError, RobustDataset, SampleError
 
@@ -60,13 +60,7 @@ def read_psalm_rows(json_path: Path, image_dir: Path, missing_json: str, missing
         raise DataError(missing_json)
     if not image_dir.is_dir():
         raise DataError(missing_dir)
-    try:
-        data = read_json(json_path)
-    except SampleError as e:
-        raise DataError(f"cannot parse {json_path}: {e.detail}") from e
-    if not isinstance(data, list):
-        raise DataError(f"{json_path} should hold a list of {rows}, found {type(data).__name__}")
-    return data
+    return read_json_list(json_path, rows)
 
 
 def thicken(mask: np.ndarray, radius: float) -> np.ndarray:

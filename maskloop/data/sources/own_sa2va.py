@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..io import read_json
-from ..robust import DataError, SampleError
+from ..io import read_json_list
+from ..robust import DataError
 from ..transforms import SampleTransform
 from .own_common import OwnDataset, Region
 
@@ -54,12 +54,7 @@ class OwnSa2VADataset(OwnDataset):
         base = json_path.parent
         self.image_dir = Path(image_dir) if image_dir else base / "images"
         jkey = json_path.name
-        try:
-            items = read_json(json_path)
-        except SampleError as e:
-            raise DataError(f"cannot read {json_path}: {e.detail}") from e
-        if not isinstance(items, list):
-            raise DataError(f"{json_path} must be a list of {{image, mask, text}} entries (Sa2VA's fine-tuning format)")
+        items = read_json_list(json_path, "{image, mask, text} entries (Sa2VA's fine-tuning format)")
         for i, item in enumerate(items):
             key = f"{jkey}#{i}"
             try:
