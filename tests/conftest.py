@@ -71,3 +71,16 @@ def export_tiny_with_shape(root):
     Image.fromarray(raw["image"]).save(root / "img.png")
     Image.fromarray(raw["mask"].astype(np.uint8) * 255).save(root / "mask.png")
     return root
+
+
+def corrupt_video_source(tmp_path, kind: str):
+    """(fixture info, dataset) of a MeViS ``valid_u`` or ReVOS ``valid`` fixture written with bad files."""
+    from maskloop.data.fixtures import write_mevis, write_revos
+    from maskloop.data.sources.mevis import MeViSDataset
+    from maskloop.data.sources.revos import ReVOSDataset
+
+    if kind == "mevis":
+        info = write_mevis(tmp_path, "valid_u", corrupt=True)
+        return info, MeViSDataset(info["root"])
+    info = write_revos(tmp_path, corrupt=True)
+    return info, ReVOSDataset(info["root"], "valid")

@@ -4,11 +4,11 @@ on the shapes world and the released-layout fixtures (MeViS, ReVOS); bad files s
 import numpy as np
 import pytest
 import torch
+from conftest import corrupt_video_source
 
 from maskloop.data.clips import ClipDataset, collate_clips
-from maskloop.data.fixtures import write_mevis, write_revos
+from maskloop.data.fixtures import write_mevis
 from maskloop.data.sources.mevis import MeViSDataset
-from maskloop.data.sources.revos import ReVOSDataset
 from maskloop.data.sources.shapes import ShapesClipDataset
 from maskloop.data.transforms import SampleTransform
 
@@ -68,12 +68,7 @@ def test_mevis_clips_masks_follow_their_frames(tmp_path):
 
 @pytest.mark.parametrize("kind", ["mevis", "revos"])
 def test_bad_files_skipped_and_counted(tmp_path, kind):
-    if kind == "mevis":
-        info = write_mevis(tmp_path, "valid_u", corrupt=True)
-        src = MeViSDataset(info["root"])
-    else:
-        info = write_revos(tmp_path, corrupt=True)
-        src = ReVOSDataset(info["root"], "valid")
+    info, src = corrupt_video_source(tmp_path, kind)
     ds = ClipDataset(src, TF)
     batches = list(torch.utils.data.DataLoader(ds, batch_size=len(ds), collate_fn=collate_clips))
     batch = batches[0]

@@ -5,6 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import corrupt_video_source
 from PIL import Image
 
 from maskloop.data.fixtures import write_mevis, write_ref_davis, write_revos
@@ -70,12 +71,7 @@ def test_mevis_valid_without_masks(tmp_path):
 
 @pytest.mark.parametrize("kind", ["mevis", "revos"])
 def test_bad_files_skipped_and_counted(tmp_path, kind):
-    if kind == "mevis":
-        info = write_mevis(tmp_path, "valid_u", corrupt=True)
-        ds = MeViSDataset(info["root"])
-    else:
-        info = write_revos(tmp_path, corrupt=True)
-        ds = ReVOSDataset(info["root"], "valid")
+    info, ds = corrupt_video_source(tmp_path, kind)
     got = read_all(ds)
     assert sorted(got) == sorted(info["expected_expressions"])
     assert ds.skip_counts() == {f"{kind}/{r}": n for r, n in info["expected_skips"].items()}
