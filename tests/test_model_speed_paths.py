@@ -121,6 +121,25 @@ def test_fused_decode_weights_are_the_merged_projections():
                 torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)  # the adapted module's own forward
 
 
+def test_merge_graph_key_follows_what_the_merge_reads():
+    """The captured LoRA merge (CUDA) is replayed while its key holds: in-place updates of the weights (training,
+    the EMA swap) keep it; a weight given new storage or another scale changes it."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder
+
+    model = _model_with_nonzero_lora()
+    dec = StaticGreedyDecoder(model, batch=2, max_len=64, use_graph=False)
+    key = dec._merge_reads()
+    q = model.llm.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_A["default"].weight.add_(1.0)  # in place: the same addresses
+    assert dec._merge_reads() == key
+    q.lora_B["default"].weight.data = q.lora_B["default"].weight.data.clone()  # new storage
+    key2 = dec._merge_reads()
+    assert key2 != key
+    q.scaling["default"] *= 2
+    assert dec._merge_reads() != key2
+
+
 def test_decoder_without_lora_holds_no_weight_copy_and_decodes_alike():
     """A model without adapters decodes from its own weights (no fused copy) with the dynamic loop's tokens."""
     import copy

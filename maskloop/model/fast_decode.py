@@ -115,9 +115,42 @@ class StaticGreedyDecoder:
                 entry[g] = (weight, bias, rows, sizes)
             self.groups.append(entry)
 
+    def _merge_reads(self) -> tuple:
+        """What the merge reads: every tensor's storage address, the adapters and scales in use, autocast."""
+        key = [torch.is_autocast_enabled("cuda")]
+        for entry in self.groups:
+            for weight, _bias, rows, _ in entry.values():
+                if weight is None:
+                    continue
+                for mod, base, _ in rows:
+                    key += [base.weight.data_ptr(), None if base.bias is None else base.bias.data_ptr()]
+                    for name in (list(mod.active_adapters) if hasattr(mod, "lora_A") else []):
+                        key += [name, mod.scaling[name], mod.lora_A[name].weight.data_ptr(),
+                                mod.lora_B[name].weight.data_ptr(), mod.lora_A[name].weight.dtype]
+        return tuple(key)
+
     @torch.no_grad()
     def refresh_merged(self) -> None:
-        """Copy the current weights (LoRA merged) into the fused decode weights."""
+        """Copy the current weights (LoRA merged) into the fused decode weights.
+
+        On CUDA with graphs, the merge (a few hundred small kernels) is captured once and replayed: the
+        weights it reads are updated in place (training, the EMA swap), so their addresses stay; it is
+        captured again whenever any address, adapter or scale changed."""
+        if not self.use_graph:
+            return self._merge()
+        key = self._merge_reads()
+        if getattr(self, "_merge_graph", None) is None or self._merge_key != key:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._merge()  # warm-up (cuBLAS workspace) on a side stream
+            torch.cuda.current_stream().wait_stream(s)
+            self._merge_graph, self._merge_key = torch.cuda.CUDAGraph(), key
+            with torch.cuda.graph(self._merge_graph):
+                self._merge()
+        self._merge_graph.replay()
+
+    def _merge(self) -> None:
         for entry in self.groups:
             for weight, bias, rows, _ in entry.values():
                 if weight is None:
