@@ -136,6 +136,8 @@ class StaticGreedyDecoder:
         On CUDA with graphs, the merge (a few hundred small kernels) is captured once and replayed: the
         weights it reads are updated in place (training, the EMA swap), so their addresses stay; it is
         captured again whenever any address, adapter or scale changed."""
+        if not any(w is not None for entry in self.groups for w, *_ in entry.values()):
+            return None  # no adapters: decoding reads the model's own weights, nothing to merge
         if not self.use_graph:
             return self._merge()
         key = self._merge_reads()
