@@ -104,7 +104,7 @@ EVAL_BATCH = 50
 # The frozen SAM2 image encoder's maps of every image, kept after its first batch (SAM2Head.backbone_cache):
 # the demo reads each of its 4000 training scenes ~20 times, and the encoder was ~40 % of an alignment
 # step's time and ~30 % of an SFT step's.  At most this many bytes (~344 kB per 128-px image; the FULL run
-# fills it: 2.7 GB resident in all); 0: off.
+# fills it: 2.5 GB resident in all); 0: off.
 BACKBONE_CACHE_BYTES = 2 << 30
 MAX_NEW_TOKENS = 12  # shapes captions are at most 8 words
 
