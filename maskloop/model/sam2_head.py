@@ -42,6 +42,69 @@ class SamFeatures:
 LANGUAGE_MASKS = ("best_iou", "single")  # SAM2Config.language_mask
 
 
+class BackboneCache:
+    """The frozen image encoder's FPN maps per image, for training that sees the same images again and again
+    (the CPU demo: 4000 scenes, ~20 reads each).  Set ``SAM2Head.backbone_cache = BackboneCache()``; while
+    the encoder is frozen, :meth:`SAM2Head.backbone` then runs it only on the images of a batch that it has
+    not seen (keyed by the image's bytes) and stacks the stored maps.  Any change to the encoder's weights
+    (a load, a cast, an optimizer step -- their tensors' version counters) empties the cache; a trained
+    encoder bypasses it.  Holds at most ``max_bytes`` of maps, least recently used dropped first.
+    The stored maps are those of the images' first batch: the same as a fresh run up to the float rounding
+    of batch size (per-image results of a batched convolution need not be bit-identical)."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._d: OrderedDict = OrderedDict()
+        self._stamp = None
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _weights_stamp(head) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in head.sam.vision_encoder.parameters())
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def maps(self, head, g_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        import hashlib
+
+        stamp = self._weights_stamp(head)
+        if stamp != self._stamp:
+            self.clear()
+            self._stamp = stamp
+        imgs = g_pixel_values.detach()
+        host = imgs.cpu().contiguous()
+        keys = [(str(host.dtype), tuple(host.shape[1:]), hashlib.sha1(host[i].numpy().tobytes()).digest())
+                for i in range(host.shape[0])]
+        missing = [i for i, k in enumerate(keys) if k not in self._d]
+        first = {}
+        for i in missing:  # an image twice in one batch is computed once
+            first.setdefault(keys[i], i)
+        todo = sorted(first.values())
+        if todo:
+            fresh = head._backbone(imgs[todo], frozen=True)
+            for j, i in enumerate(todo):
+                entry = [m[j].clone() for m in fresh]
+                self._d[keys[i]] = entry
+                self.nbytes += sum(t.numel() * t.element_size() for t in entry)
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        out = [torch.stack([self._d[k][level] for k in keys]) for level in range(len(self._d[keys[0]]))]
+        for k in keys:
+            self._d.move_to_end(k)
+        while self.nbytes > self.max_bytes and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self.nbytes -= sum(t.numel() * t.element_size() for t in old)
+        return out
+
+
 class SAM2Head(nn.Module):
     def __init__(self, sam2_config, pad_point_tokens: bool = True, language_mask: str = "best_iou"):
         super().__init__()
@@ -55,6 +118,7 @@ class SAM2Head(nn.Module):
         self.language_mask = language_mask
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.backbone_cache: BackboneCache | None = None  # off unless asked (:class:`BackboneCache`)
 
     @property
     def mask_decoder(self) -> nn.Module:
@@ -76,9 +140,14 @@ class SAM2Head(nn.Module):
             raise ValueError(
                 f"SAM2 input must be {self.image_size}x{self.image_size}, got {tuple(g_pixel_values.shape[-2:])}"
             )
+        frozen = not any(p.requires_grad for p in self.sam.vision_encoder.parameters())
+        if frozen and self.backbone_cache is not None:
+            return self.backbone_cache.maps(self, g_pixel_values)
+        return self._backbone(g_pixel_values, frozen)
+
+    def _backbone(self, g_pixel_values: torch.Tensor, frozen: bool) -> list[torch.Tensor]:
         enc_dtype = self.sam.vision_encoder.backbone.patch_embed.projection.weight.dtype
         x = (g_pixel_values.to(self.mean.dtype) - self.mean) / self.std
-        frozen = not any(p.requires_grad for p in self.sam.vision_encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = self.sam.vision_encoder(x.to(enc_dtype), return_dict=True)
             return list(out.fpn_hidden_states)  # high -> low resolution, (B, C, H, W) each
