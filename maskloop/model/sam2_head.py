@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maskloop.lru import BytesLRU
+
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
@@ -42,7 +44,7 @@ class SamFeatures:
 LANGUAGE_MASKS = ("best_iou", "single")  # SAM2Config.language_mask
 
 
-class BackboneCache:
+class BackboneCache(BytesLRU):
     """The frozen image encoder's FPN maps per image, for training that sees the same images again and again
     (the CPU demo: 4000 scenes, ~20 reads each).  Set ``SAM2Head.backbone_cache = BackboneCache()``; while
     the encoder is frozen, :meth:`SAM2Head.backbone` then runs it only on the images of a batch that it has
@@ -53,24 +55,13 @@ class BackboneCache:
     of batch size (per-image results of a batched convolution need not be bit-identical)."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        from collections import OrderedDict
-
-        self.max_bytes = int(max_bytes)
-        self.nbytes = 0
-        self._d: OrderedDict = OrderedDict()
+        super().__init__(max_bytes, lambda maps: sum(t.numel() * t.element_size() for t in maps))
         self._stamp = None
         self.hits = self.misses = 0
 
     @staticmethod
     def _weights_stamp(head) -> tuple:
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in head.sam.vision_encoder.parameters())
-
-    def clear(self) -> None:
-        self._d.clear()
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
 
     def maps(self, head, g_pixel_values: torch.Tensor) -> list[torch.Tensor]:
         import hashlib
@@ -83,26 +74,22 @@ class BackboneCache:
         host = imgs.cpu().contiguous()
         keys = [(str(host.dtype), tuple(host.shape[1:]), hashlib.sha1(host[i].numpy().tobytes()).digest())
                 for i in range(host.shape[0])]
-        missing = [i for i, k in enumerate(keys) if k not in self._d]
-        first = {}
-        for i in missing:  # an image twice in one batch is computed once
-            first.setdefault(keys[i], i)
-        todo = sorted(first.values())
-        if todo:
+        found, todo = {}, []  # this batch's maps per distinct image; the rows of the images not stored yet
+        for i, k in enumerate(keys):
+            if k not in found:
+                found[k] = self.get(k)
+                if found[k] is None:
+                    todo.append(i)
+        if todo:  # an image twice in one batch is computed once
             fresh = head._backbone(imgs[todo], frozen=True)
             for j, i in enumerate(todo):
-                entry = [m[j].clone() for m in fresh]
-                self._d[keys[i]] = entry
-                self.nbytes += sum(t.numel() * t.element_size() for t in entry)
+                found[keys[i]] = [m[j].clone() for m in fresh]
+                self.put(keys[i], found[keys[i]])
         self.misses += len(todo)
         self.hits += len(keys) - len(todo)
-        out = [torch.stack([self._d[k][level] for k in keys]) for level in range(len(self._d[keys[0]]))]
-        for k in keys:
-            self._d.move_to_end(k)
-        while self.nbytes > self.max_bytes and len(self._d) > 1:
-            _, old = self._d.popitem(last=False)
-            self.nbytes -= sum(t.numel() * t.element_size() for t in old)
-        return out
+        for k in keys:  # most recently used: this batch, in its order
+            self.get(k)
+        return [torch.stack([found[k][level] for k in keys]) for level in range(len(found[keys[0]]))]
 
 
 class SAM2Head(nn.Module):

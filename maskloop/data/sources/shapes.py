@@ -48,6 +48,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from maskloop.lru import BytesLRU
+
 # ----------------------------------------------------------------------------- vocabulary
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -482,7 +484,7 @@ def _seed_int(seed: int | str) -> int:
     return int(seed)
 
 
-class SceneCache:
+class SceneCache(BytesLRU):
     """A bounded most-recently-used cache of drawn scenes, keyed by what determines them (seed, index, image
     size, object count range, colours).  Drawing a scene (placement, rendering, the uniqueness checks) took
     two thirds of a shapes item's time (2.1 of 3.2 ms at 64 px), and the demo reads each of its training
@@ -490,39 +492,20 @@ class SceneCache:
     most ``max_bytes`` of image and mask arrays (a 64 px scene is ~30 kB); ``max_bytes`` 0 turns it off."""
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
-        from collections import OrderedDict
-
-        self.max_bytes = int(max_bytes)
-        self.nbytes = 0
-        self._d: OrderedDict = OrderedDict()
+        super().__init__(max_bytes, lambda sc: sc.image.nbytes + sc.masks.nbytes)
         self.hits = self.misses = 0
 
     def get(self, key) -> Scene | None:
-        sc = self._d.get(key)
+        sc = super().get(key)
         if sc is None:
             self.misses += 1
         else:
             self.hits += 1
-            self._d.move_to_end(key)
         return sc
 
-    def put(self, key, scene: Scene) -> None:
-        size = scene.image.nbytes + scene.masks.nbytes
-        if size > self.max_bytes or key in self._d:
-            return
-        self._d[key] = scene
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            _, old = self._d.popitem(last=False)
-            self.nbytes -= old.image.nbytes + old.masks.nbytes
-
     def clear(self) -> None:
-        self._d.clear()
-        self.nbytes = 0
+        super().clear()
         self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
 
 
 SCENE_CACHE = SceneCache()  # shared by every shapes dataset of this process (each DataLoader worker has its own)
