@@ -227,3 +227,41 @@ def test_static_prefill_equals_the_transformers_forward_with_left_padding():
             ok = mask[b].bool()
             torch.testing.assert_close(dec.k[i][b, :, :L][:, ok], keys[b][:, ok], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(dec.v[i][b, :, :L][:, ok], values[b][:, ok], rtol=1e-4, atol=1e-5)
+
+
+def test_each_compiled_family_keeps_its_own_cache_and_layers_share_one_graph():
+    """LLM layers, ViT layers and SAM2 blocks compile their own class's forward: separate dynamo caches (one
+    shared ``__call__`` would put them in one cache with one 8-variant budget), one entry for all layers of
+    a class at one input shape."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from maskloop.model.grounded import _own_forward
+
+    torch._dynamo.reset()
+    model = make_tiny()
+    model.eval()
+    pv, g, _ = tiny_batch(model, B=2)
+    model.compile_encoders(backend="eager")
+    model.compile_llm_layers(backend="eager")
+    with torch.no_grad():
+        model.vision_features(pv)
+        model.sam_features(g)
+        model.run_llm(torch.randn(2, 5, model.cfg.llm.hidden_size), torch.ones(2, 5, dtype=torch.long),
+                      torch.arange(5)[None].expand(2, 5))
+    families = (("llm", model.llm.layers), ("vit", model.vision.encoder.layer),
+                ("sam2", model.sam.sam.vision_encoder.backbone.blocks))
+    own = {name: _own_forward(mods[0]).__code__ for name, mods in families}
+    assert len(set(own.values())) == 3
+    entries = {name: len(_debug_get_cache_entry_list(code)) for name, code in own.items()}
+    assert entries["llm"] == 1 < len(model.llm.layers), entries
+    assert entries["vit"] == 1 < len(model.vision.encoder.layer), entries
+    assert entries["sam2"] >= 1, entries
+    # nothing compiled under the code every layer shares (transformers' __call__ / forward wrapper)
+    shared = {GradientCheckpointingLayer.__call__.__code__} | {type(mods[0]).forward.__code__ for _, mods in families}
+    assert all(c.co_filename.endswith(f"models/{n}/modeling_{n}.py") for c, n in
+               zip(own.values(), ("qwen2", "internvl", "sam2"))), own
+    assert not any(_debug_get_cache_entry_list(c) for c in shared - set(own.values()))
+    model.uncompile()
+    assert all("forward" not in m.__dict__ for m in model.llm.layers)
+    torch._dynamo.reset()

@@ -55,6 +55,43 @@ class Generated:
     finished: torch.Tensor  # (B,) bool: the end token was produced within T
 
 
+def compile_forwards(modules, **kwargs) -> int:
+    """``torch.compile`` each module's ``forward`` in place (an instance attribute over its class's method).
+
+    What dynamo compiles is the class's own ``forward``, so the LLM layers, the ViT layers and the SAM2 blocks
+    each get their own compiled-code cache and recompilation budget, and the layers of one class share one
+    graph (the weights are its inputs).  Compiling the module itself (``Module.compile()``) or transformers'
+    checkpointing wrapper of ``forward`` (the newer ``GradientCheckpointingLayer``) would key all three on one
+    shared code object: one cache whose guards are searched on every call and whose budget (8 variants by
+    default) runs out, after which the remaining modules run eagerly.  A layer with transformers' own
+    gradient checkpointing on keeps that wrapper; module hooks (FSDP2's) stay outside the compiled code."""
+    from torch._dynamo import config as dynamo_config
+
+    # SAM2's Hiera-L alone needs about ten variants (stage widths, windows, pooling, global blocks)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    n = 0
+    for m in modules:
+        m.forward = torch.compile(_own_forward(m).__get__(m), **kwargs)
+        n += 1
+    return n
+
+
+def _own_forward(m):
+    """The module class's ``forward`` under transformers' pass-through wrappers, whose one code object every
+    layer class shares: the checkpointing wrapper (unless that checkpointing is on) and ``deprecate_kwarg``'s
+    argument renaming (callers here use the current names)."""
+    fwd = type(m).forward
+    while getattr(fwd, "__wrapped__", None) is not None:
+        where = fwd.__code__.co_filename.replace("\\", "/")
+        if where.endswith("transformers/modeling_layers.py") and not getattr(m, "gradient_checkpointing", False):
+            fwd = fwd.__wrapped__
+        elif where.endswith("transformers/utils/deprecation.py"):
+            fwd = fwd.__wrapped__
+        else:
+            break
+    return fwd
+
+
 class GroundedMLLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer):
         super().__init__()
@@ -222,19 +259,21 @@ class GroundedMLLM(nn.Module):
 
     def compile_llm_layers(self, **kwargs) -> int:
         """``torch.compile`` every LLM decoder layer in place (regional compilation: one graph per layer,
-        shared by all layers; fuses the LoRA, norm and rotary elementwise ops).  Returns the layer count."""
-        layers = self.llm.layers
-        for layer in layers:
-            layer.compile(**kwargs)
-        return len(layers)
+        shared by all layers; fuses the LoRA, norm and rotary elementwise ops).  Returns the layer count.
+        ``kwargs`` go to ``torch.compile`` (``mode="reduce-overhead"``: replayed as CUDA graphs)."""
+        return compile_forwards(self.llm.layers, **kwargs)
 
     def compile_encoders(self, **kwargs) -> int:
         """``torch.compile`` every InternViT encoder layer and every SAM2 Hiera block in place (regional
         compilation, as :meth:`compile_llm_layers`).  Returns the number of modules compiled."""
-        mods = list(self.vision.encoder.layer) + list(self.sam.sam.vision_encoder.backbone.blocks)
-        for m in mods:
-            m.compile(**kwargs)
-        return len(mods)
+        return compile_forwards(list(self.vision.encoder.layer) + list(self.sam.sam.vision_encoder.backbone.blocks),
+                                **kwargs)
+
+    def uncompile(self) -> None:
+        """Undo :meth:`compile_llm_layers` / :meth:`compile_encoders` (the modules run eagerly again)."""
+        for m in list(self.llm.layers) + list(self.vision.encoder.layer) + list(self.sam.sam.vision_encoder.backbone.blocks):
+            m.__dict__.pop("forward", None)
+            m._compiled_call_impl = None
 
     def sam_features(self, g_pixel_values: torch.Tensor | None = None, maps: list[torch.Tensor] | None = None) -> SamFeatures:
         """SAM2 features of images (B, 3, G, G), or of :meth:`sam_backbone`'s maps computed ahead."""
