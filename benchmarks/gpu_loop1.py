@@ -314,10 +314,16 @@ def full_vocab(recipe):
     recipe.allowed[special] = False
 
 
+#: set by set_variant: the compiled layers replay as CUDA graphs (cudagraph trees), so each step marks its start
+GRAPHED = {"on": False}
+
+
 def loop1_step(model, recipe, ema, opt, batch, timer=None):
     def phase(name):
         return timer(name) if timer else contextmanager(lambda: (yield))()
 
+    if GRAPHED["on"]:  # the previous step's graph outputs may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
     with timer.step() if timer else contextmanager(lambda: (yield))():
         with autocast():
             loss, _ = recipe.loss(batch)
@@ -347,18 +353,31 @@ def set_variant(model, variant: str):
     configuration); 'ours': the defaults; 'no_overlap': ours with image 2's encoders inline
     (``loop1.overlap_encoders: false``); 'compiled': ours + every LLM decoder layer compiled
     (``compile_layers: true``); 'compiled_all': compiled + every InternViT layer and SAM2 Hiera block
-    compiled (``compile_encoders: true``)."""
-    if variant not in ("base", "ours", "no_overlap", "compiled", "compiled_all", "plain"):
+    compiled (``compile_encoders: true``); 'graphed': compiled_all with the LLM layers replayed as CUDA graphs
+    (``cuda_graphs: true``: torch.compile mode "reduce-overhead"); 'graphed_all': the encoders' layers too, with
+    image 2's encoders inline (one cudagraph-tree memory pool is not shared across streams)."""
+    if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}")
     set_decode(model, compiled=variant != "base")
     model.set_lora_input_cast(variant == "base" or DEV.type != "cuda")
-    mods = list(model.llm.layers) + list(model.vision.encoder.layer) + list(model.sam.sam.vision_encoder.backbone.blocks)
-    for m in mods:  # undo a previous compile
-        m._compiled_call_impl = None
-    if variant in ("compiled", "compiled_all"):
-        model.compile_llm_layers()
-    if variant == "compiled_all":
-        model.compile_encoders()
+    model.uncompile()  # undo a previous variant's
+    GRAPHED["on"] = variant in ("graphed", "graphed_all")
+    graphs = {"mode": "reduce-overhead"}
+    if variant in ("compiled", "compiled_all", "graphed", "graphed_all"):
+        model.compile_llm_layers(**(graphs if GRAPHED["on"] else {}))
+    if variant in ("compiled_all", "graphed", "graphed_all"):
+        model.compile_encoders(**(graphs if variant == "graphed_all" else {}))
+
+
+VARIANTS = ("base", "ours", "no_overlap", "compiled", "compiled_all", "graphed", "graphed_all", "plain")
+INLINE_ENCODERS = ("no_overlap", "base", "graphed_all")
+
+
+def cudagraph_counters() -> dict:
+    """Inductor's cudagraph counters (skips with their reasons, recordings) of this process so far."""
+    from torch._dynamo.utils import counters
+
+    return {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
 
 
 def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
@@ -372,7 +391,7 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         full_vocab(recipe)
     else:
         ema = EMA(params, decay=0.999)
-        tcfg.loop1.overlap_encoders = variant not in ("no_overlap", "base")
+        tcfg.loop1.overlap_encoders = variant not in INLINE_ENCODERS
         recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     timer = PhaseTimer()
@@ -395,7 +414,7 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        for _ in range(2):
+        for _ in range(3 if GRAPHED["on"] else 2):  # cudagraph trees: a warm-up run, a recording, then replays
             loop1_step(model, recipe, ema, opt, batch)
         sync()
         timer.reset()
@@ -415,6 +434,8 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
            "ema_extra_gb": ema.num_bytes() / 1e9,
            "phases_s": {k: v / reps for k, v in timer.totals().items()},
            "side_phases_s": {k: v / reps for k, v in timer.totals(side=True).items()}}
+    if GRAPHED["on"]:
+        res["cudagraph_counters"] = cudagraph_counters()
     del opt, ema, recipe
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
@@ -583,7 +604,7 @@ def warmed_up(model, tcfg, B):
     recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     batch = make_batch(model, B)
-    for _ in range(2):
+    for _ in range(3 if GRAPHED["on"] else 2):
         loop1_step(model, recipe, ema, opt, batch)
     sync()
     return recipe, ema, opt, batch
@@ -671,6 +692,32 @@ def sync_sites(model, tcfg, B, out=None):
             f.write(text + "\n")
 
 
+def load_compile_cache(path):
+    if path and os.path.exists(path):
+        import lzma
+
+        t = time.time()
+        with open(path, "rb") as f:
+            info = torch.compiler.load_cache_artifacts(lzma.decompress(f.read()))
+        n = {k: len(v) for k, v in vars(info).items() if isinstance(v, list)} if info is not None else {}
+        print(f"compile cache {path}: loaded in {time.time() - t:.1f} s {n}", flush=True)
+
+
+def save_compile_cache(path):
+    if not path:
+        return
+    import lzma
+
+    got = torch.compiler.save_cache_artifacts()
+    if got is None:
+        return
+    data = lzma.compress(got[0], preset=6)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    print(f"compile cache {path}: {len(got[0]) / 2**20:.1f} MiB -> {len(data) / 2**20:.1f} MiB", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="sa2va-4b")
@@ -687,9 +734,14 @@ def main():
     ap.add_argument("--profile-variant", default="ours", help="the variant profiled (see --variants)")
     ap.add_argument("--sync-sites", type=int, default=0, help="list the host syncs of one Loop-1 step at this batch")
     ap.add_argument("--compare", default="8", help="batches at which --variants are also measured")
-    ap.add_argument("--variants", default="no_overlap,compiled", help="comma list of: base, no_overlap, compiled, compiled_all")
+    ap.add_argument("--variants", default="no_overlap,compiled",
+                    help="comma list of: base, no_overlap, compiled, compiled_all, graphed, graphed_all")
+    ap.add_argument("--compile-cache", default=None,
+                    help="torch.compile's caches in one file: read first when it exists, written after each row "
+                         "(xz-compressed torch.compiler.save_cache_artifacts), so a fresh machine compiles less")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: flops,plain,generation,gumbel,overlap_check")
     args = ap.parse_args()
+    load_compile_cache(args.compile_cache)
     torch.backends.cuda.matmul.allow_tf32 = True
     tflops, gbps = peak_rates()
     t0 = time.time()
@@ -708,6 +760,7 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+        save_compile_cache(args.compile_cache)
 
     if args.sync_sites:
         set_variant(model, args.profile_variant)

@@ -555,6 +555,9 @@ class TrainConfig:
     compile_encoders: bool = False
     """torch.compile each InternViT layer and SAM2 Hiera block (regional; with ``compile_layers`` the fastest
     Loop-1 step measured, benchmarks/results/gpu_loop1.md)."""
+    cuda_graphs: bool = False
+    """With ``compile_layers`` on CUDA: the compiled LLM layers replay as CUDA graphs (torch.compile mode
+    "reduce-overhead", cudagraph trees; one recording per distinct input shape, so pad lengths to a few sizes)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     freeze: str | tuple[str, ...] = "default"
@@ -617,6 +620,8 @@ class TrainConfig:
         if self.recency_init < 0 or (self.recency_init and not self.scratch_init):
             raise ConfigError(f"recency_init={self.recency_init}: a strength > 0 that needs scratch_init: true "
                               "(it is an initialisation of a model trained from random weights)")
+        if self.cuda_graphs and not self.compile_layers:
+            raise ConfigError("cuda_graphs: true needs compile_layers: true (the graphs are of the compiled layers)")
         if self.zero_seg_embed and not self.scratch_init:
             raise ConfigError("zero_seg_embed: true needs scratch_init: true "
                               "(it is an initialisation of a model trained from random weights)")

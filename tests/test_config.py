@@ -146,3 +146,10 @@ def test_exponents_and_infinities_from_yaml_and_set(tmp_path):
         TrainConfig.from_yaml(path, ["steps=1e6x"])
     with pytest.raises(ConfigError, match=r"^steps='2.5e0': expected int"):
         TrainConfig.from_yaml(path, ["steps=2.5e0"])  # an exponent that is not a whole number of steps
+
+
+def test_cuda_graphs_needs_compiled_layers():
+    with pytest.raises(ConfigError, match="cuda_graphs: true needs compile_layers: true"):
+        TrainConfig.from_mapping({"model": "tiny", "cuda_graphs": True})
+    cfg = TrainConfig.from_mapping({"model": "tiny", "cuda_graphs": True, "compile_layers": True})
+    assert cfg.cuda_graphs and cfg.compile_layers

@@ -98,11 +98,13 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         if use_bf16 and self.device.type == "cuda" and hasattr(model, "to_training_dtype"):
             model.to_training_dtype(torch.bfloat16)  # frozen base in bf16, trained weights fp32
+        self._graphs = cfg.cuda_graphs and self.device.type == "cuda"
         for key, method in (("compile_layers", "compile_llm_layers"), ("compile_encoders", "compile_encoders")):
             if getattr(cfg, key):
                 if not hasattr(model, method):
                     raise ConfigError(f"{key} is not supported by {type(model).__name__}")
-                getattr(model, method)()
+                graphs = self._graphs and key == "compile_layers"
+                getattr(model, method)(**({"mode": "reduce-overhead"} if graphs else {}))
         return model
 
     def _batches(self) -> dict:
@@ -124,6 +126,8 @@ class Trainer:
     def _micro_step(self, logs: dict, last: bool):
         """Draw, run the recipe, backward; None when the recipe skipped the micro-step (on any rank)."""
         two = self.recipe.combine_grads is not None
+        if self._graphs:  # the graph outputs of the previous micro-step may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         with self.dist.micro_step(sync=last, separate_objectives=two):  # DDP: no_sync() unless it reduces now
             out = self._recipe_step()
             if out is None:
