@@ -205,3 +205,56 @@ def test_captions_never_contain_image_grounding_or_pad_tokens():
     for b, r in enumerate(ref):
         assert plain.ids[b, : len(r)].tolist() == r
         assert not banned[plain.ids[b, : plain.lengths[b]]].any()
+
+
+def test_sync_free_paths_equal_the_selecting_reference():
+    """The scatter-based embedding placement, the one-[SEG]-a-row lookup and the gathered LM loss (no host
+    synchronisation on an accelerator) give the values and gradients of the boolean-selection forms."""
+    from maskloop.model import losses
+    from maskloop.model.prompts import Embeds
+    from maskloop.model.region import inject_visual_tokens
+
+    model = make_tiny()
+    model.train()
+    pv, gp, masks = tiny_batch(model)
+    feats = model.sam_features(gp)
+    expr = model.builder.expressions(["the red circle", "a small blue square", "green triangle"])
+    emb_expr = model.expression_embeds(expr.ids, expr.lengths)
+    visible = torch.tensor([3, 0, 2])
+    e = Embeds(emb_expr.embeds.detach().clone().requires_grad_(), visible)
+    qs = model.builder.seg_question(3, rng=random.Random(0))
+    parts = model.builder.seg_parts(e, qs)
+    assert model._one_seg_each(parts, 3)
+
+    image = model.image_tokens(pv)
+    emb, asm = model.build_inputs(parts, image)
+    # reference: index_put of the selected rows, as before
+    ref = model.embed_tokens(asm.input_ids)
+    for i, part in asm.embeds:
+        pos, valid = asm.positions[i]
+        rows = torch.arange(3)[:, None].expand_as(pos)
+        ref = ref.index_put((rows[valid], pos[valid]), part.embeds[valid].to(ref.dtype))
+    ref = inject_visual_tokens(ref, asm.input_ids, model.builder.img_ctx_id, image)
+    torch.testing.assert_close(emb, ref, rtol=0, atol=0)
+    w = torch.randn_like(emb)
+    g1, = torch.autograd.grad((emb * w).sum(), e.embeds, retain_graph=True)
+    g2, = torch.autograd.grad((ref * w).sum(), e.embeds, retain_graph=True)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    assert g1[1].abs().sum() == 0 and g1[0, 3:].abs().sum() == 0  # unused rows / slots get no gradient
+
+    hidden = model.run_llm(emb, asm.attention_mask, asm.position_ids)
+    fast = model.decode_seg(hidden, asm.input_ids, feats, masks, one_each=True)
+    slow = model.decode_seg(hidden, asm.input_ids, feats, masks)
+    for k in ("mask_logits", "loss_mask", "seg_rows", "seg_counts"):
+        torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=0)
+    sel = asm.labels != -100
+    want = losses.lm_loss(model.lm_logits(hidden[sel]), asm.labels[sel])
+    torch.testing.assert_close(model._lm_loss(hidden, asm), want)
+
+    # a row with two [SEG], or ids only on the device: the host cannot tell, the general path is taken
+    two = [(qs[0][0], qs[0][1], qs[0][2] + [model.builder.seg_id])] + qs[1:]
+    assert not model._one_seg_each(model.builder.seg_parts(e, two), 3)
+    bad = asm.input_ids.clone()
+    bad[0, int(asm.attention_mask[0].argmax())] = model.builder.seg_id  # the row's first real token
+    with pytest.raises(ValueError, match="exactly one"):
+        model.decode_seg(hidden, bad, feats, one_each=True)

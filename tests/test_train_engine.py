@@ -112,6 +112,32 @@ def test_loop1_encoders_ahead_give_the_inline_loss_and_gradients(tmp_path):
         torch.testing.assert_close(ahead[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+def test_loop1_skips_a_batch_whose_teacher_caption_is_empty(tmp_path):
+    """An empty teacher caption (read once the forward passes are queued) raises TeacherOutputError with
+    its count, and the same batch with every caption non-empty gives a loss."""
+    from maskloop.model.grounded import Generated
+
+    torch.manual_seed(0)
+    tr = Trainer(make_cfg("loop1", tmp_path, refer_ratio=0.0, data={"pairs": shapes_data()["pairs"]}))
+    model, b = tr.model, dict(tr._batches()["pairs"])
+    real = model.describe
+
+    def describe(*a, **kw):
+        g = real(*a, **kw)
+        lengths = g.lengths.clamp(min=1)
+        lengths[1] = 0
+        return Generated(g.ids, lengths, g.finished)
+
+    model.describe = describe
+    try:
+        with pytest.raises(loop1_mod.TeacherOutputError, match="produced 1 empty caption"):
+            tr.recipe.loss(b)
+    finally:
+        del model.describe
+    loss, _ = tr.recipe.loss(b)
+    assert torch.isfinite(loss)
+
+
 def _state(tr):
     return ({k: v.detach().clone() for k, v in tr.params.items()},
             {k: v.clone() for k, v in tr.ema.state_dict()["shadow"].items()})

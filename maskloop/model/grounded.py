@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from maskloop.checks import check_on_device
 from maskloop.config import ModelConfig
 from maskloop.errors import ConfigError
 from maskloop.model import losses
@@ -36,14 +37,16 @@ from maskloop.model.prompts import (
     IMG_CONTEXT,
     NEW_TOKENS,
     Embeds,
+    Fixed,
     Part,
     PromptBuilder,
     Ragged,
+    Repeat,
     add_special_tokens,
 )
 from maskloop.model.region import inject_visual_tokens, region_slots
 from maskloop.model.sam2_head import SAM2Head, SamFeatures
-from maskloop.model.sequence import Assembled, assemble
+from maskloop.model.sequence import Assembled, assemble, host_once
 
 TRAINABLE_GROUPS = ("lora", "projector", "text_hidden_fcs", "sam2_decoder", "new_tokens")
 
@@ -317,10 +320,14 @@ class GroundedMLLM(nn.Module):
         B = image_feats.shape[0]
         asm = assemble(parts, B, self.builder.pad_id, image_feats.device)
         emb = self.embed_tokens(asm.input_ids)
+        L, D = emb.shape[1:]
         for i, part in asm.embeds:
+            # scattered into a spare last column for a row's unused slots (no boolean selection: no host sync)
             pos, valid = asm.positions[i]
-            rows = torch.arange(B, device=emb.device)[:, None].expand_as(pos)
-            emb = emb.index_put((rows[valid], pos[valid]), part.embeds[valid].to(emb.dtype))
+            at = torch.where(valid, pos, L)
+            placed = emb.new_zeros(B, L + 1, D).scatter(1, at[..., None].expand(-1, -1, D), part.embeds.to(emb.dtype))
+            hit = torch.zeros(B, L + 1, dtype=torch.bool, device=emb.device).scatter(1, at, valid)
+            emb = torch.where(hit[:, :L, None], placed[:, :L], emb)
         emb = inject_visual_tokens(emb, asm.input_ids, self.builder.img_ctx_id, image_feats, prompt_masks, n_image)
         return emb, asm
 
@@ -356,9 +363,28 @@ class GroundedMLLM(nn.Module):
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.last_hidden_state
 
-    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sel = labels != -100
-        return losses.lm_loss(self.lm_logits(hidden[sel]), labels[sel])
+    def _lm_loss(self, hidden: torch.Tensor, asm: Assembled) -> torch.Tensor:
+        """Mean CE over the target tokens: logits only at the positions predicting them (``asm.targets``)."""
+        pos, used, ids = asm.targets
+        h = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+        return losses.masked_lm_loss(self.lm_logits(h), ids, used)
+
+    def _one_seg_each(self, parts: list[Part], batch: int) -> bool:
+        """Whether the host can tell, without reading the device, that every row of ``parts`` holds exactly one
+        [SEG] (every part with token ids is fixed or held on the CPU; embeddings hold none)."""
+        seg, count = self.builder.seg_id, torch.zeros(batch, dtype=torch.long)
+        for p in parts:
+            if isinstance(p, Fixed):
+                count += p.ids.count(seg)
+            elif isinstance(p, Repeat):
+                if p.token_id == seg:
+                    return False
+            elif isinstance(p, Ragged):
+                if p.ids.device.type != "cpu" or p.lengths.device.type != "cpu":
+                    return False
+                real = torch.arange(p.ids.shape[1])[None] < p.lengths[:, None]
+                count += ((p.ids == seg) & real).sum(1)
+        return bool((count == 1).all())
 
     # ------------------------------------------------------------------ (a)/(b) referring segmentation
     def seg_prompt_embeds(self, hidden: torch.Tensor, input_ids: torch.Tensor,
@@ -373,15 +399,24 @@ class GroundedMLLM(nn.Module):
         return self.text_hidden_fcs(hidden[is_seg]), rows
 
     def decode_seg(self, hidden: torch.Tensor, input_ids: torch.Tensor, sam_feats: SamFeatures,
-                   gt_masks: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   gt_masks: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
+                   one_each: bool = False) -> dict[str, torch.Tensor]:
         """One mask per [SEG] of the batch: ``mask_logits`` (M, G, G), ``low_res``, ``seg_rows`` (M,) (the
         row of each), ``seg_counts`` (B,); given ``gt_masks`` (M, G, G) — the targets of the [SEG]s in the
-        same order — the mask losses (mean over the M masks; 0 with a graph when M = 0)."""
+        same order — the mask losses (mean over the M masks; 0 with a graph when M = 0).  ``one_each``: the
+        caller knows that every row holds exactly one [SEG] (:meth:`_one_seg_each`; checked on the device)."""
         B = input_ids.shape[0]
-        prompt, rows = self.seg_prompt_embeds(hidden, input_ids, allowed)  # (M, C), (M,)
-        M = rows.shape[0]
-        counts = torch.bincount(rows, minlength=B)
-        one_each = M == B and bool((counts == 1).all())
+        if one_each and allowed is None:  # the host knows every row holds one [SEG]: no host sync to find them
+            is_seg = input_ids == self.builder.seg_id
+            check_on_device((is_seg.sum(1) == 1).all(), "expected exactly one [SEG] in every row")
+            rows = torch.arange(B, device=input_ids.device)
+            prompt = self.text_hidden_fcs(hidden[rows, is_seg.int().argmax(1)])
+            M, counts = B, torch.ones(B, dtype=torch.long, device=input_ids.device)
+        else:
+            prompt, rows = self.seg_prompt_embeds(hidden, input_ids, allowed)  # (M, C), (M,)
+            M = rows.shape[0]
+            counts = torch.bincount(rows, minlength=B)
+            one_each = M == B and bool((counts == 1).all())
         feats = sam_feats if one_each else sam_feats.index(rows)
         if M:
             low = self.sam.decode(feats, prompt[:, None])
@@ -450,12 +485,12 @@ class GroundedMLLM(nn.Module):
         B = sam_feats.embed.shape[0]
         image_feats, n_image = self.image_inputs(pixel_values, image_feats, num_tiles)
         questions = questions or self.builder.seg_question(B, fixed=True)
-        emb, asm = self.build_inputs(self.builder.seg_parts(expr, questions, n_image=n_image), image_feats,
-                                     n_image=n_image)
+        parts = self.builder.seg_parts(expr, questions, n_image=n_image)
+        emb, asm = self.build_inputs(parts, image_feats, n_image=n_image)
         hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
-        out = self.decode_seg(hidden, asm.input_ids, sam_feats, gt_masks)
+        out = self.decode_seg(hidden, asm.input_ids, sam_feats, gt_masks, one_each=self._one_seg_each(parts, B))
         if lm_loss:
-            out["loss_lm"] = self._lm_loss(hidden, asm.labels)
+            out["loss_lm"] = self._lm_loss(hidden, asm)
         return out
 
     def segment_answer(
@@ -477,7 +512,7 @@ class GroundedMLLM(nn.Module):
         emb, asm = self.build_inputs(parts, image_feats, n_image=n_image)
         hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
         out = self.decode_seg(hidden, asm.input_ids, sam_feats, gt_masks)
-        out["loss_lm"] = self._lm_loss(hidden, asm.labels)
+        out["loss_lm"] = self._lm_loss(hidden, asm)
         return out
 
     @torch.no_grad()
@@ -536,6 +571,15 @@ class GroundedMLLM(nn.Module):
             return prompt_masks, prompt_masks.flatten(2).sum(2).long()
         return prompt_masks, prompt_masks.flatten(1).sum(1).long()
 
+    @staticmethod
+    def _region_width(prompt_masks: torch.Tensor, k: torch.Tensor) -> int | None:
+        """The host's ``k.max()`` for one region a row on an accelerator, read once per prompt-mask tensor
+        (Loop 1 captions the same regions with the teacher and then teacher-forces them: the second
+        assembly then needs no host synchronisation); None on the CPU or for region slots."""
+        if k.dim() != 1 or k.device.type == "cpu":
+            return None
+        return host_once(prompt_masks, lambda: int(k.max()) if k.numel() else 0)
+
     def caption_logits(
         self,
         pixel_values: torch.Tensor,
@@ -554,7 +598,7 @@ class GroundedMLLM(nn.Module):
         """
         image_feats, n_image = self.image_inputs(pixel_values, image_feats, num_tiles)
         prompt_masks, k = self.region_prompt(prompt_masks, num_regions)
-        parts = self.builder.caption_parts(k, answer, n_image, num_regions)
+        parts = self.builder.caption_parts(k, answer, n_image, num_regions, self._region_width(prompt_masks, k))
         emb, asm = self.build_inputs(parts, image_feats, prompt_masks, n_image)
         hidden = self.run_llm(emb, asm.attention_mask, asm.position_ids)
         pos, valid = asm.positions[-1]  # (B, T) positions of the answer tokens
@@ -562,7 +606,7 @@ class GroundedMLLM(nn.Module):
         h = torch.gather(hidden, 1, pred_pos[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.lm_logits(h)  # (B, T, V)
         tgt = answer.ids.to(logits.device)
-        loss = losses.lm_loss(logits[valid], tgt[valid])
+        loss = losses.masked_lm_loss(logits, tgt, valid)
         return {"logits": logits, "valid": valid, "loss_lm": loss}
 
     # ------------------------------------------------------------------ (d) batched greedy generation
@@ -644,7 +688,8 @@ class GroundedMLLM(nn.Module):
         evaluation and Loop 1, where an extra <IMG_CONTEXT> or [SEG] breaks the prompt's layout)."""
         image_feats, n_image = self.image_inputs(pixel_values, self.image_tokens(pixel_values, vit_feats), num_tiles)
         prompt_masks, k = self.region_prompt(prompt_masks, num_regions)
-        emb, asm = self.build_inputs(self.builder.caption_parts(k, None, n_image, num_regions), image_feats,
+        parts = self.builder.caption_parts(k, None, n_image, num_regions, self._region_width(prompt_masks, k))
+        emb, asm = self.build_inputs(parts, image_feats,
                                      prompt_masks, n_image)
         return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static,
                              banned=self.caption_banned(emb.device))

@@ -153,10 +153,14 @@ class Fixed:
 
 @dataclass
 class Repeat:
-    """``token_id`` repeated lengths[b] times in row b (image / region context tokens)."""
+    """``token_id`` repeated lengths[b] times in row b (image / region context tokens).
+
+    ``width``: a host-side bound on ``lengths.max()`` for lengths held on an accelerator (assembly then needs
+    no host synchronisation to size the batch); None: read it from the lengths."""
 
     token_id: int
     lengths: torch.Tensor | int
+    width: int | None = None
 
 
 @dataclass
@@ -239,12 +243,13 @@ class PromptBuilder:
 
     # -- region caption: image + region(mask) -> caption
     def caption_parts(self, region_k: torch.Tensor, answer: Part | None = None, n_image: torch.Tensor | None = None,
-                      n_regions: torch.Tensor | None = None) -> list[Part]:
+                      n_regions: torch.Tensor | None = None, region_width: int | None = None) -> list[Part]:
         """``region_k`` (B,) number of region tokens of one region a row, or (B, R) of R region slots
         (row b uses its first ``n_regions[b]``, all R by default); ``answer`` teacher-forced caption
-        (target); ``n_image`` see :meth:`image_parts`."""
+        (target); ``n_image`` see :meth:`image_parts`; ``region_width`` a host bound on ``region_k.max()``
+        (one region a row; :class:`Repeat`)."""
         if region_k.dim() == 1:
-            regions = [Fixed(self._cap_before_region), Repeat(self.img_ctx_id, region_k)]
+            regions = [Fixed(self._cap_before_region), Repeat(self.img_ctx_id, region_k, region_width)]
         else:
             regions = self.region_list_parts(region_k, n_regions)
         parts = self.image_parts(n_image) + regions + [Fixed(self._cap_after_region)]

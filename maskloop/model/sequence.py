@@ -3,6 +3,12 @@
 Every row is ``[pad ... pad | part0 | part1 | ...]`` — left padding, so that all rows end at the same
 position (generation then reads one column of logits).  Each part is placed with one vectorised
 scatter; the Python loop runs over the handful of parts, never over samples.
+
+No host synchronisation on an accelerator: the batch width ``L`` is computed on the host, from the
+lengths the host holds (fixed parts, lengths in CPU tensors) plus, for a part whose lengths live on the
+device (a teacher's captions, region cell counts), its padded width — an upper bound, so such a batch may
+carry a few more padding columns than the longest row needs (never fewer).  Scatters write the positions
+a row does not use into a spare last column that is cut off, instead of selecting with boolean masks.
 """
 
 from __future__ import annotations
@@ -22,52 +28,135 @@ class Assembled:
     labels: torch.Tensor  # (B, L) token to predict AT this position (already shifted), -100 elsewhere
     positions: list[tuple[torch.Tensor, torch.Tensor]]  # per part: (B, l) positions, (B, l) valid
     embeds: list[tuple[int, Embeds]]  # (part index, part) for parts given as embeddings
+    # the supervised tokens of the target parts, flat over those parts: (B, W) position predicting each
+    # token (0 where unused), (B, W) bool used, (B, W) token id — W = the sum of their widths
+    targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def _part_tokens(part: Part, batch: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(ids (B, l) or None for Embeds, lengths (B,)) of a part."""
+_FIXED: dict = {}  # (ids, device) -> (1, n) ids on that device: a prompt's fixed pieces, copied once
+
+
+def device_ids(ids: list[int], device) -> torch.Tensor:
+    key = (tuple(ids), str(device))
+    t = _FIXED.get(key)
+    if t is None:
+        if len(_FIXED) > 4096:  # templates are few; a caller building endless distinct pieces does not grow this
+            _FIXED.clear()
+        t = _FIXED[key] = torch.tensor([list(ids)], dtype=torch.long).to(device)
+    return t
+
+
+_ONCE = None
+
+
+def host_once(key: torch.Tensor, read):
+    """``read()`` (a value the host needs from the device), computed once per ``key`` tensor while it is
+    unchanged (its version): later calls for the same tensor cost no host synchronisation."""
+    global _ONCE
+    if _ONCE is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _ONCE = WeakIdKeyDictionary()
+    hit = _ONCE.get(key)
+    if hit is not None and hit[0] == key._version:
+        return hit[1]
+    value = read()
+    _ONCE[key] = (key._version, value)
+    return value
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor onto ``device`` without a host synchronisation (through pinned memory on CUDA)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _lengths_on_host(lengths, batch: int, read: bool) -> torch.Tensor | None:
+    """(B,) int64 CPU lengths when the host holds them (an int, or a CPU tensor and ``read``), else None."""
+    if isinstance(lengths, int):
+        return torch.full((batch,), lengths, dtype=torch.long)
+    if read and lengths.device.type == "cpu":
+        return lengths.long().expand(batch)
+    return None
+
+
+def _part_tokens(part: Part, batch: int, device, read: bool):
+    """(ids (B, w) on ``device`` or None for Embeds, device lengths (B,) or None, host lengths (B,) or None,
+    width w: the most tokens a row of the part can take)."""
     if isinstance(part, Fixed):
-        ids = torch.tensor(part.ids, dtype=torch.long, device=device).expand(batch, len(part.ids))
-        return ids, torch.full((batch,), len(part.ids), dtype=torch.long, device=device)
+        n = len(part.ids)
+        return device_ids(part.ids, device).expand(batch, n), None, torch.full((batch,), n, dtype=torch.long), n
     if isinstance(part, Ragged):
-        return part.ids.to(device), part.lengths.to(device)
+        host = _lengths_on_host(part.lengths, batch, read)
+        return to_device(part.ids, device), None if host is not None else part.lengths, host, part.ids.shape[1]
     if isinstance(part, Repeat):
-        lengths = torch.as_tensor(part.lengths, dtype=torch.long, device=device).expand(batch).contiguous()
-        width = int(lengths.max()) if batch else 0
-        return torch.full((batch, width), part.token_id, dtype=torch.long, device=device), lengths
+        host = _lengths_on_host(part.lengths, batch, read)
+        if host is not None:
+            width = int(host.max()) if batch else 0
+        else:
+            # device lengths: the caller's host bound (``Repeat.width``), else one synchronisation
+            width = part.width if part.width is not None else (int(part.lengths.max()) if batch else 0)
+        return torch.full((batch, width), part.token_id, dtype=torch.long, device=device), \
+            None if host is not None else part.lengths, host, width
     if isinstance(part, Embeds):
-        return None, part.lengths.to(device)
+        host = _lengths_on_host(part.lengths, batch, read)
+        return None, None if host is not None else part.lengths, host, part.embeds.shape[1]
     raise TypeError(f"unknown prompt part {type(part).__name__}")
 
 
-def assemble(parts: list[Part], batch: int, pad_id: int, device=None) -> Assembled:
-    device = device or torch.device("cpu")
-    toks = [_part_tokens(p, batch, device) for p in parts]
-    lengths = torch.stack([n for _, n in toks], 1)  # (B, P)
+def assemble(parts: list[Part], batch: int, pad_id: int, device=None, read_host_lengths: bool = True) -> Assembled:
+    """Lay ``parts`` out in a (B, L) left-padded batch on ``device``.
+
+    ``read_host_lengths=False`` bounds every part by its width, as if no lengths were on the host (the path
+    that device-resident lengths take; tests run it on the CPU)."""
+    device = torch.device(device or "cpu")
+    toks = [_part_tokens(p, batch, device, read_host_lengths) for p in parts]
+    # the width on the host: exact over the parts whose lengths it holds, padded widths for the others
+    known = [h for _, _, h, _ in toks if h is not None]
+    bound = sum(w for _, d, h, w in toks if h is None)
+    L = (int(torch.stack(known, 1).sum(1).max()) if known and batch else 0) + bound
+    # every part's lengths on the device: the host-held ones copied in one transfer
+    host_cols = to_device(torch.stack(known, 1), device) if known else None
+    cols, j = [], 0
+    for _, dev_len, host, _ in toks:
+        if host is not None:
+            cols.append(host_cols[:, j])
+            j += 1
+        else:
+            cols.append(dev_len.to(device).long())
+    lengths = torch.stack(cols, 1) if cols else torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, P)
     total = lengths.sum(1)  # (B,)
-    L = int(total.max())
     start = (L - total)[:, None] + torch.cumsum(lengths, 1) - lengths  # (B, P) first position of each part
 
-    input_ids = torch.full((batch, L), pad_id, dtype=torch.long, device=device)
-    labels = torch.full((batch, L), -100, dtype=torch.long, device=device)
-    rows = torch.arange(batch, device=device)[:, None]
-    positions, embeds = [], []
-    for i, (part, (ids, n)) in enumerate(zip(parts, toks)):
-        width = ids.shape[1] if ids is not None else part.embeds.shape[1]
+    # one spare column (index L) takes every write of an unused slot; it is cut off at the end
+    input_ids = torch.full((batch, L + 1), pad_id, dtype=torch.long, device=device)
+    labels = torch.full((batch, L + 1), -100, dtype=torch.long, device=device)
+    positions, embeds, targets = [], [], []
+    for i, (part, (ids, _, _, width)) in enumerate(zip(parts, toks)):
         offs = torch.arange(width, device=device)[None]
-        pos = start[:, i : i + 1] + offs  # (B, l)
-        valid = offs < n[:, None]
-        pos = torch.where(valid, pos, torch.zeros_like(pos))
-        positions.append((pos, valid))
+        pos = start[:, i : i + 1] + offs  # (B, w)
+        valid = offs < lengths[:, i : i + 1]
+        positions.append((torch.where(valid, pos, torch.zeros_like(pos)), valid))
         if ids is None:
             embeds.append((i, part))
             continue
-        r, p = rows.expand_as(pos)[valid], pos[valid]
-        input_ids[r, p] = ids[valid]
+        ids = ids[:, :width]
+        input_ids.scatter_(1, torch.where(valid, pos, L), ids)
         if getattr(part, "target", False):
-            keep = p > 0  # the token at position p is predicted by position p - 1
-            labels[r[keep], p[keep] - 1] = ids[valid][keep]
+            used = valid & (pos > 0)  # the token at position p is predicted by position p - 1
+            labels.scatter_(1, torch.where(used, pos - 1, L), ids)
+            targets.append((torch.where(used, pos - 1, torch.zeros_like(pos)), used, ids))
     arange = torch.arange(L, device=device)[None]
     attention_mask = (arange >= (L - total)[:, None]).long()
     position_ids = (arange - (L - total)[:, None]).clamp(min=0)
-    return Assembled(input_ids, attention_mask, position_ids, labels, positions, embeds)
+    if targets:
+        tgt = tuple(torch.cat(t, 1) for t in zip(*targets))
+    else:
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        tgt = (empty, empty.bool(), empty)
+    return Assembled(input_ids[:, :L].contiguous(), attention_mask, position_ids, labels[:, :L].contiguous(),
+                     positions, embeds, tgt)

@@ -9,6 +9,7 @@ import torch
 from maskloop.model.grounded import GroundedMLLM
 from maskloop.model.prompts import Ragged
 from maskloop.model.region import centroid_cells, ensure_nonempty
+from maskloop.model.sequence import device_ids
 from maskloop.train.recipe import Recipe, StepOutput
 
 __all__ = ["Recipe", "RecipeBase", "SideStream", "StepOutput", "refer_loss", "caption_loss", "noise_tokens", "global_rows", "with_end"]
@@ -152,7 +153,7 @@ def with_end(ids: torch.Tensor, lengths: torch.Tensor, end_ids, target: bool = T
     """Token rows (B, T) of lengths (B,) -> a target :class:`Ragged` with the answer's end appended: one id, or
     the template's whole answer suffix (``builder.answer_end_ids``: phi3_chat's ``<|end|>`` is several tokens
     on a Qwen2.5 tokenizer), right after each row's last token."""
-    end = torch.as_tensor([end_ids] if isinstance(end_ids, int) else list(end_ids), dtype=ids.dtype, device=ids.device)
+    end = device_ids([end_ids] if isinstance(end_ids, int) else list(end_ids), ids.device)[0].to(ids.dtype)
     B, T = ids.shape
     E = end.numel()
     out = torch.cat([ids, ids.new_zeros(B, E)], 1)

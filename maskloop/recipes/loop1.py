@@ -3,7 +3,8 @@
 Per pair sample (image1, mask1) / (image2, mask2) — another frame of the same SA-V masklet, or the
 same image twice:
 
-1. the EMA teacher captions region(mask1) greedily, no grad, at fixed length T;
+1. the EMA teacher captions region(mask1) greedily, no grad, at fixed length T (a batch with an empty
+   caption is skipped, :class:`TeacherOutputError`, once the forward passes are queued);
 2. token noise replaces 25% of the caption tokens with random non-special ids;
 3. trainable forward #1 reads the noised caption (teacher forcing) -> logits at the T positions;
 4. straight-through Gumbel-softmax over the top-k logits -> caption embeddings (hard forward, soft grad);
@@ -131,12 +132,9 @@ class Loop1(Recipe):
             teacher = model.describe(b["pixel_values1"] if vision_trains else None, pm1,
                                      max_new_tokens=c.caption_len, vit_feats=vit1, num_tiles=b.get("num_tiles1"))
         model.train(was_training)
-        n_empty = int((teacher.lengths == 0).sum())
-        if self.agree(n_empty > 0):  # every rank skips together (no rank left in a collective)
-            e = TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)"
-                                   + ("" if n_empty else " on another rank"))
-            e.local = n_empty > 0  # counted where it happened
-            raise e
+        # empty captions are counted on the device and read once forward #2 is queued: reading them here would
+        # keep the host waiting for the whole decode before it could queue forward #1
+        empty = (teacher.lengths == 0).sum()
         ids, lengths = teacher.ids, teacher.lengths  # (B, T), (B,)
 
         if c.variant == "generate":  # simpler variant: segment the teacher's tokens, no gradient into it
@@ -164,6 +162,12 @@ class Loop1(Recipe):
         feats2 = None if vit2 is None else model.image_tokens(vit_feats=vit2)
         out = model.segment(b["pixel_values2"], sam2, expr, question, gt_masks=b["masks2"], image_feats=feats2,
                             lm_loss=c.lm_weight > 0, num_tiles=b.get("num_tiles2"))
+        n_empty = int(empty)
+        if self.agree(n_empty > 0):  # every rank skips together (no rank left in a collective)
+            e = TeacherOutputError(f"the EMA teacher produced {n_empty} empty caption(s) (all padding)"
+                                   + ("" if n_empty else " on another rank"))
+            e.local = n_empty > 0  # counted where it happened
+            raise e
         # 6. mask loss against mask2 (+ LM loss on "Sure, [SEG].")
         loss = out["loss_mask"] + (c.lm_weight * out["loss_lm"] if c.lm_weight > 0 else 0.0)
         logs = {"loss": _d(loss), "loop1/loss_mask": _d(out["loss_mask"]), "loop1/loss_bce": _d(out["loss_bce"]),
