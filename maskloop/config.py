@@ -557,7 +557,10 @@ class TrainConfig:
     Loop-1 step measured, benchmarks/results/gpu_loop1.md)."""
     cuda_graphs: bool = False
     """With ``compile_layers`` on CUDA: the compiled LLM layers replay as CUDA graphs (torch.compile mode
-    "reduce-overhead", cudagraph trees; one recording per distinct input shape, so pad lengths to a few sizes)."""
+    "reduce-overhead", cudagraph trees; one recording per distinct input shape, see ``pad_length_to``)."""
+    pad_length_to: int | None = None
+    """Pad every assembled prompt's length up to a multiple of this (more left padding, fewer distinct shapes);
+    None: 32 with ``cuda_graphs``, else 1 (no padding)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     freeze: str | tuple[str, ...] = "default"
@@ -620,6 +623,8 @@ class TrainConfig:
         if self.recency_init < 0 or (self.recency_init and not self.scratch_init):
             raise ConfigError(f"recency_init={self.recency_init}: a strength > 0 that needs scratch_init: true "
                               "(it is an initialisation of a model trained from random weights)")
+        check_range("pad_length_to", self.pad_length_to, self.pad_length_to is None or self.pad_length_to >= 1,
+                    "an integer >= 1 or null")
         if self.cuda_graphs and not self.compile_layers:
             raise ConfigError("cuda_graphs: true needs compile_layers: true (the graphs are of the compiled layers)")
         if self.zero_seg_embed and not self.scratch_init:

@@ -1,5 +1,6 @@
 """Prompt assembly against a per-row reference."""
 
+import pytest
 import torch
 
 from maskloop.model.prompts import Embeds, Fixed, Ragged, Repeat
@@ -61,6 +62,24 @@ def test_device_lengths_path_pads_to_the_widths_and_lays_out_the_same_rows():
     # the unused slots' writes went to the cut-off spare column: no stray token anywhere in the padding
     assert (bound.input_ids[~bound.attention_mask.bool()] == PAD).all()
     assert (bound.labels[~bound.attention_mask.bool()] == -100).all()
+
+
+def test_length_multiple_only_adds_left_padding():
+    """A batch padded up to a multiple of 8 carries the same rows, right-aligned, and only padding before."""
+    B, PAD = 3, 0
+    parts = [Fixed([1, 2]), Ragged.from_lists([[11, 12], [13], []], PAD),
+             Ragged.from_lists([[21], [22, 23, 24], [25, 26]], PAD, target=True)]
+    a, b = assemble(parts, B, PAD), assemble(parts, B, PAD, length_multiple=8)
+    L, M = a.input_ids.shape[1], b.input_ids.shape[1]
+    assert L == 6 and M == 8
+    for x, y in ((a.input_ids, b.input_ids), (a.attention_mask, b.attention_mask), (a.position_ids, b.position_ids),
+                 (a.labels, b.labels)):
+        assert torch.equal(y[:, M - L:], x)
+    assert (b.attention_mask[:, : M - L] == 0).all() and (b.labels[:, : M - L] == -100).all()
+    assert _rows(a) == _rows(b)
+    assert assemble(parts, B, PAD, length_multiple=3).input_ids.shape[1] == 6  # already a multiple
+    with pytest.raises(ValueError, match="length_multiple"):
+        assemble(parts, B, PAD, length_multiple=0)
 
 
 def test_targets_list_exactly_the_labelled_positions():

@@ -265,3 +265,25 @@ def test_each_compiled_family_keeps_its_own_cache_and_layers_share_one_graph():
     model.uncompile()
     assert all("forward" not in m.__dict__ for m in model.llm.layers)
     torch._dynamo.reset()
+
+
+def test_padding_prompts_to_a_length_multiple_keeps_the_loss_and_gradients():
+    """Left padding up to a multiple of 16 (pad_length_to) changes the shapes, not the caption loss or grads."""
+    model = _model_with_nonzero_lora()
+    model.eval()  # no LoRA dropout: the two runs see the same arithmetic
+    widths, real = [], model.build_inputs
+
+    def build_inputs(*a, **k):
+        emb, asm = real(*a, **k)
+        widths.append(emb.shape[1])
+        return emb, asm
+
+    model.build_inputs = build_inputs
+    loss_a, grads_a, _ = _caption_step(model, autocast=False)
+    model.length_multiple = 16
+    loss_b, grads_b, _ = _caption_step(model, autocast=False)
+    assert widths[-1] % 16 == 0 and widths[-1] > widths[0] and widths[0] % 16, widths  # it did pad
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from conftest import free_port as _free_port
 from conftest import join_group as _join_group
 
+from maskloop.config import ConfigError
 from maskloop.recipes import loop1 as loop1_mod
 from maskloop.train.engine import TrainConfig, Trainer
 
@@ -309,3 +310,15 @@ def test_sft_trains_the_streams_its_data_names(tmp_path):
     assert float(logs["loss"]) == pytest.approx(float(logs["loss_mask"]) + float(logs["loss_lm"]), rel=1e-5)
     with pytest.raises(ConfigError, match="at least one"):
         Trainer(make_cfg("sft", tmp_path / "none", steps=1, data={"pairs": data["pairs"]}))
+
+
+def test_pad_length_to_reaches_the_model_and_defaults_with_cuda_graphs(tmp_path):
+    tr = Trainer(make_cfg("sft", tmp_path / "a", pad_length_to=8, steps=1))
+    assert tr.model.length_multiple == 8
+    assert Trainer(make_cfg("sft", tmp_path / "b", steps=1)).model.length_multiple == 1
+    graphs = Trainer(make_cfg("sft", tmp_path / "c", steps=1, compile_layers=True, cuda_graphs=True))
+    assert graphs.model.length_multiple == 32
+    assert not graphs._graphs  # on the CPU the compiled layers run without graphs
+    graphs.model.uncompile()
+    with pytest.raises(ConfigError, match="pad_length_to"):
+        make_cfg("sft", tmp_path / "d", pad_length_to=0)

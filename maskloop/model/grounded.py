@@ -96,6 +96,10 @@ def _own_forward(m):
 
 
 class GroundedMLLM(nn.Module):
+    #: every assembled prompt's length is padded up to a multiple of this (left padding; the Trainer sets it
+    #: from ``pad_length_to``: few distinct shapes for CUDA-graph replays)
+    length_multiple: int = 1
+
     def __init__(self, cfg: ModelConfig, tokenizer):
         super().__init__()
         from transformers import InternVLForConditionalGeneration
@@ -318,7 +322,7 @@ class GroundedMLLM(nn.Module):
         image_feats (B, N, D) (row b's first ``n_image[b]`` when tiled, :meth:`pack_tiles`); prompt_masks
         (B, g, g) or (B, R, g, g) region slots (see :func:`~maskloop.model.region.inject_visual_tokens`)."""
         B = image_feats.shape[0]
-        asm = assemble(parts, B, self.builder.pad_id, image_feats.device)
+        asm = assemble(parts, B, self.builder.pad_id, image_feats.device, length_multiple=self.length_multiple)
         emb = self.embed_tokens(asm.input_ids)
         L, D = emb.shape[1:]
         for i, part in asm.embeds:

@@ -108,17 +108,22 @@ def _part_tokens(part: Part, batch: int, device, read: bool):
     raise TypeError(f"unknown prompt part {type(part).__name__}")
 
 
-def assemble(parts: list[Part], batch: int, pad_id: int, device=None, read_host_lengths: bool = True) -> Assembled:
+def assemble(parts: list[Part], batch: int, pad_id: int, device=None, read_host_lengths: bool = True,
+             length_multiple: int = 1) -> Assembled:
     """Lay ``parts`` out in a (B, L) left-padded batch on ``device``.
 
     ``read_host_lengths=False`` bounds every part by its width, as if no lengths were on the host (the path
-    that device-resident lengths take; tests run it on the CPU)."""
+    that device-resident lengths take; tests run it on the CPU).  ``length_multiple`` > 1 pads ``L`` up to a
+    multiple of it (more left padding: few distinct shapes, e.g. for CUDA-graph replays)."""
+    if length_multiple < 1:
+        raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
     device = torch.device(device or "cpu")
     toks = [_part_tokens(p, batch, device, read_host_lengths) for p in parts]
     # the width on the host: exact over the parts whose lengths it holds, padded widths for the others
     known = [h for _, _, h, _ in toks if h is not None]
     bound = sum(w for _, d, h, w in toks if h is None)
     L = (int(torch.stack(known, 1).sum(1).max()) if known and batch else 0) + bound
+    L = -(-L // length_multiple) * length_multiple
     # every part's lengths on the device: the host-held ones copied in one transfer
     host_cols = to_device(torch.stack(known, 1), device) if known else None
     cols, j = [], 0

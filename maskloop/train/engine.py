@@ -99,6 +99,8 @@ class Trainer:
         if use_bf16 and self.device.type == "cuda" and hasattr(model, "to_training_dtype"):
             model.to_training_dtype(torch.bfloat16)  # frozen base in bf16, trained weights fp32
         self._graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        if hasattr(model, "length_multiple"):  # few distinct prompt lengths: few graph recordings
+            model.length_multiple = cfg.pad_length_to or (32 if cfg.cuda_graphs else 1)
         for key, method in (("compile_layers", "compile_llm_layers"), ("compile_encoders", "compile_encoders")):
             if getattr(cfg, key):
                 if not hasattr(model, method):
