@@ -160,8 +160,18 @@ class Trainer:
         """One objective: backward(loss / accumulation); two: the recipe's gradient combination."""
         if len(objectives) == 1:
             (objectives[0] / self.cfg.accumulation).backward()
+            if self._graphs:
+                self._grads_off_the_graph_pool()
             return {}
         return self._combined_backward(objectives)
+
+    def _grads_off_the_graph_pool(self) -> None:
+        """With ``cuda_graphs``, a ``.grad`` the graphed backward created lives in the graphs' memory pool,
+        which the next micro-step's replays overwrite: copy every ``.grad`` into ordinary memory (later
+        micro-steps then accumulate into that copy in place)."""
+        for p in self.params.values():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
     def _combined_backward(self, objectives: list) -> dict:
         """g1, g2 of the two objectives, averaged across ranks, combined by the recipe, accumulated."""
@@ -173,9 +183,10 @@ class Trainer:
         params, d = list(self.params.values()), self.dist
         stash = collect_grads(params)  # the grads accumulated by earlier micro-steps
         objectives[0].backward()
-        g1 = d.reduce_replicated(collect_grads(params), params)  # FSDP: its replicated entries averaged
+        # (cuda_graphs: copied out of the graphs' memory pool before the second backward replays into it)
+        g1 = d.reduce_replicated(collect_grads(params, clone=self._graphs), params)  # FSDP: replicated averaged
         objectives[1].backward()
-        g2 = d.reduce_replicated(collect_grads(params), params)
+        g2 = d.reduce_replicated(collect_grads(params, clone=self._graphs), params)
         g, stats = self.recipe.combine_grads(d.to_local(g1), d.to_local(g2), **d.surgery_kwargs(params))
         accumulate_(params, stash)
         accumulate_(params, d.from_local(g, params), 1.0 / self.cfg.accumulation)

@@ -45,12 +45,13 @@ __all__ = ["gradient_surgery", "collect_grads", "accumulate_"]
 Grads = Sequence["torch.Tensor | None"]
 
 
-def collect_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor | None]:
-    """Take each parameter's ``.grad`` (None where it has none) and clear it (``.grad = None``)."""
+def collect_grads(params: Iterable[torch.nn.Parameter], clone: bool = False) -> list[torch.Tensor | None]:
+    """Take each parameter's ``.grad`` (None where it has none) and clear it (``.grad = None``); ``clone``:
+    copies, not the tensors themselves."""
     out = []
     for p in params:
         g = p.grad
-        out.append(None if g is None else g.detach())
+        out.append(None if g is None else (g.detach().clone() if clone else g.detach()))
         p.grad = None
     return out
 
