@@ -159,17 +159,18 @@ class Trainer:
     def _backward(self, objectives: list) -> dict:
         """One objective: backward(loss / accumulation); two: the recipe's gradient combination."""
         if len(objectives) == 1:
+            fresh = [p for p in self.params.values() if p.grad is None] if self._graphs else []
             (objectives[0] / self.cfg.accumulation).backward()
-            if self._graphs:
-                self._grads_off_the_graph_pool()
+            self._grads_off_the_graph_pool(fresh)
             return {}
         return self._combined_backward(objectives)
 
-    def _grads_off_the_graph_pool(self) -> None:
-        """With ``cuda_graphs``, a ``.grad`` the graphed backward created lives in the graphs' memory pool,
-        which the next micro-step's replays overwrite: copy every ``.grad`` into ordinary memory (later
-        micro-steps then accumulate into that copy in place)."""
-        for p in self.params.values():
+    @staticmethod
+    def _grads_off_the_graph_pool(fresh: list) -> None:
+        """With ``cuda_graphs``, a ``.grad`` the graphed backward created (on a parameter in ``fresh``, those
+        without one before it) lives in the graphs' memory pool, which the next micro-step's replays
+        overwrite: copied into ordinary memory.  A ``.grad`` that existed was accumulated into in place."""
+        for p in fresh:
             if p.grad is not None:
                 p.grad = p.grad.clone()
 
