@@ -1,7 +1,9 @@
-"""A least-recently-used map bounded by the bytes its values hold (the demo's scene and encoder-map caches)."""
+"""Least-recently-used maps: bounded by the bytes their values hold (the demo's scene and encoder-map caches),
+or by their count (parsed annotation files, a prompt's fixed token pieces on the device)."""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -41,3 +43,32 @@ class BytesLRU:
 
     def __len__(self) -> int:
         return len(self._d)
+
+
+class SmallCache:
+    """A per-process LRU of at most ``capacity`` entries (parsed annotation files, device copies of token
+    pieces): emptied in a forked child, pickled empty."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        if self._pid != os.getpid():
+            self._d.clear()
+            self._pid = os.getpid()
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        value = build()
+        self._d[key] = value
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return value
+
+    def __getstate__(self):
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.__init__(state["capacity"])

@@ -693,8 +693,7 @@ class GroundedMLLM(nn.Module):
         image_feats, n_image = self.image_inputs(pixel_values, self.image_tokens(pixel_values, vit_feats), num_tiles)
         prompt_masks, k = self.region_prompt(prompt_masks, num_regions)
         parts = self.builder.caption_parts(k, None, n_image, num_regions, self._region_width(prompt_masks, k))
-        emb, asm = self.build_inputs(parts, image_feats,
-                                     prompt_masks, n_image)
+        emb, asm = self.build_inputs(parts, image_feats, prompt_masks, n_image)
         return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static,
                              banned=self.caption_banned(emb.device))
 

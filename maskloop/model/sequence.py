@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maskloop.lru import SmallCache
 from maskloop.model.prompts import Embeds, Fixed, Part, Ragged, Repeat
 
 
@@ -33,17 +34,11 @@ class Assembled:
     targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-_FIXED: dict = {}  # (ids, device) -> (1, n) ids on that device: a prompt's fixed pieces, copied once
+_FIXED = SmallCache(4096)  # (ids, device) -> (1, n) ids on that device: a prompt's fixed pieces, copied once
 
 
 def device_ids(ids: list[int], device) -> torch.Tensor:
-    key = (tuple(ids), str(device))
-    t = _FIXED.get(key)
-    if t is None:
-        if len(_FIXED) > 4096:  # templates are few; a caller building endless distinct pieces does not grow this
-            _FIXED.clear()
-        t = _FIXED[key] = torch.tensor([list(ids)], dtype=torch.long).to(device)
-    return t
+    return _FIXED.get((tuple(ids), str(device)), lambda: torch.tensor([list(ids)], dtype=torch.long).to(device))
 
 
 _ONCE = None

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
-from typing import Any, Callable
-
 import numpy as np
 from PIL import Image
 
@@ -40,34 +36,6 @@ def make_sample(
     check_image_mask(orig_size, mask, key, allow_empty=keep_empty)
     out = transform(image, mask)
     return out if keep_empty else check_mask(out, key)
-
-
-class SmallCache:
-    """A tiny per-process LRU for parsed annotation files (json of the current image/video)."""
-
-    def __init__(self, capacity: int = 4):
-        self.capacity = capacity
-        self._d: OrderedDict[Any, Any] = OrderedDict()
-        self._pid = os.getpid()
-
-    def get(self, key: Any, build: Callable[[], Any]) -> Any:
-        if self._pid != os.getpid():
-            self._d.clear()
-            self._pid = os.getpid()
-        if key in self._d:
-            self._d.move_to_end(key)
-            return self._d[key]
-        value = build()
-        self._d[key] = value
-        while len(self._d) > self.capacity:
-            self._d.popitem(last=False)
-        return value
-
-    def __getstate__(self):
-        return {"capacity": self.capacity}
-
-    def __setstate__(self, state):
-        self.__init__(state["capacity"])
 
 
 def default_transform(transform: SampleTransform | None) -> SampleTransform:

@@ -27,10 +27,11 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ...lru import SmallCache
 from ..io import FileLRU, decode_segmentation, open_image, read_json, scan_tar
 from ..robust import RobustDataset, SampleError
 from ..transforms import SampleTransform
-from .common import SmallCache, default_transform, make_sample
+from .common import default_transform, make_sample
 
 _NUM = re.compile(r"(\d+)")
 

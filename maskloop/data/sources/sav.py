@@ -60,10 +60,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ...lru import SmallCache
 from ..io import check_rle, decode_segmentation, open_image, read_json, rle_area
 from ..robust import RobustDataset, SampleError, check_mask
 from ..transforms import SampleTransform
-from .common import SmallCache, check_image_mask, default_transform
+from .common import check_image_mask, default_transform
 
 __all__ = ["SAVDataset", "SAVPairsDataset", "write_sav_pairs", "read_video_frames", "iter_video_frames"]
 

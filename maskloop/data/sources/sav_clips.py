@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ...lru import SmallCache
 from ..io import decode_segmentation, read_json
 from ..robust import RobustDataset, SampleError, merge_skip_counts
-from .common import SmallCache
 from .rvos import Clip
 from .sav import ANNOT_STRIDE, SAVDataset, read_video_frames
 
