@@ -95,6 +95,29 @@ def test_compile_decode_switch(monkeypatch):
         compile_decode_enabled(torch.device("cuda"))
 
 
+def test_decode_split_and_prefill_switches(monkeypatch):
+    """``MASKLOOP_DECODE_SPLIT_K`` (4 by default, an integer >= 1) and ``MASKLOOP_COMPILE_PREFILL`` (0 / 1)
+    reach the decoder; bad values are refused with the variable's name."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder, decode_split_k
+
+    monkeypatch.delenv("MASKLOOP_DECODE_SPLIT_K", raising=False)
+    assert decode_split_k() == 4
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MASKLOOP_DECODE_SPLIT_K", bad)
+        with pytest.raises(ValueError, match="MASKLOOP_DECODE_SPLIT_K"):
+            decode_split_k()
+    monkeypatch.setenv("MASKLOOP_DECODE_SPLIT_K", "2")
+    model = _model_with_nonzero_lora()
+    dec = StaticGreedyDecoder(model, batch=1, max_len=64, use_graph=False)
+    assert dec.split == 2 and dec.prefill_fn == dec._prefill  # not compiled: compile=False
+    monkeypatch.setenv("MASKLOOP_COMPILE_PREFILL", "0")
+    dec = StaticGreedyDecoder(model, batch=1, max_len=64, use_graph=False, compile=True)
+    assert dec.prefill_fn == dec._prefill and dec.step_fn != dec._step  # the step compiled, the prompt's pass not
+    monkeypatch.setenv("MASKLOOP_COMPILE_PREFILL", "maybe")
+    with pytest.raises(ValueError, match="MASKLOOP_COMPILE_PREFILL"):
+        StaticGreedyDecoder(model, batch=1, max_len=64, use_graph=False, compile=True)
+
+
 def test_fused_decode_weights_are_the_merged_projections():
     """q/k/v and gate/up concatenated, each row block W + s * B @ A of its own projection (biases too)."""
     from maskloop.model.fast_decode import StaticGreedyDecoder
@@ -119,6 +142,70 @@ def test_fused_decode_weights_are_the_merged_projections():
             x = torch.randn(3, weight.shape[1])
             for out, m in zip(dec._proj(list(model.llm.layers).index(layer), group, x), mods, strict=True):
                 torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)  # the adapted module's own forward
+
+
+def test_split_k_decode_products_equal_one_matmul():
+    """The decode step's q/k/v, o and down products as partial products over slices of K (batched matmul over
+    views of the fused weight) equal the one-matmul product; gate/up and the prompt's pass keep one matmul."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder
+
+    class CountBmm(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.bmm.default
+            return func(*args, **(kwargs or {}))
+
+    model = _model_with_nonzero_lora()
+    dec = StaticGreedyDecoder(model, batch=2, max_len=64, use_graph=False)
+    dec.refresh_merged()
+    assert dec.split == 4
+    g = torch.Generator().manual_seed(0)
+    for group in ("qkv", "o", "gate_up", "down"):
+        weight = dec.groups[1][group][0]
+        x = torch.randn(3, 1, weight.shape[1], generator=g)
+        with CountBmm() as c:
+            split = dec._proj(1, group, x, split_k=True)
+        one = dec._proj(1, group, x)
+        assert c.n == (0 if group == "gate_up" else 1), group
+        for a, b in zip(split, one, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    dec.split = 1
+    with CountBmm() as c:
+        dec._proj(1, "down", torch.randn(3, 1, dec.groups[1]["down"][0].shape[1]), split_k=True)
+    assert c.n == 0
+
+
+def test_decoding_calls_on_queued_once_after_its_steps():
+    """``generate(on_queued=)`` (static decoder and plain loop): the hook runs once, after the decode steps are
+    queued on the static path, and the tokens are those without it."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder
+
+    model = _model_with_nonzero_lora().eval()
+    B, L = 2, 5
+    emb = torch.randn(B, L, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(2))
+    mask, pos = torch.ones(B, L, dtype=torch.long), torch.arange(L)[None].expand(B, L)
+    steps, seen = [], []
+    real = StaticGreedyDecoder.decode
+
+    def decode(self, n):
+        steps.append(n)
+        return real(self, n)
+
+    StaticGreedyDecoder.decode = decode
+    try:
+        with torch.no_grad():
+            for static in (True, False):
+                want = model.generate(emb, mask, pos, 6, static=static).ids
+                steps.clear()
+                got = model.generate(emb, mask, pos, 6, static=static, on_queued=lambda ev: seen.append((ev, list(steps))))
+                assert torch.equal(got.ids, want)
+    finally:
+        StaticGreedyDecoder.decode = real
+    assert seen == [(None, [5]), (None, [])]
 
 
 def test_merge_graph_key_follows_what_the_merge_reads():

@@ -3,7 +3,8 @@
 The plain loop (transformers' dynamic cache, one Python-driven forward per token) is launch-bound at
 small batch: each step issues hundreds of kernels and a host sync.  Here the prompt is prefilled through
 the same per-call decode weights (below), its K/V written straight into preallocated buffers of a bucketed
-length (``MASKLOOP_STATIC_PREFILL=0``: prefilled by the transformers model and copied), and one
+length (``MASKLOOP_STATIC_PREFILL=0``: prefilled by the transformers model and copied; compiled on CUDA with the
+step, ``MASKLOOP_COMPILE_PREFILL=0``: eager), and one
 decode step — embedding, every decoder layer (the model's own norms and rotary embedding; q/k/v and gate/up
 each one matmul over a per-call copy of their weights with the LoRA update merged in), attention over the
 static cache, the lm head, argmax and the bookkeeping of finished rows — reads and writes only those buffers.  On CUDA that step is ``torch.compile``d (by default;
@@ -27,14 +28,30 @@ def _cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-def compile_decode_enabled(device: torch.device) -> bool:
-    """Whether the static decode step is ``torch.compile``d: on CUDA by default (``MASKLOOP_COMPILE_DECODE``
-    = ``0`` / ``1`` overrides; compiling needs Triton, so without it the eager step is used)."""
-    flag = os.environ.get("MASKLOOP_COMPILE_DECODE", "").strip()
+def _env_flag(name: str) -> bool | None:
+    flag = os.environ.get(name, "").strip()
     if flag in ("0", "1"):
         return flag == "1"
     if flag:
-        raise ValueError(f"MASKLOOP_COMPILE_DECODE must be 0 or 1, got {flag!r}")
+        raise ValueError(f"{name} must be 0 or 1, got {flag!r}")
+    return None
+
+
+def decode_split_k() -> int:
+    """How many slices of K the decode step's q/k/v, o and down products are split into (``MASKLOOP_DECODE_SPLIT_K``,
+    default 4; 1 turns it off).  See :meth:`StaticGreedyDecoder._proj`."""
+    flag = os.environ.get("MASKLOOP_DECODE_SPLIT_K", "").strip() or "4"
+    if not flag.isdigit() or int(flag) < 1:
+        raise ValueError(f"MASKLOOP_DECODE_SPLIT_K must be an integer >= 1, got {flag!r}")
+    return int(flag)
+
+
+def compile_decode_enabled(device: torch.device) -> bool:
+    """Whether the static decode step is ``torch.compile``d: on CUDA by default (``MASKLOOP_COMPILE_DECODE``
+    = ``0`` / ``1`` overrides; compiling needs Triton, so without it the eager step is used)."""
+    flag = _env_flag("MASKLOOP_COMPILE_DECODE")
+    if flag is not None:
+        return flag
     if torch.device(device).type != "cuda":
         return False
     try:
@@ -83,6 +100,11 @@ class StaticGreedyDecoder:
 
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        # the prompt's pass is compiled with the step (``MASKLOOP_COMPILE_PREFILL=0``: eager); its length varies
+        # from call to call, so after the first length dynamo compiles it once for any length
+        compile_prefill = compile and _env_flag("MASKLOOP_COMPILE_PREFILL") is not False
+        self.prefill_fn = torch.compile(self._prefill, dynamic=None) if compile_prefill else self._prefill
+        self.split = decode_split_k()
         self.graph = None
         self.T = 0
         # the prompt through the decode weights into the static cache (MASKLOOP_STATIC_PREFILL=0: through the
@@ -171,12 +193,33 @@ class StaticGreedyDecoder:
                         else:
                             w.addmm_(B, A, alpha=mod.scaling[name])
 
-    def _proj(self, i: int, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs of a group's projections (q, k, v / o / gate, up / down) for input ``x``."""
+    def _proj(self, i: int, group: str, x: torch.Tensor, split_k: bool = False) -> tuple[torch.Tensor, ...]:
+        """The outputs of a group's projections (q, k, v / o / gate, up / down) for input ``x``.
+
+        ``split_k`` (the decode step, a few rows of input): the fused product of q/k/v, o and down is taken as
+        ``self.split`` partial products over slices of K, one batched matmul over views of the same weight
+        (fp32 partial sums on CUDA), added in fp32 by the kernel that reads them.  At batch 1-16 one matmul
+        of these shapes covers too few tiles to keep the whole memory system busy (an H200 reads 1.4-1.7 TB/s
+        for q/k/v and o, 2.7 TB/s for down at the 4B shape; split in 4: 1.75-1.95 and 3.3 TB/s,
+        ``benchmarks/gpu_decode_kernels.py``).  gate/up has tiles enough and keeps one matmul."""
         weight, bias, rows, sizes = self.groups[i][group]
         if weight is None:
             return tuple(F.linear(x, base.weight, base.bias) for _, base, _ in rows)
-        return F.linear(x, weight, bias).split(sizes, -1)
+        s = self.split
+        N, K = weight.shape
+        if not split_k or s == 1 or group == "gate_up" or K % s:
+            return F.linear(x, weight, bias).split(sizes, -1)
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, s, K // s).transpose(0, 1)  # (s, M, K/s): views, no copy
+        ws = weight.view(N, s, K // s).permute(1, 2, 0)  # (s, K/s, N)
+        if x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+            part = torch.bmm(xs.to(weight.dtype), ws, out_dtype=torch.float32)
+        else:
+            part = torch.bmm(xs.to(weight.dtype), ws).float()
+        y = part.sum(0)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).view(*lead, N).split(sizes, -1)
 
     def _attend(self, q: torch.Tensor, i: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
         """One query a row over the static cache: q (B, H, 1, hd) -> (B, H, 1, hd).
@@ -207,7 +250,7 @@ class StaticGreedyDecoder:
         for i, layer in enumerate(llm.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q, k, v = self._proj(i, "qkv", h)
+            q, k, v = self._proj(i, "qkv", h, split_k=True)
             q = q.view(B, 1, self.H, self.hd).transpose(1, 2)
             k = k.reshape(B, 1, self.KV, self.hd).transpose(1, 2)
             v = v.reshape(B, 1, self.KV, self.hd).transpose(1, 2)
@@ -215,10 +258,10 @@ class StaticGreedyDecoder:
             self.k[i].index_copy_(2, self.cur, k.to(self.k[i].dtype))
             self.v[i].index_copy_(2, self.cur, v.to(self.v[i].dtype))
             o = self._attend(q, i, mask, a.scaling)
-            x = x + self._proj(i, "o", o.transpose(1, 2).reshape(B, 1, nq))[0]
+            x = x + self._proj(i, "o", o.transpose(1, 2).reshape(B, 1, nq), split_k=True)[0]
             h = layer.post_attention_layernorm(x)
             gate, up = self._proj(i, "gate_up", h)
-            x = x + self._proj(i, "down", layer.mlp.act_fn(gate) * up)[0]
+            x = x + self._proj(i, "down", layer.mlp.act_fn(gate) * up, split_k=True)[0]
         nxt = m.lm_logits(llm.norm(x)[:, 0]).masked_fill(self.banned, float("-inf")).argmax(-1)  # (B,)
         nxt = torch.where(self.done, torch.full_like(nxt, pad_id), nxt)
         self.ids.index_copy_(1, self.t, nxt[:, None])
@@ -273,8 +316,13 @@ class StaticGreedyDecoder:
         self.t.fill_(1)
 
     @torch.no_grad()
-    def run(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, banned=None):
-        """Decode ``max_new_tokens`` greedily; ``banned`` (V,) bool ids are never picked."""
+    def run(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, banned=None, on_queued=None):
+        """Decode ``max_new_tokens`` greedily; ``banned`` (V,) bool ids are never picked.
+
+        ``on_queued(prefilled)`` is called once the whole decoding is queued on the device (nothing here waits
+        for it), before the outputs are copied; ``prefilled`` is a CUDA event recorded on the current stream
+        where the prompt's pass ends (None on the CPU), so work on another stream can start there on the device
+        while the host launched it after the decode steps."""
         from transformers import DynamicCache
 
         m = self.model
@@ -283,7 +331,7 @@ class StaticGreedyDecoder:
             raise ValueError(f"prompt {L} + {max_new_tokens} new tokens exceed the decoder's {self.Lmax} slots")
         self.refresh_merged()
         if self.prefill_static:
-            hidden = self._prefill(inputs_embeds, attention_mask, position_ids)
+            hidden = self.prefill_fn(inputs_embeds, attention_mask, position_ids)
         else:  # transformers' own forward, its dynamic cache copied into the static one
             cache = DynamicCache(config=self.llm.config)
             hidden = m.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
@@ -292,6 +340,10 @@ class StaticGreedyDecoder:
                 self.k[i][:, :, :L].copy_(keys)
                 self.v[i][:, :, :L].copy_(values)
             del cache
+        prefilled = None
+        if on_queued is not None and inputs_embeds.is_cuda:
+            prefilled = torch.cuda.Event()
+            prefilled.record()
         if banned is None:
             self.banned.zero_()
         else:
@@ -309,8 +361,10 @@ class StaticGreedyDecoder:
             if self.use_graph and max_new_tokens >= 4 and self.graph is None:
                 self._capture()
                 # the capture ran warm-up steps: redo this call's state
-                return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens, banned)
+                return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens, banned, on_queued)
             self.decode(max_new_tokens - 1)
+        if on_queued is not None:
+            on_queued(prefilled)
         return self.ids.clone(), self.lengths.clone(), self.done.clone()
 
     def decode(self, steps: int) -> None:

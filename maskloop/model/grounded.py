@@ -617,11 +617,16 @@ class GroundedMLLM(nn.Module):
     @torch.no_grad()
     def generate(
         self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, static: bool | None = None,
-        banned: torch.Tensor | None = None,
+        banned: torch.Tensor | None = None, on_queued=None,
     ) -> Generated:
         """Greedy decoding for a left-padded batch with a KV cache; output padded to ``max_new_tokens``.
 
         ``banned``: (V,) bool, ids never picked (their logits are -inf before the argmax).
+        ``on_queued(prefilled)``: called once the decoding is queued on the device, with a CUDA event where the
+        prompt's pass ends (None on the CPU): on the static path after the last decode step is queued (nothing
+        waits for the device there), on the plain loop, which waits for every token, after the prompt's pass.
+        Loop 1 launches its side-stream encoders there, to start on the device with the memory-bound decoding
+        without holding up the host's launches of it.
 
         ``static`` (default: on CUDA) uses :class:`~maskloop.model.fast_decode.StaticGreedyDecoder`: a static
         cache and one CUDA graph per (batch, bucketed length), replayed without host syncs.  Otherwise a
@@ -649,7 +654,7 @@ class GroundedMLLM(nn.Module):
                 compile_step = compile_decode_enabled(inputs_embeds.device)
                 decoders[key] = StaticGreedyDecoder(self, key[0], key[1], use_graph=key[2], compile=compile_step)
             ids, lengths, done = decoders[key].run(inputs_embeds, attention_mask, position_ids, max_new_tokens,
-                                                   banned)
+                                                   banned, on_queued)
             return Generated(ids, lengths, done)
 
         B = inputs_embeds.shape[0]
@@ -657,6 +662,12 @@ class GroundedMLLM(nn.Module):
         pad_id = self.builder.pad_id
         cache = DynamicCache(config=self.llm.config)
         hidden = self.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
+        if on_queued is not None:
+            prefilled = None
+            if dev.type == "cuda":
+                prefilled = torch.cuda.Event()
+                prefilled.record()
+            on_queued(prefilled)
         ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -682,11 +693,12 @@ class GroundedMLLM(nn.Module):
     def describe(
         self, pixel_values: torch.Tensor | None, prompt_masks: torch.Tensor, max_new_tokens: int = 64,
         static: bool | None = None, vit_feats: torch.Tensor | None = None, num_tiles: torch.Tensor | None = None,
-        num_regions: torch.Tensor | None = None,
+        num_regions: torch.Tensor | None = None, on_queued=None,
     ) -> Generated:
         """Region caption by greedy decoding: image + region(s)(prompt_masks) -> caption ids (B, T).
 
-        ``num_tiles`` / ``num_regions``: tiled images and N regions a row, as in :meth:`caption_logits`.
+        ``num_tiles`` / ``num_regions``: tiled images and N regions a row, as in :meth:`caption_logits`;
+        ``on_queued`` as in :meth:`generate`.
         A caption is words: the image / region / grounding tokens and padding are never generated (an
         undertrained model picks them at times, and a caption is fed back as a prompt by the cycle
         evaluation and Loop 1, where an extra <IMG_CONTEXT> or [SEG] breaks the prompt's layout)."""
@@ -695,7 +707,7 @@ class GroundedMLLM(nn.Module):
         parts = self.builder.caption_parts(k, None, n_image, num_regions, self._region_width(prompt_masks, k))
         emb, asm = self.build_inputs(parts, image_feats, prompt_masks, n_image)
         return self.generate(emb, asm.attention_mask, asm.position_ids, max_new_tokens, static=static,
-                             banned=self.caption_banned(emb.device))
+                             banned=self.caption_banned(emb.device), on_queued=on_queued)
 
     def caption_banned(self, device) -> torch.Tensor:
         """(V,) bool: the ids a caption may not contain (image, region and grounding tokens, padding).
