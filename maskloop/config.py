@@ -421,6 +421,10 @@ class Loop1Config:
     overlap_encoders: bool = True
     """On CUDA, run image 2's frozen encoders (SAM2's Hiera + neck, the ViT) on a second stream beside the
     teacher's decoding (the same numbers; False: inline, in the order of the steps)."""
+    overlap_start: Literal["step", "decode"] = "step"
+    """When the side stream's encoders are launched: at the start of the step ("step"), or once the teacher's
+    decoding is queued ("decode"), so that they share the GPU with the memory-bound decoding only and the
+    host launches them while the GPU decodes."""
 
     def __post_init__(self):
         check_range("loop1.caption_len", self.caption_len, self.caption_len >= 1, "an integer >= 1")

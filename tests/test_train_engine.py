@@ -77,26 +77,33 @@ def test_loop1_mask_loss_reaches_the_captioner_through_gumbel(tmp_path, monkeypa
         assert all(p.grad is None for _, p in model.parameter_groups()[g])
 
 
+def _loop1_pair(tmp_path):
+    """A Loop-1 trainer on pairs only and one batch whose image 2 differs from image 1."""
+    torch.manual_seed(0)
+    tr = Trainer(make_cfg("loop1", tmp_path, refer_ratio=0.0, data={"pairs": shapes_data()["pairs"]}))
+    b = dict(tr._batches()["pairs"])
+    for k in ("pixel_values2", "g_pixel_values2", "masks2", "prompt_masks2"):
+        b[k] = b[k].flip(-1)
+    return tr, tr.model, b
+
+
+def _seeded_loss_and_grads(tr, b):
+    """Loop 1's loss and every gradient from the same seeds."""
+    tr.model.zero_grad(set_to_none=True)
+    tr.recipe.gen.manual_seed(3)
+    tr.recipe.rng.seed(3)
+    torch.manual_seed(3)
+    loss, _ = tr.recipe.loss(b)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+
+
 def test_loop1_encoders_ahead_give_the_inline_loss_and_gradients(tmp_path):
     """Image 2's frozen encoders run first (on CUDA on a side stream): the loss and every gradient equal
     the inline path that encodes image 2 inside forward #2 (image 2 made different from image 1)."""
-    torch.manual_seed(0)
-    tr = Trainer(make_cfg("loop1", tmp_path, refer_ratio=0.0, data={"pairs": shapes_data()["pairs"]}))
-    model, b = tr.model, dict(tr._batches()["pairs"])
-    for k in ("pixel_values2", "g_pixel_values2", "masks2", "prompt_masks2"):
-        b[k] = b[k].flip(-1)
+    tr, model, b = _loop1_pair(tmp_path)
     assert any(p.requires_grad for p in model.parameters()) and not any(p.requires_grad for p in model.vision.parameters())
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        tr.recipe.gen.manual_seed(3)
-        tr.recipe.rng.seed(3)
-        torch.manual_seed(3)
-        loss, _ = tr.recipe.loss(b)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ahead_loss, ahead = run()
+    ahead_loss, ahead = _seeded_loss_and_grads(tr, b)
     real = model.segment
 
     def inline(pv, sam_feats, expr, question, gt_masks=None, image_feats=None, **kw):
@@ -104,13 +111,53 @@ def test_loop1_encoders_ahead_give_the_inline_loss_and_gradients(tmp_path):
 
     model.segment = inline
     try:
-        ref_loss, ref = run()
+        ref_loss, ref = _seeded_loss_and_grads(tr, b)
     finally:
         del model.segment
     torch.testing.assert_close(ahead_loss, ref_loss, rtol=0, atol=0)
     assert ahead.keys() == ref.keys() and any("sam.sam.mask_decoder" in n for n in ref)
     for n in ref:
         torch.testing.assert_close(ahead[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_loop1_encoders_started_with_the_decoding_give_the_same_loss_and_gradients(tmp_path):
+    """``loop1.overlap_start: decode``: image 2's encoders are launched from inside the teacher's generation,
+    once its decoding is queued, in the step's own train and grad mode (not the teacher's eval / no-grad);
+    the loss and every gradient equal those of the launch at the step's start."""
+    tr, model, b = _loop1_pair(tmp_path)
+    calls, inside = [], []
+    real_backbone, real_generate = model.sam_backbone, model.generate
+
+    def backbone(*a, **k):
+        calls.append((bool(inside), model.training, torch.is_grad_enabled()))
+        return real_backbone(*a, **k)
+
+    def generate(*a, **k):
+        inside.append(1)
+        try:
+            return real_generate(*a, **k)
+        finally:
+            inside.pop()
+
+    model.sam_backbone, model.generate = backbone, generate
+
+    def run(start):
+        tr.recipe.cfg.loop1.overlap_start = start
+        return _seeded_loss_and_grads(tr, b)
+
+    try:
+        step_loss, step = run("step")
+        assert calls == [(False, True, True)]
+        calls.clear()
+        late_loss, late = run("decode")
+        assert calls == [(True, True, True)]  # inside generate(), yet in train mode with grad on
+        assert model.training
+    finally:
+        del model.sam_backbone, model.generate
+    torch.testing.assert_close(late_loss, step_loss, rtol=0, atol=0)
+    assert late.keys() == step.keys()
+    for n in step:
+        torch.testing.assert_close(late[n], step[n], rtol=0, atol=0, msg=n)
 
 
 def test_loop1_skips_a_batch_whose_teacher_caption_is_empty(tmp_path):

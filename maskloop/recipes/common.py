@@ -42,15 +42,27 @@ class SideStream:
         device = torch.device(device)
         self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
         self._ctx = None
+        self._start = None
+
+    def after(self, event=None) -> "SideStream":
+        """``with side.after(event):`` the work starts on the device once the main stream has reached
+        ``event`` (a CUDA event recorded on it earlier, when its inputs were ready) instead of the point
+        where the host enters the block; None: that point."""
+        self._start = event
+        return self
 
     def __enter__(self):
         if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the inputs are ready
+            if self._start is not None:
+                self.stream.wait_event(self._start)
+            else:
+                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the inputs are ready
             self._ctx = torch.cuda.stream(self.stream)
             self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._start = None
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(*exc)

@@ -112,16 +112,31 @@ class Loop1(Recipe):
         # image 2's frozen encoders (SAM2's Hiera + neck, the ViT) take nothing from the steps below: on CUDA
         # they run on a second stream, beside the teacher's decoding (``loop1.overlap_encoders``)
         side = self._side_stream()
-        with side:
-            maps2 = None if sam_trains else model.sam_backbone(b["g_pixel_values2"])
-            vit2 = None if vision_trains else model.vision_features(b["pixel_values2"])
+        side_out = {}
+        mode, grad = model.training, torch.is_grad_enabled()
+
+        def launch(after=None):  # queued once, in the step's own train / grad mode wherever it is called from
+            if side_out:
+                return
+            now = model.training
+            model.train(mode)
+            try:
+                with side.after(after), torch.set_grad_enabled(grad):
+                    side_out["maps2"] = None if sam_trains else model.sam_backbone(b["g_pixel_values2"])
+                    side_out["vit2"] = None if vision_trains else model.vision_features(b["pixel_values2"])
+            finally:
+                model.train(now)
+
+        if self.cfg.loop1.overlap_start == "step":
+            launch()
         try:
-            return self._steps(b, pm1, n_k0, vision_trains, side, maps2, vit2)
+            return self._steps(b, pm1, n_k0, vision_trains, side, launch, side_out)
         finally:
             side.join()  # a skipped step too: nothing the main stream runs next overtakes the side stream's reads
 
-    def _steps(self, b, pm1, n_k0, vision_trains, side, maps2, vit2) -> tuple[torch.Tensor, dict]:
-        """Steps 1-6 of the module doc, image 2's encoders launched (``maps2`` / ``vit2``, None if trained)."""
+    def _steps(self, b, pm1, n_k0, vision_trains, side, launch, side_out) -> tuple[torch.Tensor, dict]:
+        """Steps 1-6 of the module doc; ``launch()`` queues image 2's encoders on the side stream (once; their
+        ``maps2`` / ``vit2`` land in ``side_out``, None where trained)."""
         model, c = self.model, self.cfg.loop1
         # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
         # a frozen ViT gives the same features to teacher and student: compute them once
@@ -129,9 +144,13 @@ class Loop1(Recipe):
         was_training = model.training
         model.eval()
         with self.ema.swap(), torch.no_grad():
+            # overlap_start "decode": image 2's encoders are queued once the teacher's decoding is, to start
+            # on the device where its prompt's pass ends
             teacher = model.describe(b["pixel_values1"] if vision_trains else None, pm1,
-                                     max_new_tokens=c.caption_len, vit_feats=vit1, num_tiles=b.get("num_tiles1"))
+                                     max_new_tokens=c.caption_len, vit_feats=vit1, num_tiles=b.get("num_tiles1"),
+                                     on_queued=launch)
         model.train(was_training)
+        launch()  # (a no-op when already queued)
         # empty captions are counted on the device and read once forward #2 is queued: reading them here would
         # keep the host waiting for the whole decode before it could queue forward #1
         empty = (teacher.lengths == 0).sum()
@@ -157,6 +176,7 @@ class Loop1(Recipe):
 
         # 5. trainable forward #2: image2 + segmentation prompt with the caption as inputs_embeds
         question = model.builder.seg_question(ids.shape[0], fixed=True)
+        maps2, vit2 = side_out["maps2"], side_out["vit2"]
         side.join(maps2, vit2)
         sam2 = model.sam_features(b["g_pixel_values2"], maps=maps2)
         feats2 = None if vit2 is None else model.image_tokens(vit_feats=vit2)
