@@ -356,9 +356,22 @@ def set_variant(model, variant: str):
     compiled (``compile_encoders: true``); 'graphed': compiled_all with the LLM layers replayed as CUDA graphs
     (``cuda_graphs: true``: torch.compile mode "reduce-overhead"); 'graphed_all': the encoders' layers too, with
     image 2's encoders inline (one cudagraph-tree memory pool is not shared across streams)."""
-    if variant not in VARIANTS:
-        raise SystemExit(f"unknown variant {variant!r}")
-    set_decode(model, compiled=variant != "base")
+    variant, mods = split_variant(variant)
+    # the decode switches are read when a decoder is built: rebuild the decoders when they change
+    env = {"MASKLOOP_DECODE_SPLIT_K": "1" if "nosplit" in mods else None,
+           "MASKLOOP_COMPILE_PREFILL": "0" if "eagerprefill" in mods else None}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    decode_key = (variant != "base", tuple(sorted(env.items(), key=str)))
+    if CURRENT.get("decode") != decode_key:
+        set_decode(model, compiled=variant != "base")
+    CURRENT["decode"] = decode_key
+    if CURRENT.get("variant") == variant:  # only the modifiers changed: keep the compiled layers and graphs
+        return
+    CURRENT["variant"] = variant
     model.set_lora_input_cast(variant == "base" or DEV.type != "cuda")
     model.uncompile()  # undo a previous variant's
     GRAPHED["on"] = variant in ("graphed", "graphed_all")
@@ -371,6 +384,22 @@ def set_variant(model, variant: str):
 
 VARIANTS = ("base", "ours", "no_overlap", "compiled", "compiled_all", "graphed", "graphed_all", "plain")
 INLINE_ENCODERS = ("no_overlap", "base", "graphed_all")
+#: what a variant may add after a "+": image 2's encoders queued once the teacher's decoding is
+#: ("late": ``loop1.overlap_start: decode``), the decode step without split-K products ("nosplit":
+#: ``MASKLOOP_DECODE_SPLIT_K=1``), the teacher's prompt pass eager ("eagerprefill": ``MASKLOOP_COMPILE_PREFILL=0``)
+MODIFIERS = ("late", "nosplit", "eagerprefill")
+CURRENT: dict = {}  # the variant and decode settings applied last (set_variant)
+
+
+def split_variant(variant: str) -> tuple[str, set]:
+    """'graphed+late+nosplit' -> ('graphed', {'late', 'nosplit'}), checked."""
+    name, *mods = variant.split("+")
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r} (one of {', '.join(VARIANTS)})")
+    bad = set(mods) - set(MODIFIERS)
+    if bad:
+        raise SystemExit(f"unknown variant modifier(s) {sorted(bad)} (of {', '.join(MODIFIERS)})")
+    return name, set(mods)
 
 
 def cudagraph_counters() -> dict:
@@ -391,7 +420,9 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         full_vocab(recipe)
     else:
         ema = EMA(params, decay=0.999)
-        tcfg.loop1.overlap_encoders = variant not in INLINE_ENCODERS
+        name, mods = split_variant(variant)
+        tcfg.loop1.overlap_encoders = name not in INLINE_ENCODERS
+        tcfg.loop1.overlap_start = "decode" if "late" in mods else "step"
         recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     timer = PhaseTimer()
@@ -552,6 +583,7 @@ def measure_generation(model, B, T):
         a = gen(True).ids
         b = gen(False).ids
     model.train()
+    CURRENT.pop("decode", None)  # the decoders were rebuilt here: set_variant rebuilds them again
     per = lambda total: (total - prefill) / max(T - 1, 1)  # noqa: E731
     nb = decode_bytes(model)
     return {"batch": B, "T": T, "prefill_s": prefill, "ours_total_s": total, "ours_step_ms": ours_ms,
