@@ -355,7 +355,8 @@ def set_variant(model, variant: str):
     (``compile_layers: true``); 'compiled_all': compiled + every InternViT layer and SAM2 Hiera block
     compiled (``compile_encoders: true``); 'graphed': compiled_all with the LLM layers replayed as CUDA graphs
     (``cuda_graphs: true``: torch.compile mode "reduce-overhead"); 'graphed_all': the encoders' layers too, with
-    image 2's encoders inline (one cudagraph-tree memory pool is not shared across streams)."""
+    image 2's encoders inline (one cudagraph-tree memory pool is not shared across streams).  A variant may
+    carry MODIFIERS after "+"; a row whose base variant is the one applied last keeps its compiled layers."""
     variant, mods = split_variant(variant)
     # the decode switches are read when a decoder is built: rebuild the decoders when they change
     env = {"MASKLOOP_DECODE_SPLIT_K": "1" if "nosplit" in mods else None,
