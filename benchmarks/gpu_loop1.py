@@ -78,18 +78,25 @@ class PhaseTimer:
     recipe's checks and their host syncs).  The phases of a step therefore add up to the step exactly.
     """
 
-    def __init__(self):
+    def __init__(self, annotate: bool = False):
         self.spans: dict[str, list] = {}
         self.side_spans: dict[str, list] = {}  # phases on a side CUDA stream: overlapped, not in the sum
         self.stack: list[str] = []
         self.last = None
+        self.annotate = annotate  # also a profiler range "phase:NAME" ("side:NAME") around each phase
+
+    def _range(self, name):
+        if not self.annotate:
+            return contextmanager(lambda: (yield))()
+        return torch.profiler.record_function(name)
 
     @contextmanager
     def side(self, name):
         """A phase launched on a side stream (events on that stream; the main stream's phases go on)."""
         s = self._mark()
         try:
-            yield
+            with self._range(f"side:{name}"):
+                yield
         finally:
             self.side_spans.setdefault(name, []).append((s, self._mark()))
 
@@ -117,7 +124,8 @@ class PhaseTimer:
         self._close(self._mark())
         self.stack.append(name)
         try:
-            yield
+            with self._range(f"phase:{name}"):
+                yield
         finally:
             self._close(self._mark())
             self.stack.pop()
@@ -403,6 +411,13 @@ def split_variant(variant: str) -> tuple[str, set]:
     return name, set(mods)
 
 
+def recipe_settings(tcfg, variant: str) -> None:
+    """The Loop-1 settings a variant implies: where image 2's encoders run, and when they start."""
+    name, mods = split_variant(variant)
+    tcfg.loop1.overlap_encoders = name not in INLINE_ENCODERS
+    tcfg.loop1.overlap_start = "decode" if "late" in mods else "step"
+
+
 def cudagraph_counters() -> dict:
     """Inductor's cudagraph counters (skips with their reasons, recordings) of this process so far."""
     from torch._dynamo.utils import counters
@@ -410,23 +425,9 @@ def cudagraph_counters() -> dict:
     return {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
 
 
-def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=DEV.type == "cuda")
-    if DEV.type == "cuda":
-        torch.cuda.empty_cache()
-    if plain:
-        ema = FullCopyEMA(model)
-        recipe = PlainLoop1(model, tcfg, ema)
-        full_vocab(recipe)
-    else:
-        ema = EMA(params, decay=0.999)
-        name, mods = split_variant(variant)
-        tcfg.loop1.overlap_encoders = name not in INLINE_ENCODERS
-        tcfg.loop1.overlap_start = "decode" if "late" in mods else "step"
-        recipe = _loop1(model, tcfg, ema)
-    full_vocab(recipe)
-    timer = PhaseTimer()
+@contextmanager
+def instrumented(model, ema, timer, plain=False):
+    """The step's parts wrapped to report to ``timer`` as phases (restored on exit)."""
     restore = []
     if not plain:
         from maskloop.model.fast_decode import StaticGreedyDecoder
@@ -442,10 +443,53 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
     # the frozen encoders, wherever they are called (the ViT inside forward #2 included)
     restore.append((model, "vision_features", wrap(model, "vision_features", "vit", timer)))
     restore.append((model, "sam_backbone", wrap(model, "sam_backbone", "sam2_encoder", timer)))
+    try:
+        yield
+    finally:
+        for obj, name, real in reversed(restore):
+            if isinstance(obj, type) or obj is loop1_mod:
+                setattr(obj, name, real)
+            else:  # an instance attribute shadowing the class's method: drop it
+                obj.__dict__.pop(name, None)
+
+
+def phase_table(events, timer) -> str:
+    """Markdown table of the profiled step by phase: the profiler ranges' host time and the kernel time of
+    what they launched (inclusive of nested phases: the decode inside the teacher's prefill, ...), beside the
+    exclusive event times of the same step."""
+    rows = {}
+    for e in events:
+        if e.device_type.name == "CPU" and e.key.startswith(("phase:", "side:")):
+            rows[e.key] = (e.count, e.cpu_time_total / 1e3, e.device_time_total / 1e3)
+    excl = {**{f"phase:{k}": v for k, v in timer.totals().items()},
+            **{f"side:{k}": v for k, v in timer.totals(side=True).items()}}
+    out = ["| phase | calls | host ms (inclusive) | kernel ms launched (inclusive) | event ms (exclusive) |",
+           "|---|---:|---:|---:|---:|"]
+    for key in sorted(set(rows) | set(excl), key=lambda k: -rows.get(k, (0, 0, 0))[2]):
+        n, host, dev = rows.get(key, (0, float("nan"), float("nan")))
+        out.append(f"| {key} | {n} | {host:.1f} | {dev:.1f} | {excl.get(key, float('nan')) * 1e3:.1f} |")
+    return "\n".join(out)
+
+
+def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=1e-6, fused=DEV.type == "cuda")
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    if plain:
+        ema = FullCopyEMA(model)
+        recipe = PlainLoop1(model, tcfg, ema)
+        full_vocab(recipe)
+    else:
+        ema = EMA(params, decay=0.999)
+        recipe_settings(tcfg, variant)
+        recipe = _loop1(model, tcfg, ema)
+    full_vocab(recipe)
+    timer = PhaseTimer()
     batch = make_batch(model, B)
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    try:
+    with instrumented(model, ema, timer, plain):
         for _ in range(3 if GRAPHED["on"] else 2):  # cudagraph trees: a warm-up run, a recording, then replays
             loop1_step(model, recipe, ema, opt, batch)
         sync()
@@ -455,12 +499,6 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
             loop1_step(model, recipe, ema, opt, batch, timer)
         sync()
         dt = (time.perf_counter() - t) / reps
-    finally:
-        for obj, name, real in reversed(restore):
-            if isinstance(obj, type) or obj is loop1_mod:
-                setattr(obj, name, real)
-            else:  # an instance attribute shadowing the class's method: drop it
-                obj.__dict__.pop(name, None)
     res = {"batch": B, "plain": plain, "variant": "plain" if plain else variant, "step_s": dt, "samples_per_s": B / dt,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() / 1e9) if DEV.type == "cuda" else float("nan"),
            "ema_extra_gb": ema.num_bytes() / 1e9,
@@ -650,13 +688,17 @@ def profile_step(model, tcfg, B, out=None, T=64):
 
     recipe, ema, opt, batch = warmed_up(model, tcfg, B)
     lines = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        loop1_step(model, recipe, ema, opt, batch)
+    timer = PhaseTimer(annotate=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    with instrumented(model, ema, timer), profile(activities=activities) as prof:
+        loop1_step(model, recipe, ema, opt, batch, timer)
         sync()
     ev = prof.key_averages()
     kern = [e for e in ev if e.device_type.name == "CUDA"]
     cuda_total = sum(e.self_device_time_total for e in kern) / 1e3
     lines.append(f"## One Loop-1 step at B={B}: {sum(e.count for e in kern)} CUDA kernels, {cuda_total:.0f} ms of kernel time")
+    lines.append("### By phase (`phase:` main stream, `side:` image 2's encoders on the side stream)")
+    lines.append(phase_table(ev, timer))
     lines.append(ev.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
     lines.append("### The same step, top host-side ops by self CPU time (what keeps the GPU waiting)")
     lines.append(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
@@ -667,7 +709,7 @@ def profile_step(model, tcfg, B, out=None, T=64):
     with torch.no_grad(), autocast():
         model.describe(batch["pixel_values1"], pm1, max_new_tokens=T)
         sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities[1:] or activities) as prof:  # kernels only (the CPU: its ops)
             model.describe(batch["pixel_values1"], pm1, max_new_tokens=T)
             sync()
     model.train()
@@ -797,10 +839,12 @@ def main():
 
     if args.sync_sites:
         set_variant(model, args.profile_variant)
+        recipe_settings(tcfg, args.profile_variant)
         sync_sites(model, tcfg, args.sync_sites, args.profile_out)
         return
     if args.profile:
         set_variant(model, args.profile_variant)
+        recipe_settings(tcfg, args.profile_variant)
         profile_step(model, tcfg, args.profile, args.profile_out, args.T)
         return
     if args.only_generation:
