@@ -340,10 +340,8 @@ class StaticGreedyDecoder:
                 self.k[i][:, :, :L].copy_(keys)
                 self.v[i][:, :, :L].copy_(values)
             del cache
-        prefilled = None
-        if on_queued is not None and inputs_embeds.is_cuda:
-            prefilled = torch.cuda.Event()
-            prefilled.record()
+        queued = on_queued is not None and inputs_embeds.is_cuda
+        prefilled = torch.cuda.current_stream().record_event() if queued else None
         if banned is None:
             self.banned.zero_()
         else:

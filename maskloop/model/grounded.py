@@ -663,11 +663,7 @@ class GroundedMLLM(nn.Module):
         cache = DynamicCache(config=self.llm.config)
         hidden = self.run_llm(inputs_embeds, attention_mask, position_ids, cache)[:, -1]
         if on_queued is not None:
-            prefilled = None
-            if dev.type == "cuda":
-                prefilled = torch.cuda.Event()
-                prefilled.record()
-            on_queued(prefilled)
+            on_queued(torch.cuda.current_stream().record_event() if dev.type == "cuda" else None)
         ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.zeros(B, dtype=torch.long, device=dev)

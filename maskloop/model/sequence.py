@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from maskloop.lru import SmallCache
 from maskloop.model.prompts import Embeds, Fixed, Part, Ragged, Repeat
@@ -41,17 +42,12 @@ def device_ids(ids: list[int], device) -> torch.Tensor:
     return _FIXED.get((tuple(ids), str(device)), lambda: torch.tensor([list(ids)], dtype=torch.long).to(device))
 
 
-_ONCE = None
+_ONCE = WeakIdKeyDictionary()  # tensor -> (its version, the value read for it)
 
 
 def host_once(key: torch.Tensor, read):
     """``read()`` (a value the host needs from the device), computed once per ``key`` tensor while it is
     unchanged (its version): later calls for the same tensor cost no host synchronisation."""
-    global _ONCE
-    if _ONCE is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        _ONCE = WeakIdKeyDictionary()
     hit = _ONCE.get(key)
     if hit is not None and hit[0] == key._version:
         return hit[1]
