@@ -84,3 +84,10 @@ def corrupt_video_source(tmp_path, kind: str):
         return info, MeViSDataset(info["root"])
     info = write_revos(tmp_path, corrupt=True)
     return info, ReVOSDataset(info["root"], "valid")
+
+
+def selected_lm_loss(logits, labels):
+    """Reference LM loss: logits (N, V) at the supervised positions, labels (N,) -> mean CE (0 if none)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.float(), labels)

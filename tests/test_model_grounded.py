@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_batch
+from conftest import make_tiny, selected_lm_loss, tiny_batch
 
 from maskloop.model.prompts import Ragged
 
@@ -210,7 +210,6 @@ def test_captions_never_contain_image_grounding_or_pad_tokens():
 def test_sync_free_paths_equal_the_selecting_reference():
     """The scatter-based embedding placement, the one-[SEG]-a-row lookup and the gathered LM loss (no host
     synchronisation on an accelerator) give the values and gradients of the boolean-selection forms."""
-    from maskloop.model import losses
     from maskloop.model.prompts import Embeds
     from maskloop.model.region import inject_visual_tokens
 
@@ -248,7 +247,7 @@ def test_sync_free_paths_equal_the_selecting_reference():
     for k in ("mask_logits", "loss_mask", "seg_rows", "seg_counts"):
         torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=0)
     sel = asm.labels != -100
-    want = losses.lm_loss(model.lm_logits(hidden[sel]), asm.labels[sel])
+    want = selected_lm_loss(model.lm_logits(hidden[sel]), asm.labels[sel])
     torch.testing.assert_close(model._lm_loss(hidden, asm), want)
 
     # a row with two [SEG], or ids only on the device: the host cannot tell, the general path is taken

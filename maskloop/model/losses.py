@@ -78,15 +78,8 @@ def mask_losses(
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     """logits (..., V), labels (...), used (...) bool -> mean CE over the used positions (0 if none).
 
-    :func:`lm_loss` of ``logits[used], labels[used]`` without selecting them (no host synchronisation)."""
+    The cross-entropy of ``logits[used], labels[used]`` without selecting them (no host synchronisation)."""
     used = used.reshape(-1)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), torch.where(used, labels.reshape(-1), 0),
                          reduction="none")
     return (ce * used).sum() / used.sum().clamp(min=1)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits (N, V) at supervised positions, labels (N,) -> mean CE (0 if nothing is supervised)."""
-    if labels.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels)
