@@ -20,7 +20,7 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -87,7 +87,7 @@ class PhaseTimer:
 
     def _range(self, name):
         if not self.annotate:
-            return contextmanager(lambda: (yield))()
+            return nullcontext()
         return torch.profiler.record_function(name)
 
     @contextmanager
@@ -328,11 +328,11 @@ GRAPHED = {"on": False}
 
 def loop1_step(model, recipe, ema, opt, batch, timer=None):
     def phase(name):
-        return timer(name) if timer else contextmanager(lambda: (yield))()
+        return timer(name) if timer else nullcontext()
 
     if GRAPHED["on"]:  # the previous step's graph outputs may be overwritten from here on
         torch.compiler.cudagraph_mark_step_begin()
-    with timer.step() if timer else contextmanager(lambda: (yield))():
+    with timer.step() if timer else nullcontext():
         with autocast():
             loss, _ = recipe.loss(batch)
         with phase("backward"):
