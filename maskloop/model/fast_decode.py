@@ -20,6 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from maskloop.errors import ConfigError
+
 
 def _cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) (B, kvH, L, hd) of one layer of a transformers DynamicCache (any 5.x layout)."""
@@ -33,7 +35,7 @@ def _env_flag(name: str) -> bool | None:
     if flag in ("0", "1"):
         return flag == "1"
     if flag:
-        raise ValueError(f"{name} must be 0 or 1, got {flag!r}")
+        raise ConfigError(f"{name} must be 0 or 1, got {flag!r} (unset it for the default)")
     return None
 
 
@@ -42,7 +44,7 @@ def decode_split_k() -> int:
     default 4; 1 turns it off).  See :meth:`StaticGreedyDecoder._proj`."""
     flag = os.environ.get("MASKLOOP_DECODE_SPLIT_K", "").strip() or "4"
     if not flag.isdigit() or int(flag) < 1:
-        raise ValueError(f"MASKLOOP_DECODE_SPLIT_K must be an integer >= 1, got {flag!r}")
+        raise ConfigError(f"MASKLOOP_DECODE_SPLIT_K must be an integer >= 1, got {flag!r} (unset it for the default, 4)")
     return int(flag)
 
 
