@@ -368,7 +368,8 @@ def set_variant(model, variant: str):
     variant, mods = split_variant(variant)
     # the decode switches are read when a decoder is built: rebuild the decoders when they change
     env = {"MASKLOOP_DECODE_SPLIT_K": "1" if "nosplit" in mods else None,
-           "MASKLOOP_COMPILE_PREFILL": "0" if "eagerprefill" in mods else None}
+           "MASKLOOP_COMPILE_PREFILL": "0" if "eagerprefill" in mods else None,
+           "MASKLOOP_DECODE_STOP_AHEAD": "0" if "nostop" in mods else None}
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)
@@ -395,8 +396,9 @@ VARIANTS = ("base", "ours", "no_overlap", "compiled", "compiled_all", "graphed",
 INLINE_ENCODERS = ("no_overlap", "base", "graphed_all")
 #: what a variant may add after a "+": image 2's encoders queued once the teacher's decoding is
 #: ("late": ``loop1.overlap_start: decode``), the decode step without split-K products ("nosplit":
-#: ``MASKLOOP_DECODE_SPLIT_K=1``), the teacher's prompt pass eager ("eagerprefill": ``MASKLOOP_COMPILE_PREFILL=0``)
-MODIFIERS = ("late", "nosplit", "eagerprefill")
+#: ``MASKLOOP_DECODE_SPLIT_K=1``), the teacher's prompt pass eager ("eagerprefill": ``MASKLOOP_COMPILE_PREFILL=0``),
+#: every decode step run, the all-ended flags never read ("nostop": ``MASKLOOP_DECODE_STOP_AHEAD=0``)
+MODIFIERS = ("late", "nosplit", "eagerprefill", "nostop")
 CURRENT: dict = {}  # the variant and decode settings applied last (set_variant)
 
 
@@ -577,8 +579,9 @@ def decode_timer():
 
     def decode(self, steps):
         s = PhaseTimer._mark()
-        real(self, steps)
-        spans.append((s, PhaseTimer._mark(), steps))
+        ran = real(self, steps)
+        spans.append((s, PhaseTimer._mark(), ran))
+        return ran
 
     StaticGreedyDecoder.decode = decode
     try:
@@ -631,6 +634,44 @@ def measure_generation(model, B, T):
             "hf_generate_step_ms": per(hf) * 1e3, "ours_tokens_per_s": B * T / total, "hf_tokens_per_s": B * T / hf,
             "decode_read_gb": nb["total"] / 1e9, "llm_weight_gb_old": nb["old"] / 1e9,
             "static_equals_dynamic": bool(torch.equal(a, b))}
+
+
+def measure_early_stop(model, B, T, ends=(8, 16, 32)):
+    """The teacher's generation (prompt pass + decoding, one call) when every caption has ended by token ``e``,
+    against all ``T`` steps run: random weights never pick the end token, so here the tokens the rows produce
+    at step ``e`` (and at e / 2 for half the rows, so they end at different steps) are made the stop words.
+    Each length is timed with the early stop (the default) and with ``MASKLOOP_DECODE_STOP_AHEAD=0``."""
+    model.eval()
+    batch = make_batch(model, B, seed=2)
+    pm = batch["prompt_masks1"]
+    out = []
+    with torch.no_grad(), autocast():
+        feats = model.image_tokens(batch["pixel_values1"])
+        emb, asm = model.build_inputs(model.builder.caption_parts(pm.flatten(1).sum(1).long()), feats, pm)
+        gen = lambda: model.generate(emb, asm.attention_mask, asm.position_ids, T, static=True)  # noqa: E731
+        free = gen()
+        dec = next(d for d in model.__dict__["_decoders"].values() if d.B == B)
+        stop0, ahead0 = dec.stop.clone(), dec.stop_ahead
+        try:
+            for e in (*ends, None):
+                if e is None:
+                    dec.stop = stop0
+                else:
+                    at = [e if r % 2 == 0 else max(1, e // 2) for r in range(B)]
+                    dec.stop = torch.unique(torch.stack([free.ids[r, a] for r, a in enumerate(at)]))
+                row = {"batch": B, "T": T, "ends_by": e}
+                for name, ahead in (("early_stop", ahead0), ("all_steps", 0)):
+                    dec.stop_ahead = ahead
+                    row[f"{name}_s"] = timed(gen, reps=5)
+                    g = gen()
+                    row[f"{name}_steps_run"] = dec.steps_run
+                row["longest_caption"] = int(g.lengths.max())
+                row["all_ended"] = bool(g.finished.all())
+                out.append(row)
+        finally:
+            dec.stop, dec.stop_ahead = stop0, ahead0
+    model.train()
+    return out
 
 
 def add_bound(r, gbps):
@@ -853,6 +894,9 @@ def main():
             print(f"gen B={B}: ours {r['ours_step_ms']:.2f} ms/step, bound {r['bandwidth_bound_ms']:.2f} ms -> "
                   f"{r['bandwidth_bound_ms'] / r['ours_step_ms']:.0%}; same tokens as the dynamic loop: {r['static_equals_dynamic']}")
             results["generation"].append(r)
+            results.setdefault("early_stop", []).extend(measure_early_stop(model, B, args.T))
+            for e in results["early_stop"][-4:]:
+                print("early stop", json.dumps(e), flush=True)
         save()
         return
     skip = set(filter(None, args.skip.split(",")))
@@ -899,6 +943,8 @@ def main():
             r = add_bound(measure_generation(model, B, args.T), gbps)
             results["generation"].append(r)
             print("gen", json.dumps(r), flush=True)
+            results.setdefault("early_stop", []).extend(measure_early_stop(model, B, args.T))
+            print("early stop", json.dumps(results["early_stop"][-4:]), flush=True)
             save()
     if "gumbel" not in skip:
         gB, gT, gk = (int(x) for x in args.gumbel.split(","))

@@ -208,6 +208,64 @@ def test_decoding_calls_on_queued_once_after_its_steps():
     assert seen == [(None, [5]), (None, [])]
 
 
+def _stop_run(steps: int, ended_after: int | None, every: int, ahead: int) -> int:
+    """Decode steps the early stop should run: the first flag that says "every row ended" is the one recorded
+    at the first multiple of ``every`` at or after ``ended_after``; it is read after the first multiple of
+    ``every`` that is ``ahead`` or more steps later; nothing is read once all ``steps`` are queued."""
+    if ahead == 0 or ended_after is None:
+        return steps
+    first = -(-ended_after // every) * every
+    read = first + -(-ahead // every) * every
+    return read if read < steps else steps
+
+
+def test_static_decoding_stops_early_once_every_row_ended_with_the_same_outputs(monkeypatch):
+    """Once every row has ended, the static decoder stops ``stop_ahead``-and-a-bit steps later; its tokens,
+    lengths and end flags are those of all the steps (``MASKLOOP_DECODE_STOP_AHEAD``; 0 runs every step)."""
+    from maskloop.model.fast_decode import StaticGreedyDecoder, decode_stop_ahead
+
+    model = _model_with_nonzero_lora().eval()
+    B, L, T = 3, 5, 40
+    emb = torch.randn(B, L, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(4))
+    mask, pos = torch.ones(B, L, dtype=torch.long), torch.arange(L)[None].expand(B, L)
+    mask[2, :2] = 0  # one left-padded row
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    dec = StaticGreedyDecoder(model, batch=B, max_len=64, use_graph=False)
+    dec.stop_ahead = 0
+    free = dec.run(emb, mask, pos, T)[0]
+    assert dec.steps_run == T - 1
+    ran = []
+    assert [_stop_run(39, e, 4, a) for e, a in ((3, 4), (4, 4), (5, 1), (1, 12), (30, 8), (33, 4))] == [8, 8, 12, 16, 39, 39]
+    # make rows end at different steps: a token each row produces there becomes a stop word
+    for ends in ((3, 9, 6), (1, 2, 2), (20, 5, 30), (36, 38, 37)):
+        dec.stop = torch.tensor(sorted({int(free[r, e]) for r, e in enumerate(ends)}))
+        dec.stop_ahead = 0
+        want = dec.run(emb, mask, pos, T)
+        assert dec.steps_run == T - 1 and bool(want[2].all())
+        ended_after = int(want[1].max())  # a row's stop word is its token number `length`, decode step `length`
+        for ahead in (1, 4, 8, 12, 100):
+            dec.stop_ahead = ahead
+            got = dec.run(emb, mask, pos, T)
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b), (ends, ahead)
+            assert dec.steps_run == _stop_run(T - 1, ended_after, dec.CHECK_EVERY, ahead), (ends, ahead)
+            ran.append(dec.steps_run)
+    assert min(ran) <= 8 and max(ran) == T - 1  # stopped early, or not, as the flags said
+    dec.stop = torch.tensor([-1])  # no row ever ends: every step runs
+    dec.stop_ahead = 4
+    dec.run(emb, mask, pos, T)
+    assert dec.steps_run == T - 1
+
+    monkeypatch.delenv("MASKLOOP_DECODE_STOP_AHEAD", raising=False)
+    assert decode_stop_ahead() == 12
+    monkeypatch.setenv("MASKLOOP_DECODE_STOP_AHEAD", "0")
+    assert StaticGreedyDecoder(model, batch=1, max_len=64, use_graph=False).stop_ahead == 0
+    for bad in ("-1", "soon", "1.5"):
+        monkeypatch.setenv("MASKLOOP_DECODE_STOP_AHEAD", bad)
+        with pytest.raises(ValueError, match="MASKLOOP_DECODE_STOP_AHEAD"):
+            decode_stop_ahead()
+
+
 def test_merge_graph_key_follows_what_the_merge_reads():
     """The captured LoRA merge (CUDA) is replayed while its key holds: in-place updates of the weights (training,
     the EMA swap) keep it; a weight given new storage or another scale changes it."""

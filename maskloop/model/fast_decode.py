@@ -8,8 +8,9 @@ step, ``MASKLOOP_COMPILE_PREFILL=0``: eager), and one
 decode step — embedding, every decoder layer (the model's own norms and rotary embedding; q/k/v and gate/up
 each one matmul over a per-call copy of their weights with the LoRA update merged in), attention over the
 static cache, the lm head, argmax and the bookkeeping of finished rows — reads and writes only those buffers.  On CUDA that step is ``torch.compile``d (by default;
-``MASKLOOP_COMPILE_DECODE=0`` keeps it eager), captured as a graph and replayed T times with no host
-synchronisation; on the CPU it simply runs eagerly (same arithmetic).
+``MASKLOOP_COMPILE_DECODE=0`` keeps it eager), captured as a graph and replayed up to T times without
+waiting for the device (the steps after every row has ended are skipped, :meth:`StaticGreedyDecoder.decode`);
+on the CPU it simply runs eagerly (same arithmetic).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def decode_split_k() -> int:
     flag = os.environ.get("MASKLOOP_DECODE_SPLIT_K", "").strip() or "4"
     if not flag.isdigit() or int(flag) < 1:
         raise ConfigError(f"MASKLOOP_DECODE_SPLIT_K must be an integer >= 1, got {flag!r} (unset it for the default, 4)")
+    return int(flag)
+
+
+def decode_stop_ahead() -> int:
+    """How many decode steps the host keeps queued beyond the newest "has every row ended?" flag it reads
+    (``MASKLOOP_DECODE_STOP_AHEAD``, default 12; 0 runs every step).  See :meth:`StaticGreedyDecoder.decode`."""
+    flag = os.environ.get("MASKLOOP_DECODE_STOP_AHEAD", "").strip() or "12"
+    if not flag.isdigit():
+        raise ConfigError(f"MASKLOOP_DECODE_STOP_AHEAD must be an integer >= 0, got {flag!r} (unset it for the default, 12)")
     return int(flag)
 
 
@@ -107,6 +117,8 @@ class StaticGreedyDecoder:
         compile_prefill = compile and _env_flag("MASKLOOP_COMPILE_PREFILL") is not False
         self.prefill_fn = torch.compile(self._prefill, dynamic=None) if compile_prefill else self._prefill
         self.split = decode_split_k()
+        self.stop_ahead = decode_stop_ahead()
+        self.steps_run = 0  # decode steps the last call ran (after token 0)
         self.graph = None
         self.T = 0
         # the prompt through the decode weights into the static cache (MASKLOOP_STATIC_PREFILL=0: through the
@@ -367,14 +379,50 @@ class StaticGreedyDecoder:
             on_queued(prefilled)
         return self.ids.clone(), self.lengths.clone(), self.done.clone()
 
-    def decode(self, steps: int) -> None:
-        """``steps`` decode steps from the current buffers (graph replays on CUDA, no host sync)."""
-        if self.graph is not None:
-            for _ in range(steps):
-                self.graph.replay()
-        else:
-            for _ in range(steps):
-                self.step_fn()
+    CHECK_EVERY = 4  # decode steps between two "has every row ended?" flags
+
+    def decode(self, steps: int) -> int:
+        """Up to ``steps`` decode steps from the current buffers (graph replays on CUDA); returns how many ran.
+
+        Once every row has ended, the remaining steps only write padding, so they are skipped: every
+        :attr:`CHECK_EVERY` steps the all-ended flag is copied to the host without waiting (a pinned buffer and
+        an event on CUDA), and the host reads a flag only when ``stop_ahead`` more steps are queued behind it.
+        The device therefore never waits for the host, the host stays that many steps ahead of the device
+        (room to queue what follows the decoding), and at most ``stop_ahead + CHECK_EVERY - 1`` steps run past
+        the end of the longest caption.  The tokens, lengths and end flags are those of all ``steps`` steps.
+        ``stop_ahead`` 0 (``MASKLOOP_DECODE_STOP_AHEAD=0``) runs every step and reads nothing."""
+        step = self.graph.replay if self.graph is not None else self.step_fn
+        every, ahead = self.CHECK_EVERY, self.stop_ahead
+        pending = []  # (steps queued when the flag was recorded, ended flag, event or None)
+        # pinned, from torch's caching host allocator: a block is not handed out again while copies into it are queued
+        host = torch.empty(steps // every + 1, dtype=torch.bool, pin_memory=True) if ahead and self.done.is_cuda else None
+        run = 0
+        while run < steps:
+            n = steps - run if ahead == 0 else min(every, steps - run)
+            for _ in range(n):
+                step()
+            run += n
+            if ahead == 0 or run >= steps:
+                break
+            pending.append((run, *self._ended_flag(None if host is None else host[run // every])))
+            while pending and run - pending[0][0] >= ahead:
+                _, flag, event = pending.pop(0)
+                if event is not None:
+                    event.synchronize()
+                if bool(flag):
+                    self.steps_run = run
+                    return run
+        self.steps_run = run
+        return run
+
+    def _ended_flag(self, host: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+        """Whether every row has ended, as queued now: (host tensor, CUDA event to wait for, or None).  On CUDA
+        the flag is copied into ``host`` (one pinned element) without waiting."""
+        ended = self.done.all()
+        if host is None:
+            return ended, None  # the CPU ran everything before it already
+        host.copy_(ended, non_blocking=True)
+        return host, torch.cuda.current_stream().record_event()
 
     def _capture(self) -> None:
         s = torch.cuda.Stream()
