@@ -199,7 +199,9 @@ def build(preset: str, T: int, topk: int):
     return model, tcfg
 
 
-def make_batch(model, B, seed=0):
+def make_batch(model, B, seed=0, same_image=False):
+    """Synthetic Loop-1 pairs; ``same_image``: image 2 is image 1 (SA-1B read as pairs), flagged as the
+    collate function flags it."""
     c = model.cfg
     g = torch.Generator(device="cpu").manual_seed(seed)
     S, G, grid = c.vision.image_size, c.sam2.image_size, c.prompt_grid
@@ -216,7 +218,13 @@ def make_batch(model, B, seed=0):
         "g_pixel_values2": torch.randint(0, 256, (B, 3, G, G), generator=g, dtype=torch.uint8),
         "prompt_masks1": pm, "prompt_masks2": pm, "masks1": masks, "masks2": masks,
     }
-    return {k: v.to(DEV) for k, v in batch.items()}
+    if same_image:
+        batch["pixel_values2"], batch["g_pixel_values2"] = batch["pixel_values1"], batch["g_pixel_values1"]
+    batch = {k: v.to(DEV) for k, v in batch.items()}
+    if same_image:
+        batch["pixel_values2"], batch["g_pixel_values2"] = batch["pixel_values1"], batch["g_pixel_values1"]
+        batch["same_image"] = True
+    return batch
 
 
 def autocast():
@@ -397,8 +405,9 @@ INLINE_ENCODERS = ("no_overlap", "base", "graphed_all")
 #: what a variant may add after a "+": image 2's encoders queued once the teacher's decoding is
 #: ("late": ``loop1.overlap_start: decode``), the decode step without split-K products ("nosplit":
 #: ``MASKLOOP_DECODE_SPLIT_K=1``), the teacher's prompt pass eager ("eagerprefill": ``MASKLOOP_COMPILE_PREFILL=0``),
-#: every decode step run, the all-ended flags never read ("nostop": ``MASKLOOP_DECODE_STOP_AHEAD=0``)
-MODIFIERS = ("late", "nosplit", "eagerprefill", "nostop")
+#: every decode step run, the all-ended flags never read ("nostop": ``MASKLOOP_DECODE_STOP_AHEAD=0``), image 2 = image 1
+#: in every pair, flagged ``same_image`` as collate flags single-image sources read as pairs ("sameimage")
+MODIFIERS = ("late", "nosplit", "eagerprefill", "nostop", "sameimage")
 CURRENT: dict = {}  # the variant and decode settings applied last (set_variant)
 
 
@@ -488,7 +497,7 @@ def measure_step(model, tcfg, B, reps, plain=False, variant="ours"):
         recipe = _loop1(model, tcfg, ema)
     full_vocab(recipe)
     timer = PhaseTimer()
-    batch = make_batch(model, B)
+    batch = make_batch(model, B, same_image="sameimage" in split_variant(variant)[1])
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with instrumented(model, ema, timer, plain):

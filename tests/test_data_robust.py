@@ -184,7 +184,12 @@ def test_collate_merges_and_rejects_mixed(tmp_path):
     with pytest.raises(DataError, match="as_pair"):
         collate([ds[0], pair])
     b = collate([{"x": torch.zeros(2), "skipped": ["s/r"]}, {"x": torch.ones(2), "skipped": ["s/r", "s/q"]}])
-    assert b["skipped"] == {"s/r": 2, "s/q": 1}
+    assert b["skipped"] == {"s/r": 2, "s/q": 1} and "same_image" not in b
+    # pairs say whether every image 2 is its image 1 (the same tensor): single-image sources read as pairs do
+    pairs = collate([pair, SA1BDataset(tmp_path / "a", transform=T, as_pair=True)[1]])
+    assert pairs["same_image"] is True and torch.equal(pairs["pixel_values1"], pairs["pixel_values2"])
+    other = dict(pair, pixel_values2=pair["pixel_values1"].clone())  # equal values, another tensor: not assumed
+    assert collate([pair, other])["same_image"] is False
 
 
 def test_data_check_cli(tmp_path, capsys):

@@ -120,6 +120,33 @@ def test_loop1_encoders_ahead_give_the_inline_loss_and_gradients(tmp_path):
         torch.testing.assert_close(ahead[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+def test_loop1_same_images_read_by_the_frozen_vit_once_give_the_same_loss_and_gradients(tmp_path):
+    """A pair batch whose every image 2 is its image 1 (``same_image``): the frozen ViT runs once and forward #2
+    takes forward #1's image tokens; loss and gradients equal the two-pass step on the same batch."""
+    tr, model, b = _loop1_pair(tmp_path)
+    b["pixel_values2"] = b["pixel_values1"]
+    b.pop("num_tiles2", None)
+    if "num_tiles1" in b:
+        b["num_tiles2"] = b["num_tiles1"]
+    calls = []
+    real = model.vision_features
+    model.vision_features = lambda pv: calls.append(pv.shape[0]) or real(pv)
+    try:
+        b["same_image"] = False
+        ref_loss, ref = _seeded_loss_and_grads(tr, b)
+        twice = len(calls)
+        calls.clear()
+        b["same_image"] = True
+        once_loss, once = _seeded_loss_and_grads(tr, b)
+    finally:
+        del model.vision_features
+    assert (twice, len(calls)) == (2, 1)
+    torch.testing.assert_close(once_loss, ref_loss, rtol=0, atol=0)
+    assert once.keys() == ref.keys() and any("projector" in n for n in ref)
+    for n in ref:
+        torch.testing.assert_close(once[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_loop1_encoders_started_with_the_decoding_give_the_same_loss_and_gradients(tmp_path):
     """``loop1.overlap_start: decode``: image 2's encoders are launched from inside the teacher's generation,
     once its decoding is queued, in the step's own train and grad mode (not the teacher's eval / no-grad);

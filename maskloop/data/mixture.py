@@ -266,7 +266,9 @@ def collate(samples: list[dict]) -> dict:
     ``{"source/reason": n}`` and ``skipped_keys`` merged into ``{"source\tkey": "source/reason"}``.
 
     Keys of :data:`FLAT_KEYS` (tiles, regions, several target masks) are concatenated along dim 0
-    when their count key is present."""
+    when their count key is present.  A batch of pairs says whether every sample's image 2 is its image 1
+    (the very same tensor, as single-image sources read ``as_pair`` give): ``batch["same_image"]``, a bool,
+    so that frozen encoders read such images once."""
     if not samples:
         return {}
     keys: list[str] = []
@@ -291,4 +293,6 @@ def collate(samples: list[dict]) -> dict:
             batch[k] = torch.stack(vals)
         else:
             batch[k] = vals
+    if "pixel_values1" in batch and "pixel_values2" in batch:
+        batch["same_image"] = all(s.get("pixel_values1") is s.get("pixel_values2") for s in samples)
     return batch

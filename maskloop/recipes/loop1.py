@@ -109,6 +109,8 @@ class Loop1(Recipe):
 
         vision_trains = any(p.requires_grad for p in model.vision.parameters())
         sam_trains = any(p.requires_grad for p in model.sam.sam.vision_encoder.parameters())
+        # every image 2 is its image 1 (single-image sources read as pairs): a frozen ViT reads them once
+        vit_once = bool(b.get("same_image")) and not vision_trains
         # image 2's frozen encoders (SAM2's Hiera + neck, the ViT) take nothing from the steps below: on CUDA
         # they run on a second stream, beside the teacher's decoding (``loop1.overlap_encoders``)
         side = self._side_stream()
@@ -123,20 +125,21 @@ class Loop1(Recipe):
             try:
                 with side.after(after), torch.set_grad_enabled(grad):
                     side_out["maps2"] = None if sam_trains else model.sam_backbone(b["g_pixel_values2"])
-                    side_out["vit2"] = None if vision_trains else model.vision_features(b["pixel_values2"])
+                    side_out["vit2"] = None if vision_trains or vit_once else model.vision_features(b["pixel_values2"])
             finally:
                 model.train(now)
 
         if self.cfg.loop1.overlap_start == "step":
             launch()
         try:
-            return self._steps(b, pm1, n_k0, vision_trains, side, launch, side_out)
+            return self._steps(b, pm1, n_k0, vision_trains, vit_once, side, launch, side_out)
         finally:
             side.join()  # a skipped step too: nothing the main stream runs next overtakes the side stream's reads
 
-    def _steps(self, b, pm1, n_k0, vision_trains, side, launch, side_out) -> tuple[torch.Tensor, dict]:
+    def _steps(self, b, pm1, n_k0, vision_trains, vit_once, side, launch, side_out) -> tuple[torch.Tensor, dict]:
         """Steps 1-6 of the module doc; ``launch()`` queues image 2's encoders on the side stream (once; their
-        ``maps2`` / ``vit2`` land in ``side_out``, None where trained)."""
+        ``maps2`` / ``vit2`` land in ``side_out``, None where trained; ``vit_once``: image 2 is image 1, whose
+        frozen ViT features and image tokens forward #2 reuses)."""
         model, c = self.model, self.cfg.loop1
         # 1. EMA teacher: greedy caption of region(mask1), fixed length T, no gradient
         # a frozen ViT gives the same features to teacher and student: compute them once
@@ -156,6 +159,7 @@ class Loop1(Recipe):
         empty = (teacher.lengths == 0).sum()
         ids, lengths = teacher.ids, teacher.lengths  # (B, T), (B,)
 
+        feats1 = None
         if c.variant == "generate":  # simpler variant: segment the teacher's tokens, no gradient into it
             expr = Ragged(ids, lengths)
         else:
@@ -179,7 +183,10 @@ class Loop1(Recipe):
         maps2, vit2 = side_out["maps2"], side_out["vit2"]
         side.join(maps2, vit2)
         sam2 = model.sam_features(b["g_pixel_values2"], maps=maps2)
-        feats2 = None if vit2 is None else model.image_tokens(vit_feats=vit2)
+        if vit_once:  # the same images: forward #1's image tokens (their gradients add up, as two passes' would)
+            feats2 = feats1 if feats1 is not None else model.image_tokens(vit_feats=vit1)
+        else:
+            feats2 = None if vit2 is None else model.image_tokens(vit_feats=vit2)
         out = model.segment(b["pixel_values2"], sam2, expr, question, gt_masks=b["masks2"], image_feats=feats2,
                             lm_loss=c.lm_weight > 0, num_tiles=b.get("num_tiles2"))
         n_empty = int(empty)
