@@ -432,3 +432,51 @@ def test_padding_prompts_to_a_length_multiple_keeps_the_loss_and_gradients():
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
         torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_run_llm_gives_transformers_its_own_padding_mask_ready_made(monkeypatch):
+    """``run_llm`` hands the LLM the 4-D causal & key-padding mask transformers would build for SDPA (whose
+    creation reads the padding mask on the host): transformers' mask creation is skipped, and the hidden states
+    equal transformers' own forward from the 2-D mask (bit for bit with a padded row, as the same mask is
+    used; within rounding without padding, where transformers drops the mask for ``is_causal``)."""
+    import transformers.masking_utils as mu
+
+    from maskloop.model.grounded import causal_padding_mask
+
+    model = _model_with_nonzero_lora().eval()
+    B, L = 3, 7
+    emb = torch.randn(B, L, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    built = []
+    real = mu.sdpa_mask
+    monkeypatch.setattr(mu, "sdpa_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    if "sdpa" in mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", mu.sdpa_mask)
+    with torch.no_grad():
+        theirs = model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+        assert built, "transformers' own mask creation is what the reference runs"
+        built.clear()
+        ours = model.run_llm(emb, mask, pos)
+        assert not built
+        assert torch.equal(ours, theirs)
+        full = torch.ones(B, L, dtype=torch.long)
+        plain = torch.arange(L)[None].expand(B, L)
+        torch.testing.assert_close(model.run_llm(emb, full, plain),
+                                   model.llm(inputs_embeds=emb, attention_mask=full, position_ids=plain).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    m = causal_padding_mask(mask)
+    assert m.shape == (B, 1, L, L) and m.dtype == torch.bool
+    for b in range(B):  # the definition, one query and key at a time
+        for i in range(L):
+            for j in range(L):
+                assert bool(m[b, 0, i, j]) == (j <= i and bool(mask[b, j])), (b, i, j)
+    model.llm.config._attn_implementation = "eager"  # an additive float mask there: left to transformers
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.run_llm(emb, mask, pos),
+                               model.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state)
+    finally:
+        model.llm.config._attn_implementation = "sdpa"

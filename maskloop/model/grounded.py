@@ -58,6 +58,25 @@ class Generated:
     finished: torch.Tensor  # (B,) bool: the end token was produced within T
 
 
+def _sdpa_without_window(config) -> bool:
+    """Attention through SDPA with every layer full and causal (no sliding window): a boolean 4-D mask means
+    to it exactly what transformers' own mask creation makes of the padding mask."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return config._attn_implementation == "sdpa" and window is None
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) padding mask (1 = token) -> (B, 1, L, L) bool: query i sees key j <= i where j is a token.
+
+    The mask transformers builds for SDPA whenever a row is padded (a left-padding query sees no key, as
+    there).  Built here so that transformers takes it as given: its own mask creation first reads the padding
+    mask on the host (``padding_mask.all()``, to drop the mask when nothing is padded), a host sync in every
+    forward pass.  A batch without padding runs the same attention through this mask instead of ``is_causal``."""
+    L = attention_mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
 def compile_forwards(modules, **kwargs) -> int:
     """``torch.compile`` each module's ``forward`` in place (an instance attribute over its class's method).
 
@@ -364,6 +383,8 @@ class GroundedMLLM(nn.Module):
 
     def run_llm(self, inputs_embeds, attention_mask, position_ids, cache=None) -> torch.Tensor:
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
+        if cache is None and attention_mask is not None and attention_mask.ndim == 2 and _sdpa_without_window(self.llm.config):
+            attention_mask = causal_padding_mask(attention_mask)
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.last_hidden_state
 
