@@ -586,9 +586,9 @@ def decode_timer():
 
     real, spans = StaticGreedyDecoder.decode, []
 
-    def decode(self, steps):
+    def decode(self, steps, before_wait=None):
         s = PhaseTimer._mark()
-        ran = real(self, steps)
+        ran = real(self, steps, before_wait)
         spans.append((s, PhaseTimer._mark(), ran))
         return ran
 
@@ -906,7 +906,7 @@ def main():
             results.setdefault("early_stop", []).extend(measure_early_stop(model, B, args.T))
             for e in results["early_stop"][-4:]:
                 print("early stop", json.dumps(e), flush=True)
-        save()
+            save()  # after each batch: a call's time limit keeps what is done
         return
     skip = set(filter(None, args.skip.split(",")))
     flops = teacher_flops = float("nan")

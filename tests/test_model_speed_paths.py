@@ -191,9 +191,9 @@ def test_decoding_calls_on_queued_once_after_its_steps():
     steps, seen = [], []
     real = StaticGreedyDecoder.decode
 
-    def decode(self, n):
+    def decode(self, n, before_wait=None):
         steps.append(n)
-        return real(self, n)
+        return real(self, n, before_wait)
 
     StaticGreedyDecoder.decode = decode
     try:
@@ -255,6 +255,19 @@ def test_static_decoding_stops_early_once_every_row_ended_with_the_same_outputs(
     dec.stop_ahead = 4
     dec.run(emb, mask, pos, T)
     assert dec.steps_run == T - 1
+    # on_queued runs before the host first waits for a flag (after the steps queued by then), else at the end
+    count, seen = [0], []
+    real_step = dec.step_fn
+
+    def counted():
+        count[0] += 1
+        return real_step()
+
+    dec.step_fn = counted
+    for ahead, want in ((8, 12), (5, 12), (1, 8), (0, T - 1), (100, T - 1)):  # the first flag: at step 4
+        dec.stop_ahead, count[0] = ahead, 0
+        dec.run(emb, mask, pos, T, on_queued=lambda ev: seen.append(count[0]))
+        assert seen.pop() == want and not seen, ahead
 
     monkeypatch.delenv("MASKLOOP_DECODE_STOP_AHEAD", raising=False)
     assert decode_stop_ahead() == 12

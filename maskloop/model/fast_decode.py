@@ -333,8 +333,9 @@ class StaticGreedyDecoder:
     def run(self, inputs_embeds, attention_mask, position_ids, max_new_tokens: int, banned=None, on_queued=None):
         """Decode ``max_new_tokens`` greedily; ``banned`` (V,) bool ids are never picked.
 
-        ``on_queued(prefilled)`` is called once the whole decoding is queued on the device (nothing here waits
-        for it), before the outputs are copied; ``prefilled`` is a CUDA event recorded on the current stream
+        ``on_queued(prefilled)`` is called once, as soon as the decoding is queued on the device up to where the
+        host first waits for it (the early stop's first read, :meth:`decode`; else after the last step), before
+        the outputs are copied; ``prefilled`` is a CUDA event recorded on the current stream
         where the prompt's pass ends (None on the CPU), so work on another stream can start there on the device
         while the host launched it after the decode steps."""
         from transformers import DynamicCache
@@ -374,14 +375,14 @@ class StaticGreedyDecoder:
                 self._capture()
                 # the capture ran warm-up steps: redo this call's state
                 return self.run(inputs_embeds, attention_mask, position_ids, max_new_tokens, banned, on_queued)
-            self.decode(max_new_tokens - 1)
-        if on_queued is not None:
+            self.decode(max_new_tokens - 1, before_wait=None if on_queued is None else lambda: on_queued(prefilled))
+        elif on_queued is not None:
             on_queued(prefilled)
         return self.ids.clone(), self.lengths.clone(), self.done.clone()
 
     CHECK_EVERY = 4  # decode steps between two "has every row ended?" flags
 
-    def decode(self, steps: int) -> int:
+    def decode(self, steps: int, before_wait=None) -> int:
         """Up to ``steps`` decode steps from the current buffers (graph replays on CUDA); returns how many ran.
 
         Once every row has ended, the remaining steps only write padding, so they are skipped: every
@@ -390,7 +391,8 @@ class StaticGreedyDecoder:
         The device therefore never waits for the host, the host stays that many steps ahead of the device
         (room to queue what follows the decoding), and at most ``stop_ahead + CHECK_EVERY - 1`` steps run past
         the end of the longest caption.  The tokens, lengths and end flags are those of all ``steps`` steps.
-        ``stop_ahead`` 0 (``MASKLOOP_DECODE_STOP_AHEAD=0``) runs every step and reads nothing."""
+        ``stop_ahead`` 0 (``MASKLOOP_DECODE_STOP_AHEAD=0``) runs every step and reads nothing.  ``before_wait()``
+        is called once: before the host first reads a flag, or after the last step if it reads none."""
         step = self.graph.replay if self.graph is not None else self.step_fn
         every, ahead = self.CHECK_EVERY, self.stop_ahead
         pending = []  # (steps queued when the flag was recorded, ended flag, event or None)
@@ -406,12 +408,17 @@ class StaticGreedyDecoder:
                 break
             pending.append((run, *self._ended_flag(None if host is None else host[run // every])))
             while pending and run - pending[0][0] >= ahead:
+                if before_wait is not None:
+                    before_wait()
+                    before_wait = None
                 _, flag, event = pending.pop(0)
                 if event is not None:
                     event.synchronize()
                 if bool(flag):
                     self.steps_run = run
                     return run
+        if before_wait is not None:
+            before_wait()
         self.steps_run = run
         return run
 
