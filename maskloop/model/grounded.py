@@ -645,7 +645,8 @@ class GroundedMLLM(nn.Module):
         ``banned``: (V,) bool, ids never picked (their logits are -inf before the argmax).
         ``on_queued(prefilled)``: called once the decoding is queued on the device, with a CUDA event where the
         prompt's pass ends (None on the CPU): on the static path once the decode steps are queued up to where the
-        host first waits for the device (the early stop's first read of an all-ended flag, or the last step), on the plain loop, which waits for every token, after the prompt's pass.
+        host first waits for the device (the early stop's first read of an all-ended flag, or the last step); on
+        the plain loop, which waits for every token, after the prompt's pass.
         Loop 1 launches its side-stream encoders there, to start on the device with the memory-bound decoding
         without holding up the host's launches of it.
 
