@@ -451,10 +451,15 @@ def test_run_llm_gives_transformers_its_own_padding_mask_ready_made(monkeypatch)
     """``run_llm`` hands the LLM the 4-D causal & key-padding mask transformers would build for SDPA (whose
     creation reads the padding mask on the host): transformers' mask creation is skipped, and the hidden states
     equal transformers' own forward from the 2-D mask (bit for bit with a padded row, as the same mask is
-    used; within rounding without padding, where transformers drops the mask for ``is_causal``)."""
+    used; within rounding without padding, where transformers drops the mask for ``is_causal``).
+
+    Follows transformers' ``src/transformers/masking_utils.py`` (5.24): a 4-D mask is returned as-is by
+    ``_preprocess_mask_arguments`` (l. 818; 5.17 l. 812), ``sdpa_mask`` builds ``causal_mask_function``
+    (``kv_idx <= q_idx``, l. 78) and'ed with ``padding_mask_function`` (``padding_mask[batch_idx, kv_idx]``,
+    l. 175), after ``_ignore_causal_mask_sdpa`` read ``fast_all(padding_mask)`` on the host (l. 292)."""
     import transformers.masking_utils as mu
 
-    from maskloop.model.grounded import causal_padding_mask
+    from maskloop.model.sequence import causal_padding_mask
 
     model = _model_with_nonzero_lora().eval()
     B, L = 3, 7

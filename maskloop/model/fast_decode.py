@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from maskloop.errors import ConfigError
+from maskloop.model.sequence import causal_padding_mask
 
 
 def _cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,22 +41,23 @@ def _env_flag(name: str) -> bool | None:
     return None
 
 
+def _env_int(name: str, default: int, minimum: int) -> int:
+    flag = os.environ.get(name, "").strip() or str(default)
+    if not flag.isdigit() or int(flag) < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {flag!r} (unset it for the default, {default})")
+    return int(flag)
+
+
 def decode_split_k() -> int:
     """How many slices of K the decode step's q/k/v, o and down products are split into (``MASKLOOP_DECODE_SPLIT_K``,
     default 4; 1 turns it off).  See :meth:`StaticGreedyDecoder._proj`."""
-    flag = os.environ.get("MASKLOOP_DECODE_SPLIT_K", "").strip() or "4"
-    if not flag.isdigit() or int(flag) < 1:
-        raise ConfigError(f"MASKLOOP_DECODE_SPLIT_K must be an integer >= 1, got {flag!r} (unset it for the default, 4)")
-    return int(flag)
+    return _env_int("MASKLOOP_DECODE_SPLIT_K", 4, 1)
 
 
 def decode_stop_ahead() -> int:
     """How many decode steps the host keeps queued beyond the newest "has every row ended?" flag it reads
     (``MASKLOOP_DECODE_STOP_AHEAD``, default 12; 0 runs every step).  See :meth:`StaticGreedyDecoder.decode`."""
-    flag = os.environ.get("MASKLOOP_DECODE_STOP_AHEAD", "").strip() or "12"
-    if not flag.isdigit():
-        raise ConfigError(f"MASKLOOP_DECODE_STOP_AHEAD must be an integer >= 0, got {flag!r} (unset it for the default, 12)")
-    return int(flag)
+    return _env_int("MASKLOOP_DECODE_STOP_AHEAD", 12, 0)
 
 
 def compile_decode_enabled(device: torch.device) -> bool:
@@ -297,9 +299,7 @@ class StaticGreedyDecoder:
         value slot is masked out of every later step)."""
         llm, (B, L, _) = self.llm, x.shape
         cos, sin = llm.rotary_emb(x, position_ids)
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        eye = torch.eye(L, dtype=torch.bool, device=x.device)
-        mask = ((causal[None] & attention_mask.bool()[:, None, :]) | eye)[:, None]  # (B, 1, L, L)
+        mask = causal_padding_mask(attention_mask) | torch.eye(L, dtype=torch.bool, device=x.device)  # (B, 1, L, L)
         nq = self.H * self.hd
         for i, layer in enumerate(llm.layers):
             a = layer.self_attn
@@ -398,8 +398,8 @@ class StaticGreedyDecoder:
         pending = []  # (steps queued when the flag was recorded, ended flag, event or None)
         # pinned, from torch's caching host allocator: a block is not handed out again while copies into it are queued
         host = torch.empty(steps // every + 1, dtype=torch.bool, pin_memory=True) if ahead and self.done.is_cuda else None
-        run = 0
-        while run < steps:
+        run, ended = 0, False
+        while run < steps and not ended:
             n = steps - run if ahead == 0 else min(every, steps - run)
             for _ in range(n):
                 step()
@@ -407,16 +407,14 @@ class StaticGreedyDecoder:
             if ahead == 0 or run >= steps:
                 break
             pending.append((run, *self._ended_flag(None if host is None else host[run // every])))
-            while pending and run - pending[0][0] >= ahead:
+            while pending and run - pending[0][0] >= ahead and not ended:
                 if before_wait is not None:
                     before_wait()
                     before_wait = None
                 _, flag, event = pending.pop(0)
                 if event is not None:
                     event.synchronize()
-                if bool(flag):
-                    self.steps_run = run
-                    return run
+                ended = bool(flag)
         if before_wait is not None:
             before_wait()
         self.steps_run = run

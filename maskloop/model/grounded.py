@@ -46,7 +46,7 @@ from maskloop.model.prompts import (
 )
 from maskloop.model.region import inject_visual_tokens, region_slots
 from maskloop.model.sam2_head import SAM2Head, SamFeatures
-from maskloop.model.sequence import Assembled, assemble, host_once
+from maskloop.model.sequence import Assembled, assemble, causal_padding_mask, host_once
 
 TRAINABLE_GROUPS = ("lora", "projector", "text_hidden_fcs", "sam2_decoder", "new_tokens")
 
@@ -60,21 +60,9 @@ class Generated:
 
 def _sdpa_without_window(config) -> bool:
     """Attention through SDPA with every layer full and causal (no sliding window): a boolean 4-D mask means
-    to it exactly what transformers' own mask creation makes of the padding mask."""
+    to it exactly what transformers' own mask creation makes of the padding mask (:func:`causal_padding_mask`)."""
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     return config._attn_implementation == "sdpa" and window is None
-
-
-def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) padding mask (1 = token) -> (B, 1, L, L) bool: query i sees key j <= i where j is a token.
-
-    The mask transformers builds for SDPA whenever a row is padded (a left-padding query sees no key, as
-    there).  Built here so that transformers takes it as given: its own mask creation first reads the padding
-    mask on the host (``padding_mask.all()``, to drop the mask when nothing is padded), a host sync in every
-    forward pass.  A batch without padding runs the same attention through this mask instead of ``is_causal``."""
-    L = attention_mask.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]
 
 
 def compile_forwards(modules, **kwargs) -> int:

@@ -42,6 +42,23 @@ def device_ids(ids: list[int], device) -> torch.Tensor:
     return _FIXED.get((tuple(ids), str(device)), lambda: torch.tensor([list(ids)], dtype=torch.long).to(device))
 
 
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) padding mask (1 = token) -> (B, 1, L, L) bool: query i sees key j <= i where j is a token.
+
+    The mask transformers builds for SDPA whenever a row is padded (``masking_utils.sdpa_mask``: the
+    ``causal_mask_function`` ``kv_idx <= q_idx`` and'ed with ``padding_mask_function``'s
+    ``padding_mask[batch_idx, kv_idx]``; a left-padding query sees no key, as there).  Given ready-made, a 4-D
+    mask is returned as-is by ``_preprocess_mask_arguments`` (transformers 5.17 ``masking_utils.py`` l. 812,
+    5.24 l. 818), so the LLM skips ``_ignore_causal_mask_sdpa``, which reads the padding mask on the host
+    (``fast_all(padding_mask)``, 5.17 l. 269 / 5.24 l. 292) to drop the mask when nothing is padded: a host sync
+    in every forward pass.  A batch without padding runs the same attention through this mask instead of
+    ``is_causal``."""
+    L = attention_mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+
 _ONCE = WeakIdKeyDictionary()  # tensor -> (its version, the value read for it)
 
 
